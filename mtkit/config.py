@@ -1,0 +1,321 @@
+"""The experiment config: one YAML file, one pydantic section per stage.
+
+This module is the only home of defaults. `load_config(path, overrides)` reads the YAML, merges
+`--set a.b=c` overrides, validates, and turns every mistake into one message that names the file,
+the line, the dotted key and the fix. `configs/base.yaml` documents every key.
+"""
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtkit.errors import MtkitError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+# A split is a file prefix / split name / file path (one string), or two aligned text files.
+SplitSpec = Union[str, tuple[str, str]]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExperimentSection(Section):
+    name: str = "experiment"
+    workdir: Path | None = None  # None: runs/<name>
+    seed: int = 1
+
+
+class DataSection(Section):
+    format: Literal["text", "tsv", "hf", "demo"] = "text"
+    dir: Path = Path("data")
+    src: str
+    tgt: str
+    train: SplitSpec = "train"
+    valid: SplitSpec = "valid"
+    test: SplitSpec = "test"
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    src_field: str | None = None
+    tgt_field: str | None = None
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    min_len: PositiveInt = 1
+    max_len: PositiveInt = 100
+    max_ratio: Annotated[float, Field(ge=1.0)] = 3.0
+    dedup: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSection":
+        if self.src == self.tgt:
+            raise ValueError(f"data.src and data.tgt are both {self.src!r}; they must differ")
+        if self.min_len > self.max_len:
+            raise ValueError(f"data.min_len ({self.min_len}) is above data.max_len ({self.max_len})")
+        if self.format == "demo" and {self.src, self.tgt} != {"en", "vs"}:
+            raise ValueError("the demo corpus has languages 'en' and 'vs': set data.src/data.tgt to them")
+        return self
+
+
+class TokenizerSection(Section):
+    type: Literal["bpe", "unigram"] = "bpe"
+    joint: bool = True
+    vocab_size: Annotated[int, Field(ge=8)] = 8000
+    character_coverage: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    byte_fallback: bool = False
+    sample_pairs: PositiveInt = 1_000_000
+    threads: PositiveInt = 1
+
+
+class ModelSection(Section):
+    d_model: PositiveInt = 256
+    heads: PositiveInt = 4
+    enc_layers: PositiveInt = 3
+    dec_layers: PositiveInt = 3
+    ff_dim: PositiveInt = 1024
+    dropout: Fraction = 0.1
+    attention_dropout: Fraction = 0.0
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["pre", "post"] = "pre"
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    tie_embeddings: bool = True
+    max_positions: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSection":
+        if self.d_model % self.heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads}); "
+                f"e.g. heads {' or '.join(map(str, _divisors_near(self.d_model, self.heads)))}"
+            )
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even model.d_model (got {self.d_model})")
+        return self
+
+
+class TrainSection(Section):
+    max_tokens: PositiveInt = 4096
+    accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    betas: tuple[Fraction, Fraction] = (0.9, 0.98)
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    schedule: Literal["inverse_sqrt", "noam", "cosine"] = "inverse_sqrt"
+    warmup: Annotated[int, Field(ge=0)] = 1000
+    label_smoothing: Fraction = 0.1
+    clip: Annotated[float, Field(ge=0.0)] = 1.0
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    threads: Annotated[int, Field(ge=0)] = 0
+    max_steps: PositiveInt = 100_000
+    max_epochs: PositiveInt | None = None
+    max_time: Annotated[float, Field(gt=0.0)] | None = None
+    log_every: PositiveInt = 100
+    eval_every: PositiveInt = 1000
+    eval_sample: Annotated[int, Field(ge=0)] = 0
+    save_every: PositiveInt = 1000
+    keep_last: PositiveInt = 3
+    patience: Annotated[int, Field(ge=0)] = 0
+    average_last: Annotated[int, Field(ge=0)] = 0
+
+
+class DecodeSection(Section):
+    beam_size: PositiveInt = 5
+    alpha: Annotated[float, Field(ge=0.0)] = 0.6
+    n_best: PositiveInt = 1
+    max_len_a: Annotated[float, Field(ge=0.0)] = 1.5
+    max_len_b: Annotated[int, Field(ge=0)] = 10
+    max_tokens: PositiveInt = 8000
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecodeSection":
+        if self.n_best > self.beam_size:
+            raise ValueError(
+                f"decode.n_best ({self.n_best}) cannot exceed decode.beam_size ({self.beam_size})"
+            )
+        return self
+
+
+class EvalSection(Section):
+    split: Literal["valid", "test"] = "test"
+    metrics: tuple[Literal["bleu", "chrf", "ter"], ...] = ("bleu", "chrf", "ter")
+
+    @field_validator("metrics")
+    @classmethod
+    def _nonempty(cls, v: tuple) -> tuple:
+        if not v:
+            raise ValueError("eval.metrics needs at least one of bleu, chrf, ter")
+        return v
+
+
+class Config(Section):
+    experiment: ExperimentSection = ExperimentSection()
+    data: DataSection
+    tokenizer: TokenizerSection = TokenizerSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    decode: DecodeSection = DecodeSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.model.max_positions < self.data.max_len + 2:
+            raise ValueError(
+                f"model.max_positions ({self.model.max_positions}) must hold data.max_len "
+                f"({self.data.max_len}) plus BOS and EOS: raise it to {self.data.max_len + 2} or more"
+            )
+        return self
+
+    # The workdir layout: every stage finds its inputs and outputs here.
+    @property
+    def workdir(self) -> Path:
+        return self.experiment.workdir or Path("runs") / self.experiment.name
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.workdir / "tokenizer"
+
+    @property
+    def data_cache_dir(self) -> Path:
+        return self.workdir / "data"
+
+
+def _divisors_near(n: int, k: int) -> list[int]:
+    """The divisors of n just below and just above k."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    below = [d for d in divisors if d < k][-1:]
+    above = [d for d in divisors if d > k][:1]
+    return below + above
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override and validate an experiment config; MtkitError on any mistake."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MtkitError(f"config file not found: {path}", hint="check the path (see configs/)")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MtkitError(f"cannot read config file {path}: {e}")
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise MtkitError(f"{where}: YAML syntax error: {problem}",
+                         hint="check indentation and quoting on that line or the one before")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MtkitError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
+    set_by_override = {}
+    for item in overrides:
+        key = _apply_override(raw, item)
+        set_by_override[key] = item
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(path, e, lines, set_by_override) from None
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if not eq or not key or any(not part for part in key.split(".")):
+        raise MtkitError(f"bad override {item!r}", hint="write --set section.key=value, e.g. --set train.lr=5e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: keep the literal string and let validation judge it
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise MtkitError(f"bad override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = parsed
+    return key
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[str, int]:
+    """Map each dotted key in the YAML document to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (str(key_node.value),)
+            lines[".".join(path)] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    return lines
+
+
+def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _config_error(path: Path, error: ValidationError, lines: dict[str, int],
+                  overrides: dict[str, str]) -> MtkitError:
+    messages = []
+    for err in error.errors():
+        # Tuple fields (betas, split pairs) put an element index into loc; the key is the field.
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        detail = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error":
+            # A cross-field rule is reported on its section; its message names the real key.
+            key = _named_key(detail, key) or key
+            msg = detail
+        elif err["type"] == "extra_forbidden":
+            close = _closest_key(key)
+            msg = f"unknown key `{key}`" + (f": did you mean `{close}`?" if close else "")
+        elif err["type"] == "missing":
+            msg = f"`{key}` is required"
+        else:
+            msg = f"`{key}`: {detail} (got {err.get('input')!r})"
+        messages.append(_where(path, key, lines, overrides) + msg)
+    if len(messages) == 1:
+        text = f"invalid config {path}: {messages[0]}"
+    else:
+        text = f"invalid config {path}:" + "".join(f"\n  {m}" for m in messages)
+    return MtkitError(text, hint="configs/base.yaml documents every key and its allowed values")
+
+
+def _named_key(message: str, section: str) -> str:
+    return next((k for k in _all_keys() if k.startswith(section) and "." in k and k in message), "")
+
+
+def _closest_key(key: str) -> str | None:
+    """The valid key a typo most likely meant: a near name in the same section, else the same
+    name in another section (train.dropout -> model.dropout), else a near name anywhere."""
+    section, _, leaf = key.rpartition(".")
+    valid = _all_keys()
+    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"{section}.{close[0]}" if section else close[0]
+    same = [k for k in valid if k.rpartition(".")[2] == leaf]
+    if same:
+        return same[0]
+    leaves = {k.rpartition(".")[2]: k for k in valid if "." in k}
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[close[0]] if close else None
+
+
+def _where(path: Path, key: str, lines: dict[str, int], overrides: dict[str, str]) -> str:
+    if key in overrides:
+        return f"(from --set {overrides[key]}) "
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):  # a missing key: point at its section
+        line = lines.get(".".join(parts[:n]))
+        if line:
+            return f"line {line}: "
+    return ""

@@ -1,0 +1,234 @@
+"""Reading raw parallel data: aligned text files (plain or .gz), TSV, and HuggingFace `datasets`.
+
+`source_for(data, split)` turns the config's `data` section into a `Source` (plain values);
+`read_pairs(source)` streams its (src, tgt) lines; `fingerprint(source)` hashes its raw content.
+Every problem with the data is an MtkitError naming the file and line, never a silent skip.
+"""
+
+import functools
+import gzip
+import itertools
+import re
+import unicodedata
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtkit.errors import MtkitError
+from mtkit.files import sha256_file, sha256_json
+
+SPLITS = ("train", "valid", "test")
+HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(line: str) -> str:
+    """The one text normalization of the toolkit (training data and translate input alike):
+    Unicode NFC, control characters to spaces, whitespace runs to one space, trimmed."""
+    line = unicodedata.normalize("NFC", line)
+    return _SPACE.sub(" ", _CONTROL.sub(" ", line)).strip()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one split of a parallel corpus lives."""
+
+    split: str
+    kind: str  # "text": paths = (src file, tgt file); "tsv": paths = (file,); "hf": see hf_*
+    paths: tuple[Path, ...] = ()
+    src: str = ""
+    tgt: str = ""
+    encoding_errors: str = "strict"
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str | None = None
+    hf_file: Path | None = None
+    src_field: str | None = None
+    tgt_field: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "hf":
+            where = str(self.hf_file) if self.hf_file else f"{self.hf_dataset} [{self.hf_split}]"
+            return f"HF dataset {where}"
+        return " + ".join(str(p) for p in self.paths)
+
+
+def source_for(data: Any, split: str) -> Source:
+    """The Source of `split` ('train', 'valid' or 'test') described by a config `data` section."""
+    spec = getattr(data, split)
+    common = dict(split=split, src=data.src, tgt=data.tgt, encoding_errors=data.encoding_errors)
+    root = Path(data.dir)
+    if data.format == "demo":
+        from mtkit import demo
+
+        demo.ensure_corpus(root)
+    if data.format in ("text", "demo"):
+        if isinstance(spec, str):
+            paths = (_find_file(root, f"{spec}.{data.src}", split), _find_file(root, f"{spec}.{data.tgt}", split))
+        else:
+            paths = tuple(_existing(root / p, split) for p in spec)
+        return Source(kind="text", paths=paths, **common)
+    if not isinstance(spec, str):
+        raise MtkitError(f"data.{split}: a pair of files only works with data.format: text",
+                         hint=f"give one {'file' if data.format == 'tsv' else 'split name'} for data.{split}")
+    if data.format == "tsv":
+        candidates = [spec, f"{spec}.tsv", f"{spec}.tsv.gz"]
+        found = next((root / c for c in candidates if (root / c).is_file()), None)
+        return Source(kind="tsv", paths=(found or _existing(root / spec, split),), **common)
+    # data.format == "hf": a data file (json/jsonl/parquet/csv) or a split of data.hf_dataset.
+    fields = dict(src_field=data.src_field, tgt_field=data.tgt_field)
+    if Path(spec).suffix in HF_FILE_BUILDERS:
+        return Source(kind="hf", hf_file=_existing(root / spec, split), **fields, **common)
+    if not data.hf_dataset:
+        raise MtkitError(f"data.{split} is the split name {spec!r} but data.hf_dataset is not set",
+                         hint="set data.hf_dataset to a hub name or a local dataset folder, "
+                              "or give a .jsonl/.parquet/.csv file as the split")
+    return Source(kind="hf", hf_dataset=data.hf_dataset, hf_config=data.hf_config, hf_split=spec,
+                  **fields, **common)
+
+
+def _find_file(root: Path, name: str, split: str) -> Path:
+    plain, packed = root / name, root / f"{name}.gz"
+    if plain.is_file() and packed.is_file():
+        raise MtkitError(f"both {plain} and {packed} exist; mtkit will not guess which one to read",
+                         hint="remove or rename one of them")
+    if plain.is_file() or packed.is_file():
+        return plain if plain.is_file() else packed
+    raise MtkitError(f"no {split} file: looked for {plain} and {packed}", hint=_listing_hint(root))
+
+
+def _existing(path: Path, split: str) -> Path:
+    if not path.is_file():
+        raise MtkitError(f"no {split} file: {path} does not exist", hint=_listing_hint(path.parent))
+    return path
+
+
+def _listing_hint(root: Path) -> str:
+    if not root.is_dir():
+        return f"the folder {root} does not exist: set data.dir (e.g. --set data.dir=path/to/corpus)"
+    names = sorted(p.name for p in root.iterdir() if p.is_file())[:12]
+    return f"{root} has: {', '.join(names) or 'no files'}; check data.dir, data.src/tgt and the split names"
+
+
+def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
+    """Stream the raw (src, tgt) lines of a split, in order, unnormalized."""
+    if source.kind == "text":
+        src_path, tgt_path = source.paths
+        return _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors),
+                            read_lines(tgt_path, source.encoding_errors))
+    if source.kind == "tsv":
+        return _read_tsv(source.paths[0], source.encoding_errors)
+    return _read_hf(source)
+
+
+def read_lines(path: Path, encoding_errors: str = "strict") -> Iterator[str]:
+    """Lines of a UTF-8 text file, plain or gzip; split on '\\n' only (like `wc -l`, so that
+    U+2028 or a stray '\\r' inside a line never shifts the alignment); CRLF and a BOM are removed."""
+    try:
+        opened = open(path, "rb")
+        packed = opened.read(2) == b"\x1f\x8b"
+        opened.seek(0)
+    except OSError as e:
+        raise MtkitError(f"cannot read {path}: {e.strerror}")
+    with opened, (gzip.open(opened) if packed else opened) as f:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                raw = raw.rstrip(b"\n").removesuffix(b"\r")
+                try:
+                    yield raw.decode("utf-8", errors=encoding_errors)
+                except UnicodeDecodeError as e:
+                    raise MtkitError(
+                        f"{path}:{lineno}: invalid UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x})",
+                        hint="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set "
+                             "data.encoding_errors=replace to replace bad bytes with U+FFFD") from None
+        except (OSError, EOFError, zlib.error) as e:
+            what = "damaged gzip data" if packed else "read error"
+            raise MtkitError(f"{path}: {what} after line {lineno}: {e}",
+                             hint="download or re-compress the file" if packed else None) from None
+
+
+def _zip_aligned(src_path: Path, tgt_path: Path, src: Iterator[str], tgt: Iterator[str]):
+    end = object()
+    for n, (s, t) in enumerate(itertools.zip_longest(src, tgt, fillvalue=end)):
+        if s is end or t is end:
+            n_src = n + (s is not end) + sum(1 for _ in src)
+            n_tgt = n + (t is not end) + sum(1 for _ in tgt)
+            raise MtkitError(f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}; "
+                             "line i of one must be the translation of line i of the other",
+                             hint="re-align the files (compare `wc -l`), or check data.src/data.tgt")
+        yield s, t
+
+
+def _read_tsv(path: Path, encoding_errors: str) -> Iterator[tuple[str, str]]:
+    for lineno, line in enumerate(read_lines(path, encoding_errors), 1):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise MtkitError(f"{path}:{lineno}: expected exactly one tab (source<TAB>target), "
+                             f"found {len(fields) - 1}",
+                             hint="fix that line; a tab inside a sentence must be removed or replaced")
+        yield fields[0], fields[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf(source: Source):
+    import datasets  # heavy (pyarrow, pandas): imported only when an HF source is read
+
+    try:
+        if source.hf_file:
+            builder = HF_FILE_BUILDERS[source.hf_file.suffix]
+            return datasets.load_dataset(builder, data_files=str(source.hf_file), split="train")
+        if (Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
+                Path(source.hf_dataset) / "state.json").is_file():
+            loaded = datasets.load_from_disk(source.hf_dataset)  # a folder from save_to_disk()
+            return loaded[source.hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split)
+    except Exception as e:  # datasets raises many types (network, missing split, bad file)
+        raise MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
+                         hint="check data.hf_dataset / data.hf_config / the split name; hub datasets "
+                              "need network access (or a local copy: data.hf_dataset: path/to/folder)"
+                         ) from None
+
+
+def _field_getter(columns: list[str], field: str | None, lang: str, source: Source):
+    """Which column holds `lang`: an explicit dotted field, else translation.<lang>, else <lang>."""
+    if field is None:
+        field = f"translation.{lang}" if "translation" in columns else lang
+    column, _, key = field.partition(".")
+    if column not in columns:
+        raise MtkitError(f"{source.describe()} has no column {column!r} (columns: {', '.join(columns)})",
+                         hint="set data.src_field / data.tgt_field, e.g. translation.de or a column name")
+
+    def get(batch: dict[str, list]) -> list[str]:
+        values = batch[column]
+        if key:
+            try:
+                values = [v[key] for v in values]
+            except (KeyError, TypeError):
+                raise MtkitError(f"{source.describe()}: column {column!r} has no field {key!r}",
+                                 hint="set data.src_field / data.tgt_field to the right dotted path") from None
+        return ["" if v is None else str(v) for v in values]
+
+    return get
+
+
+def _read_hf(source: Source) -> Iterator[tuple[str, str]]:
+    ds = _load_hf(source)
+    get_src = _field_getter(ds.column_names, source.src_field, source.src, source)
+    get_tgt = _field_getter(ds.column_names, source.tgt_field, source.tgt, source)
+    for batch in ds.iter(batch_size=1000):
+        yield from zip(get_src(batch), get_tgt(batch))
+
+
+def fingerprint(source: Source) -> str:
+    """SHA-256 of the split's raw content, so that any change to the data is noticed."""
+    if source.kind == "hf":
+        # datasets fingerprints every Dataset from its source files and transforms.
+        return sha256_json(["hf", _load_hf(source)._fingerprint, source.src_field, source.tgt_field])
+    return sha256_json([source.kind] + [sha256_file(p) for p in source.paths])

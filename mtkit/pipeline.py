@@ -1,0 +1,20 @@
+"""`mtkit run CONFIG`: chain the stages; each one skips itself when its output is current."""
+
+from mtkit.config import Config
+from mtkit.console import console, table
+from mtkit.prepare import prepare
+from mtkit.vocab import train_tokenizer
+
+
+def run(cfg: Config) -> None:
+    tok = train_tokenizer(cfg)
+    data = prepare(cfg)
+    train = data.manifest["splits"]["train"]
+    t = table(f"experiment {cfg.experiment.name}", ["stage", "status", "output"])
+    t.add_row("tokenizer", "up to date" if tok.skipped else "done", str(tok.folder))
+    t.add_row("prepare", "up to date" if data.skipped else "done",
+              f"{data.folder} ({train['kept']:,} of {train['pairs_in']:,} train pairs kept)")
+    # The stages below arrive with issues [2/7] and [3/7]; `run` stops after prepare until then.
+    for stage in ("train", "translate", "eval"):
+        t.add_row(stage, "not implemented yet", "-")
+    console.print(t)

@@ -1,0 +1,190 @@
+"""Stage `mtkit prepare`: normalize -> filter -> encode -> token arrays + manifest.json.
+
+Only the train split is filtered (empty side, duplicate pair, length, length ratio); valid and
+test keep every line in order, because they are what models are scored on. The output folder
+<workdir>/data/ is replaced atomically, and its manifest records the fingerprints of the raw
+inputs, the tokenizer and the settings: a rerun with all three unchanged does nothing.
+"""
+
+import hashlib
+import itertools
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mtkit import corpus
+from mtkit.config import Config
+from mtkit.console import console, info, progress, table
+from mtkit.data import ArrayWriter, TokenArray, token_dtype
+from mtkit.errors import MtkitError
+from mtkit.files import atomic_dir, read_json, sha256_json, write_json
+from mtkit.tokenizer import UNK_ID, Tokenizer
+
+FORMAT_VERSION = 1
+CHUNK = 10_000
+DROP_REASONS = ("empty", "duplicate", "too_short", "too_long", "ratio")
+
+
+@dataclass
+class PrepareResult:
+    folder: Path
+    skipped: bool
+    manifest: dict
+
+
+def prepare(cfg: Config, force: bool = False) -> PrepareResult:
+    out = cfg.data_cache_dir
+    tok = Tokenizer.load(cfg.tokenizer_dir)
+    sources = {split: corpus.source_for(cfg.data, split) for split in corpus.SPLITS}
+    inputs = {split: {"source": s.describe(), "sha256": corpus.fingerprint(s)} for split, s in sources.items()}
+    _check_tokenizer_is_current(cfg, inputs["train"]["sha256"])
+    d = cfg.data
+    settings = {"src": d.src, "tgt": d.tgt, "min_len": d.min_len, "max_len": d.max_len,
+                "max_ratio": d.max_ratio, "dedup": d.dedup, "encoding_errors": d.encoding_errors,
+                "format_version": FORMAT_VERSION}
+    fingerprint = sha256_json({"inputs": inputs, "tokenizer": tok.fingerprint, "settings": settings})
+    previous = read_json(out / "manifest.json")
+    if not force and previous and previous.get("fingerprint") == fingerprint:
+        info(f"prepare: up to date ({out}; inputs, tokenizer and settings unchanged)")
+        return PrepareResult(out, True, previous)
+
+    start = time.perf_counter()
+    dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))
+    tok_info = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
+    train_seen: dict[str, set[bytes]] = {"src": set(), "pair": set()}
+    splits = {}
+    with atomic_dir(out) as tmp, progress() as bar:
+        for split, source in sources.items():
+            expected = tok_info.get("pairs_seen") if split == "train" else None
+            task = bar.add_task(f"prepare {split}", total=expected)
+            writers = [ArrayWriter(tmp / f"{split}.{side}", dtype) for side in ("src", "tgt")]
+            try:
+                splits[split] = _prepare_split(source, tok, writers, settings, train_seen,
+                                               lambda n, task=task: bar.update(task, completed=n))
+            finally:
+                for w in writers:
+                    w.close()
+            for side in ("src", "tgt"):
+                splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name))
+        manifest = {
+            "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "dtype": dtype.name,
+            "tokenizer_fingerprint": tok.fingerprint, "src_vocab_size": tok.src_vocab_size,
+            "tgt_vocab_size": tok.tgt_vocab_size, "inputs": inputs, "settings": settings, "splits": splits,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    _print_summary(manifest)
+    info(f"prepare: done in {manifest['seconds']:.1f}s -> {out}")
+    return PrepareResult(out, False, manifest)
+
+
+def _check_tokenizer_is_current(cfg: Config, train_sha256: str) -> None:
+    """Refuse to encode with a tokenizer that the config or the train data no longer describe."""
+    trained = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
+    wanted = {**cfg.tokenizer.model_dump(mode="json"), "src": cfg.data.src, "tgt": cfg.data.tgt}
+    had = trained.get("settings", {})
+    changed = [f"{k}={had.get(k)!r} (config: {v!r})" for k, v in wanted.items() if had.get(k) != v]
+    if trained.get("train_sha256") != train_sha256:
+        changed.append("the train data changed")
+    if changed:
+        raise MtkitError(f"the tokenizer in {cfg.tokenizer_dir} does not match this config: {'; '.join(changed)}",
+                         hint="retrain it first: mtkit tokenizer train CONFIG (or use mtkit run CONFIG)")
+
+
+def _key(*parts: str) -> bytes:
+    return hashlib.blake2b("\t".join(parts).encode(), digest_size=16).digest()
+
+
+def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWriter], filters: dict,
+                   train_seen: dict[str, set[bytes]], report) -> dict:
+    """Normalize, (for train) filter, encode and write one split; returns its counts."""
+    is_train = source.split == "train"
+    threads = os.cpu_count() or 1
+    counts: Counter = Counter()
+    pairs = corpus.read_pairs(source)
+    while chunk := list(itertools.islice(pairs, CHUNK)):
+        srcs, tgts = [], []
+        for src, tgt in chunk:
+            src, tgt = corpus.normalize(src), corpus.normalize(tgt)
+            if is_train:
+                train_seen["src"].add(_key(src))
+                pair = _key(src, tgt)
+                if not src or not tgt:
+                    counts["empty"] += 1
+                    continue
+                if filters["dedup"]:
+                    if pair in train_seen["pair"]:
+                        counts["duplicate"] += 1
+                        continue
+                    train_seen["pair"].add(pair)
+            else:
+                counts["in_train_src"] += _key(src) in train_seen["src"]
+                counts["in_train_pair"] += _key(src, tgt) in train_seen["pair"]
+                counts["empty_lines"] += not src or not tgt
+            srcs.append(src)
+            tgts.append(tgt)
+        src_ids, tgt_ids = tok.encode_src(srcs, threads), tok.encode_tgt(tgts, threads)
+        if is_train:
+            kept = [i for i in range(len(srcs)) if _keep(len(src_ids[i]), len(tgt_ids[i]), filters, counts)]
+            src_ids, tgt_ids = [src_ids[i] for i in kept], [tgt_ids[i] for i in kept]
+        else:  # kept whole; translation truncates what exceeds the model's positions
+            counts["longer_than_max_len"] += sum(len(ids) > filters["max_len"] for ids in src_ids)
+        writers[0].add(src_ids)
+        writers[1].add(tgt_ids)
+        counts["pairs_in"] += len(chunk)
+        counts["kept"] += len(src_ids)
+        report(counts["pairs_in"])
+    if counts["pairs_in"] == 0:
+        raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
+                         hint="check the files, or data.dir and the split names")
+    if counts["kept"] == 0:
+        dropped = ", ".join(f"{counts[r]} {r}" for r in DROP_REASONS if counts[r])
+        raise MtkitError(f"every one of the {counts['pairs_in']} {source.split} pairs was dropped ({dropped})",
+                         hint="loosen data.max_len / data.min_len / data.max_ratio")
+    result = {"pairs_in": counts["pairs_in"], "kept": counts["kept"]}
+    if is_train:
+        result["dropped"] = {r: counts[r] for r in DROP_REASONS}
+    else:
+        result["empty_lines"] = counts["empty_lines"]
+        result["longer_than_max_len"] = counts["longer_than_max_len"]
+        result["overlap_with_train"] = {"src": counts["in_train_src"], "pair": counts["in_train_pair"]}
+    return result
+
+
+def _keep(n_src: int, n_tgt: int, filters: dict, counts: Counter) -> bool:
+    shorter, longer = min(n_src, n_tgt), max(n_src, n_tgt)
+    if shorter < filters["min_len"]:
+        reason = "too_short"
+    elif longer > filters["max_len"]:
+        reason = "too_long"
+    elif longer > filters["max_ratio"] * shorter:
+        reason = "ratio"
+    else:
+        return True
+    counts[reason] += 1
+    return False
+
+
+def _token_stats(array: TokenArray) -> dict:
+    lengths = array.lengths
+    return {"sentences": len(array), "tokens": int(lengths.sum()),
+            "mean_len": round(float(lengths.mean()), 2) if len(array) else 0.0,
+            "max_len": int(lengths.max()) if len(array) else 0,
+            "unk": int(np.count_nonzero(array.tokens == UNK_ID))}
+
+
+def _print_summary(manifest: dict) -> None:
+    t = table("prepared data", ["split", "pairs", "kept", "dropped", "src tokens", "tgt tokens", "unk",
+                                "src seen in train"])
+    for split, s in manifest["splits"].items():
+        dropped = ", ".join(f"{n:,} {r}" for r, n in s.get("dropped", {}).items() if n)
+        overlap = s.get("overlap_with_train")
+        t.add_row(split, f"{s['pairs_in']:,}", f"{s['kept']:,}", dropped or "-",
+                  f"{s['src']['tokens']:,}", f"{s['tgt']['tokens']:,}",
+                  f"{s['src']['unk'] + s['tgt']['unk']:,}", f"{overlap['src']:,}" if overlap else "")
+    t.caption = "valid and test are never filtered or reordered"
+    console.print(t)

@@ -1,0 +1,100 @@
+"""SentencePiece subword models: training, loading, batch encode/decode, fingerprint.
+
+Special ids are fixed for every model mtkit trains, so that tensors can be padded with zeros:
+    PAD_ID = 0 (<pad>)   UNK_ID = 1 (<unk>)   BOS_ID = 2 (<s>)   EOS_ID = 3 (</s>)
+A joint vocabulary is one model for both languages (files spm.model/.vocab); separate vocabularies
+are src.model and tgt.model.
+"""
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from mtkit.errors import MtkitError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def train_model(sentences: Iterable[str], *, model_type: str, vocab_size: int, character_coverage: float,
+                byte_fallback: bool, threads: int, what: str = "") -> bytes:
+    """Train a SentencePiece model; returns the serialized model."""
+    out = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=out, model_type=model_type,
+            vocab_size=vocab_size, character_coverage=character_coverage, byte_fallback=byte_fallback,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            # mtkit normalizes text itself (corpus.normalize); SentencePiece's NFKC would change
+            # characters the references keep, and detokenized output would differ from them.
+            normalization_rule_name="identity",
+            input_sentence_size=0,  # the caller samples, reproducibly
+            num_threads=threads, minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise _training_error(str(e), vocab_size, what) from None
+    return out.getvalue()
+
+
+def _training_error(message: str, vocab_size: int, what: str) -> MtkitError:
+    detail = re.sub(r"^.*?\] ", "", message.strip())  # drop SentencePiece's source-location prefix
+    too_high = re.search(r"<= (\d+)", detail)
+    on = f" on {what}" if what else ""
+    if "too high" in detail and too_high:
+        return MtkitError(f"tokenizer.vocab_size {vocab_size} cannot be reached{on}: "
+                          f"this corpus supports at most {too_high.group(1)} pieces",
+                          hint=f"set tokenizer.vocab_size to {too_high.group(1)} or less")
+    return MtkitError(f"SentencePiece training failed{on}: {detail}",
+                      hint="check tokenizer.vocab_size and tokenizer.character_coverage")
+
+
+class Tokenizer:
+    """The source and target subword models of one experiment (the same model when joint)."""
+
+    def __init__(self, src_model: bytes, tgt_model: bytes | None = None):
+        self.joint = tgt_model is None
+        self._protos = (src_model,) if self.joint else (src_model, tgt_model)
+        self.src = spm.SentencePieceProcessor(model_proto=src_model)
+        self.tgt = self.src if self.joint else spm.SentencePieceProcessor(model_proto=tgt_model)
+        self.fingerprint = hashlib.sha256(b"".join(self._protos)).hexdigest()
+
+    @classmethod
+    def load(cls, folder: Path) -> "Tokenizer":
+        folder = Path(folder)
+        if (folder / "spm.model").is_file():
+            return cls((folder / "spm.model").read_bytes())
+        if (folder / "src.model").is_file() and (folder / "tgt.model").is_file():
+            return cls((folder / "src.model").read_bytes(), (folder / "tgt.model").read_bytes())
+        raise MtkitError(f"no tokenizer in {folder} (expected spm.model, or src.model and tgt.model)",
+                         hint="train one first: mtkit tokenizer train CONFIG")
+
+    def save(self, folder: Path) -> None:
+        names = ("spm",) if self.joint else ("src", "tgt")
+        for name, proto, sp in zip(names, self._protos, (self.src, self.tgt)):
+            (folder / f"{name}.model").write_bytes(proto)
+            # The .vocab listing is for people: one piece and its score per line, id = line - 1.
+            vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+            (folder / f"{name}.vocab").write_text(vocab, encoding="utf-8")
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.src.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.tgt.get_piece_size()
+
+    def encode_src(self, lines: Sequence[str], threads: int = 1) -> list[list[int]]:
+        return self.src.encode(list(lines), out_type=int, num_threads=threads)
+
+    def encode_tgt(self, lines: Sequence[str], threads: int = 1) -> list[list[int]]:
+        return self.tgt.encode(list(lines), out_type=int, num_threads=threads)
+
+    def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        return self.tgt.decode([list(map(int, seq)) for seq in ids])
+
+    def src_pieces(self, line: str) -> list[str]:
+        return self.src.encode(line, out_type=str)

@@ -1,0 +1,87 @@
+"""Stage `mtkit tokenizer train`: learn the subword vocabulary from the train split.
+
+Writes <workdir>/tokenizer/ (the SentencePiece model(s), a readable .vocab listing, and
+tokenizer.json with the settings and the fingerprint of the inputs); does nothing when that
+fingerprint is unchanged.
+"""
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtkit import corpus
+from mtkit.config import Config
+from mtkit.console import info, progress
+from mtkit.files import atomic_dir, read_json, sha256_json, write_json
+from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_model
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TokenizerResult:
+    folder: Path
+    skipped: bool
+    fingerprint: str
+
+
+def settings_of(cfg: Config) -> dict:
+    """Everything that shapes the vocabulary besides the data itself."""
+    return {**cfg.tokenizer.model_dump(mode="json"), "src": cfg.data.src, "tgt": cfg.data.tgt,
+            "seed": cfg.experiment.seed, "version": FORMAT_VERSION}
+
+
+def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
+    out = cfg.tokenizer_dir
+    source = corpus.source_for(cfg.data, "train")
+    settings = settings_of(cfg)
+    train_sha256 = corpus.fingerprint(source)
+    fingerprint = sha256_json({"data": train_sha256, "settings": settings})
+    previous = read_json(out / "tokenizer.json")
+    if not force and previous and previous.get("inputs_fingerprint") == fingerprint:
+        info(f"tokenizer: up to date ({out})")
+        return TokenizerResult(out, True, previous["fingerprint"])
+
+    start = time.perf_counter()
+    src_lines, tgt_lines, n_pairs = _sample(source, cfg.tokenizer.sample_pairs, cfg.experiment.seed)
+    t = cfg.tokenizer
+    options = dict(model_type=t.type, vocab_size=t.vocab_size, character_coverage=t.character_coverage,
+                   byte_fallback=t.byte_fallback, threads=t.threads)
+    info(f"tokenizer: training {t.type} {'joint' if t.joint else 'separate'} vocabulary of "
+         f"{t.vocab_size} on {len(src_lines):,} of {n_pairs:,} train pairs")
+    if t.joint:
+        tok = Tokenizer(train_model(src_lines + tgt_lines, what="the train split", **options))
+    else:
+        tok = Tokenizer(train_model(src_lines, what=f"the {cfg.data.src} side", **options),
+                        train_model(tgt_lines, what=f"the {cfg.data.tgt} side", **options))
+    with atomic_dir(out) as tmp:
+        tok.save(tmp)
+        write_json(tmp / "tokenizer.json", {
+            "fingerprint": tok.fingerprint, "inputs_fingerprint": fingerprint, "settings": settings,
+            "train_source": source.describe(), "train_sha256": train_sha256, "pairs_seen": n_pairs, "pairs_used": len(src_lines),
+            "src_vocab_size": tok.src_vocab_size, "tgt_vocab_size": tok.tgt_vocab_size,
+            "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        })
+    info(f"tokenizer: done in {time.perf_counter() - start:.1f}s -> {out}")
+    return TokenizerResult(out, False, tok.fingerprint)
+
+
+def _sample(source: corpus.Source, cap: int, seed: int) -> tuple[list[str], list[str], int]:
+    """Normalized train pairs, at most `cap` of them: a seeded reservoir sample when the corpus is
+    larger, so the vocabulary is reproducible and memory stays bounded."""
+    rng = random.Random(seed)
+    kept: list[tuple[str, str]] = []
+    n = 0
+    with progress() as bar:
+        task = bar.add_task("reading train split", total=None)
+        for n, (src, tgt) in enumerate(corpus.read_pairs(source), 1):
+            pair = (corpus.normalize(src), corpus.normalize(tgt))
+            if len(kept) < cap:
+                kept.append(pair)
+            elif (j := rng.randrange(n)) < cap:
+                kept[j] = pair
+            if n % 10_000 == 0:
+                bar.update(task, completed=n)
+    # Empty sides teach SentencePiece nothing; prepare drops such pairs anyway.
+    return [s for s, _ in kept if s], [t for _, t in kept if t], n

@@ -1,0 +1,61 @@
+"""Shared fixtures: a demo corpus generated once per session, configs written to tmp, the CLI
+run in-process."""
+
+import os
+import tempfile
+
+# datasets reads its cache location at import: keep test caches out of the user's home, and never
+# wait on the network (hub look-ups must fail fast here; local files need no network).
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mtkit-hf-"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from mtkit import demo  # noqa: E402
+from mtkit.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MULTI30K = Path(os.environ.get("MTKIT_MULTI30K", REPO.parent / "shared" / "data" / "multi30k"))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo") / "corpus"
+    demo.ensure_corpus(folder)
+    return folder
+
+
+def write_config(folder: Path, **sections) -> Path:
+    """A config file in `folder` whose workdir is folder/run; sections are merged over defaults."""
+    cfg = {"experiment": {"workdir": str(folder / "run")}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def demo_config(tmp_path, demo_dir) -> Path:
+    return write_config(tmp_path, data={"format": "demo", "dir": str(demo_dir), "src": "en", "tgt": "vs"},
+                        tokenizer={"vocab_size": 500})
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `mtkit ARGS...` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

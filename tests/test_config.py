@@ -1,0 +1,160 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtkit.config import Config, DataSection, _all_keys, load_config
+from mtkit.errors import MtkitError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+MINIMAL = "data:\n  src: de\n  tgt: en\n"
+
+
+def error_of(path: Path, overrides: list[str] = ()) -> str:
+    with pytest.raises(MtkitError) as info:
+        load_config(path, overrides)
+    return info.value.message
+
+
+def test_base_yaml_documents_every_key_with_its_default():
+    text = (REPO / "configs" / "base.yaml").read_text()
+    documented = {}
+    section = None
+    for line in text.splitlines():
+        m = re.match(r"^(\s*)([a-z_0-9]+):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = m.groups()
+        if not indent:
+            section = key
+            continue
+        documented[f"{section}.{key}"] = rest
+    leaf_keys = [k for k in _all_keys() if "." in k]
+    assert sorted(documented) == sorted(leaf_keys)
+    undocumented = [k for k, rest in documented.items() if "#" not in rest]
+    assert undocumented == []
+    # base.yaml shows the real defaults: loading it equals the defaults (src/tgt are required).
+    base = load_config(REPO / "configs" / "base.yaml")
+    defaults = Config(data=DataSection(src=base.data.src, tgt=base.data.tgt))
+    assert base == defaults
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.model.d_model % cfg.model.heads == 0
+
+
+def test_overrides_merge_before_validation_and_are_typed(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  lr: 3e-4\n")  # PyYAML reads 3e-4 as a string
+    assert load_config(path).train.lr == pytest.approx(3e-4)
+    cfg = load_config(path, ["train.lr=5e-4", "model.heads=8", "train.betas=[0.8, 0.9]",
+                             "tokenizer.joint=false", "experiment.workdir=/tmp/x", "train.max_time=60"])
+    assert cfg.train.lr == pytest.approx(5e-4)
+    assert cfg.model.heads == 8
+    assert cfg.train.betas == (0.8, 0.9)
+    assert cfg.tokenizer.joint is False
+    assert cfg.workdir == Path("/tmp/x")
+    assert cfg.train.max_time == 60.0
+    # An override can make an invalid file valid: it is merged first, validated after.
+    bad = write(tmp_path, MINIMAL + "model:\n  heads: 3\n")
+    assert load_config(bad, ["model.heads=4"]).model.heads == 4
+
+
+def test_workdir_defaults_to_runs_name(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "experiment:\n  name: abc\n"))
+    assert cfg.workdir == Path("runs/abc")
+    assert cfg.tokenizer_dir == Path("runs/abc/tokenizer")
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0
+
+
+@pytest.mark.parametrize("override", ["train.lr", "=3", "train..lr=1", "data.src.x=1"])
+def test_malformed_overrides_are_errors(tmp_path, override):
+    message = error_of(write(tmp_path, MINIMAL), [override])
+    assert "override" in message or "not a section" in message
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("train.warmpu", "train.warmup"),     # typo in the right section
+    ("train.dropout", "model.dropout"),   # right name, wrong section
+    ("modle.d_model", "model"),           # typo in a section name
+    ("decode.beam", "decode.beam_size"),
+])
+def test_unknown_key_names_line_and_closest_key(tmp_path, key, suggestion):
+    section, leaf = key.split(".")
+    path = write(tmp_path, MINIMAL + f"{section}:\n  {leaf}: 1\n")
+    message = error_of(path)
+    assert str(path) in message
+    assert f"did you mean `{suggestion}`" in message
+    line = 4 if suggestion == "model" else 5
+    assert f"line {line}:" in message
+
+
+def test_unknown_key_from_override_says_so(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL), ["train.warmpu=10"])
+    assert "(from --set train.warmpu=10)" in message and "train.warmup" in message
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("train:\n  lr: fast\n", "`train.lr`: Input should be a valid number"),
+    ("train:\n  max_tokens: -5\n", "`train.max_tokens`: Input should be greater than 0"),
+    ("model:\n  d_model: 0\n", "`model.d_model`: Input should be greater than 0"),
+    ("model:\n  heads: 3\n", "model.d_model (256) must be divisible by model.heads (3); e.g. heads 2 or 4"),
+    ("decode:\n  beam_size: 2\n  n_best: 3\n", "decode.n_best (3) cannot exceed decode.beam_size (2)"),
+    ("model:\n  dropout: 1.5\n", "`model.dropout`: Input should be less than 1"),
+    ("data:\n  src: de\n  tgt: en\n  max_len: 300\n", "model.max_positions (256) must hold data.max_len (300)"),
+    ("tokenizer:\n  type: wordpiece\n", "`tokenizer.type`: Input should be 'bpe' or 'unigram'"),
+])
+def test_bad_values_name_key_and_fix(tmp_path, yaml_text, expected):
+    text = yaml_text if yaml_text.startswith("data:") else MINIMAL + yaml_text
+    assert expected in error_of(write(tmp_path, text))
+
+
+def test_same_src_and_tgt_is_an_error(tmp_path):
+    assert "data.src and data.tgt are both 'de'" in error_of(write(tmp_path, "data:\n  src: de\n  tgt: de\n"))
+
+
+def test_missing_required_key(tmp_path):
+    message = error_of(write(tmp_path, "data:\n  src: de\n"))
+    assert "line 1: `data.tgt` is required" in message
+
+
+def test_all_errors_are_reported_at_once(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL + "train:\n  lr: x\n  warmpu: 3\n"))
+    assert "train.lr" in message and "train.warmpu" in message
+
+
+def test_yaml_syntax_error_has_line_number(tmp_path):
+    path = write(tmp_path, "data:\n  src: de\n   tgt: en\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:3: YAML syntax error")
+
+
+def test_missing_and_non_mapping_config(tmp_path):
+    assert "config file not found" in error_of(tmp_path / "nope.yaml")
+    assert "top level must be a mapping" in error_of(write(tmp_path, "- a\n- b\n"))
+
+
+def test_config_show_prints_resolved_yaml(cli, tmp_path):
+    path = write(tmp_path, MINIMAL)
+    code, out, err = cli("config", "show", path, "--set", "train.lr=5e-4")
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["train"]["lr"] == 5e-4
+    assert shown["model"]["d_model"] == 256  # defaults are shown too
+    assert shown["experiment"]["workdir"] == "runs/experiment"
+    assert load_config(write(tmp_path, out)).train.lr == 5e-4  # the output is itself a valid config
