@@ -265,7 +265,7 @@ def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 def _config_error(path: Path, error: ValidationError, lines: dict[str, int],
                   overrides: dict[str, str]) -> MtkitError:
-    messages = []
+    messages = []  # (line, text): shown in file order, --set overrides last
     for err in error.errors():
         # Tuple fields (betas, split pairs) put an element index into loc; the key is the field.
         key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
@@ -281,7 +281,9 @@ def _config_error(path: Path, error: ValidationError, lines: dict[str, int],
             msg = f"`{key}` is required"
         else:
             msg = f"`{key}`: {detail} (got {err.get('input')!r})"
-        messages.append(_where(path, key, lines, overrides) + msg)
+        line, where = _where(key, lines, overrides)
+        messages.append((line, where + msg))
+    messages = [text for _, text in sorted(messages, key=lambda m: m[0])]
     if len(messages) == 1:
         text = f"invalid config {path}: {messages[0]}"
     else:
@@ -310,12 +312,13 @@ def _closest_key(key: str) -> str | None:
     return leaves[close[0]] if close else None
 
 
-def _where(path: Path, key: str, lines: dict[str, int], overrides: dict[str, str]) -> str:
+def _where(key: str, lines: dict[str, int], overrides: dict[str, str]) -> tuple[int, str]:
+    """The line a key is on (a missing key: its section's) and how to say where it came from."""
     if key in overrides:
-        return f"(from --set {overrides[key]}) "
+        return 1 << 30, f"(from --set {overrides[key]}) "
     parts = key.split(".")
-    for n in range(len(parts), 0, -1):  # a missing key: point at its section
+    for n in range(len(parts), 0, -1):
         line = lines.get(".".join(parts[:n]))
         if line:
-            return f"line {line}: "
-    return ""
+            return line, f"line {line}: "
+    return 0, ""

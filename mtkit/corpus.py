@@ -5,7 +5,6 @@
 Every problem with the data is an MtkitError naming the file and line, never a silent skip.
 """
 
-import functools
 import gzip
 import itertools
 import re
@@ -115,14 +114,22 @@ def _listing_hint(root: Path) -> str:
 
 
 def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
-    """Stream the raw (src, tgt) lines of a split, in order, unnormalized."""
+    """Stream the raw (src, tgt) lines of a split, in order, unnormalized; an empty split is an error."""
     if source.kind == "text":
         src_path, tgt_path = source.paths
-        return _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors),
-                            read_lines(tgt_path, source.encoding_errors))
-    if source.kind == "tsv":
-        return _read_tsv(source.paths[0], source.encoding_errors)
-    return _read_hf(source)
+        pairs = _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors),
+                             read_lines(tgt_path, source.encoding_errors))
+    elif source.kind == "tsv":
+        pairs = _read_tsv(source.paths[0], source.encoding_errors)
+    else:
+        pairs = _read_hf(source)
+    empty = True
+    for pair in pairs:
+        empty = False
+        yield pair
+    if empty:
+        raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
+                         hint="check the files, or data.dir and the split names")
 
 
 def read_lines(path: Path, encoding_errors: str = "strict") -> Iterator[str]:
@@ -176,8 +183,8 @@ def _read_tsv(path: Path, encoding_errors: str) -> Iterator[tuple[str, str]]:
         yield fields[0], fields[1]
 
 
-@functools.lru_cache(maxsize=8)
 def _load_hf(source: Source):
+    # No memo here: datasets caches the Arrow table on disk, and a memo would hide edited files.
     import datasets  # heavy (pyarrow, pandas): imported only when an HF source is read
 
     try:

@@ -111,20 +111,21 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
         for src, tgt in chunk:
             src, tgt = corpus.normalize(src), corpus.normalize(tgt)
             if is_train:
-                train_seen["src"].add(_key(src))
-                pair = _key(src, tgt)
                 if not src or not tgt:
                     counts["empty"] += 1
                     continue
-                if filters["dedup"]:
-                    if pair in train_seen["pair"]:
-                        counts["duplicate"] += 1
-                        continue
-                    train_seen["pair"].add(pair)
+                # Overlap is measured against train as read (before the length filters).
+                pair = _key(src, tgt)
+                train_seen["src"].add(_key(src))
+                if pair in train_seen["pair"] and filters["dedup"]:
+                    counts["duplicate"] += 1
+                    continue
+                train_seen["pair"].add(pair)
+            elif not src or not tgt:
+                counts["empty_lines"] += 1
             else:
                 counts["in_train_src"] += _key(src) in train_seen["src"]
                 counts["in_train_pair"] += _key(src, tgt) in train_seen["pair"]
-                counts["empty_lines"] += not src or not tgt
             srcs.append(src)
             tgts.append(tgt)
         src_ids, tgt_ids = tok.encode_src(srcs, threads), tok.encode_tgt(tgts, threads)
@@ -138,9 +139,6 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
         counts["pairs_in"] += len(chunk)
         counts["kept"] += len(src_ids)
         report(counts["pairs_in"])
-    if counts["pairs_in"] == 0:
-        raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
-                         hint="check the files, or data.dir and the split names")
     if counts["kept"] == 0:
         dropped = ", ".join(f"{counts[r]} {r}" for r in DROP_REASONS if counts[r])
         raise MtkitError(f"every one of the {counts['pairs_in']} {source.split} pairs was dropped ({dropped})",

@@ -1,0 +1,219 @@
+import gzip
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mtkit import corpus
+from mtkit.errors import MtkitError
+
+PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Katzen.", "Two cats."), ("Hallo", "Hello")]
+
+
+def data(tmp_path: Path, **kw) -> SimpleNamespace:
+    """A stand-in for the config's data section (corpus only reads attributes)."""
+    base = dict(format="text", dir=tmp_path, src="de", tgt="en", train="train", valid="valid",
+                test="test", encoding_errors="strict", hf_dataset=None, hf_config=None,
+                src_field=None, tgt_field=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def write_lines(path: Path, lines, packed: bool = False) -> Path:
+    payload = "".join(line + "\n" for line in lines).encode()
+    path.write_bytes(gzip.compress(payload) if packed else payload)
+    return path
+
+
+def read(tmp_path: Path, split="train", **kw) -> list[tuple[str, str]]:
+    return list(corpus.read_pairs(corpus.source_for(data(tmp_path, **kw), split)))
+
+
+def error(tmp_path: Path, split="train", **kw) -> str:
+    with pytest.raises(MtkitError) as info:
+        read(tmp_path, split, **kw)
+    return info.value.message
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dir_prefix_layout_plain_and_gz(tmp_path, packed):
+    suffix = ".gz" if packed else ""
+    write_lines(tmp_path / f"train.de{suffix}", [s for s, _ in PAIRS], packed)
+    write_lines(tmp_path / f"train.en{suffix}", [t for _, t in PAIRS], packed)
+    assert read(tmp_path) == PAIRS
+
+
+def test_gzip_is_detected_by_content_not_name(tmp_path):
+    write_lines(tmp_path / "a.de", ["x"], packed=True)
+    write_lines(tmp_path / "a.en", ["y"])
+    assert read(tmp_path, train=("a.de", "a.en")) == [("x", "y")]
+
+
+def test_pair_of_files(tmp_path):
+    write_lines(tmp_path / "source.txt", [s for s, _ in PAIRS])
+    write_lines(tmp_path / "target.txt", [t for _, t in PAIRS])
+    assert read(tmp_path, train=("source.txt", "target.txt")) == PAIRS
+
+
+def test_both_plain_and_gz_present_is_ambiguous(tmp_path):
+    for name in ("train.de", "train.en"):
+        write_lines(tmp_path / name, ["a"])
+    write_lines(tmp_path / "train.de.gz", ["a"], packed=True)
+    assert "both" in error(tmp_path) and "train.de.gz" in error(tmp_path)
+
+
+def test_missing_file_names_what_was_looked_for_and_what_is_there(tmp_path):
+    write_lines(tmp_path / "train.de", ["a"])
+    with pytest.raises(MtkitError) as info:
+        corpus.source_for(data(tmp_path), "train")
+    assert f"looked for {tmp_path / 'train.en'} and {tmp_path / 'train.en.gz'}" in info.value.message
+    assert "train.de" in info.value.hint
+    with pytest.raises(MtkitError) as info:
+        corpus.source_for(data(tmp_path / "nowhere"), "train")
+    assert "does not exist" in info.value.hint
+
+
+def test_mismatched_line_counts_name_both_files_and_counts(tmp_path):
+    write_lines(tmp_path / "train.de", ["a", "b", "c"])
+    write_lines(tmp_path / "train.en", ["a", "b"])
+    message = error(tmp_path)
+    assert f"{tmp_path / 'train.de'} has 3 lines but {tmp_path / 'train.en'} has 2" in message
+    write_lines(tmp_path / "train.en", ["a", "b", "c", "d", "e"])
+    assert "has 3 lines but" in error(tmp_path) and "has 5" in error(tmp_path)
+
+
+def test_crlf_bom_and_inline_separators(tmp_path):
+    (tmp_path / "train.de").write_bytes("\ufeffeins\r\nzwei\u2028halb\r\ndrei\rx\n".encode())
+    (tmp_path / "train.en").write_bytes(b"one\ntwo\nthree\n")
+    # Only \n ends a line: U+2028 and a lone \r stay inside, so the alignment holds.
+    assert read(tmp_path) == [("eins", "one"), ("zwei\u2028halb", "two"), ("drei\rx", "three")]
+
+
+def test_last_line_without_newline_counts(tmp_path):
+    (tmp_path / "train.de").write_bytes(b"a\nb")
+    (tmp_path / "train.en").write_bytes(b"A\nB")
+    assert read(tmp_path) == [("a", "A"), ("b", "B")]
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "train.de").write_bytes(b"gut\nschl\xe9cht\n")
+    write_lines(tmp_path / "train.en", ["good", "bad"])
+    message = error(tmp_path)
+    assert f"{tmp_path / 'train.de'}:2: invalid UTF-8" in message
+    assert read(tmp_path, encoding_errors="replace")[1] == ("schl\ufffdcht", "bad")
+
+
+def test_binary_garbage_is_an_error_not_a_crash(tmp_path):
+    (tmp_path / "train.de").write_bytes(bytes(range(256)) * 4)
+    write_lines(tmp_path / "train.en", ["x"])
+    assert "invalid UTF-8" in error(tmp_path)
+
+
+def test_damaged_gzip(tmp_path):
+    packed = gzip.compress(b"line\n" * 10000)
+    (tmp_path / "train.de.gz").write_bytes(packed[: len(packed) // 2])
+    write_lines(tmp_path / "train.en", ["x"] * 10000)
+    assert "damaged gzip data" in error(tmp_path)
+
+
+def test_tsv(tmp_path):
+    write_lines(tmp_path / "train.tsv", [f"{s}\t{t}" for s, t in PAIRS])
+    assert read(tmp_path, format="tsv") == PAIRS
+    assert read(tmp_path, format="tsv", train="train.tsv") == PAIRS
+    write_lines(tmp_path / "bad.tsv", ["a\tb", "no tab here", "x\ty"])
+    assert f"{tmp_path / 'bad.tsv'}:2: expected exactly one tab" in error(tmp_path, format="tsv", train="bad.tsv")
+    write_lines(tmp_path / "bad.tsv", ["a\tb", "x\ty", "three\tfields\there"])
+    assert ":3: expected exactly one tab (source<TAB>target), found 2" in error(
+        tmp_path, format="tsv", train="bad.tsv")
+
+
+def test_tsv_gz(tmp_path):
+    write_lines(tmp_path / "train.tsv.gz", [f"{s}\t{t}" for s, t in PAIRS], packed=True)
+    assert read(tmp_path, format="tsv") == PAIRS
+
+
+def test_normalize():
+    assert corpus.normalize("  Cafe\u0301\t\tau\x00lait \u00a0 ") == "Café au lait"
+    assert corpus.normalize("\x1b[31mred") == "[31mred"
+    assert corpus.normalize("   ") == ""
+    assert corpus.normalize("مرحبا 👋🏽 שלום") == "مرحبا 👋🏽 שלום"
+
+
+def test_fingerprint_follows_content(tmp_path):
+    write_lines(tmp_path / "train.de", ["a"])
+    write_lines(tmp_path / "train.en", ["b"])
+    source = corpus.source_for(data(tmp_path), "train")
+    before = corpus.fingerprint(source)
+    (tmp_path / "train.en").touch()
+    assert corpus.fingerprint(source) == before
+    write_lines(tmp_path / "train.en", ["c"])
+    assert corpus.fingerprint(source) != before
+
+
+# HuggingFace datasets: the same `datasets` calls as for the hub, on local files and folders.
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+TRANSLATION_ROWS = [{"translation": {"de": s, "en": t}} for s, t in PAIRS]
+
+
+def test_hf_jsonl_file_with_translation_field(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", TRANSLATION_ROWS)
+    assert read(tmp_path, format="hf", train="train.jsonl") == PAIRS
+
+
+def test_hf_local_dataset_folder_through_load_dataset(tmp_path):
+    folder = tmp_path / "my_dataset"
+    write_jsonl(folder / "train.jsonl", TRANSLATION_ROWS)
+    write_jsonl(folder / "validation.jsonl", TRANSLATION_ROWS[:1])
+    kw = dict(format="hf", hf_dataset=str(folder))
+    assert read(tmp_path, **kw) == PAIRS
+    assert read(tmp_path, "valid", valid="validation", **kw) == PAIRS[:1]
+    assert "cannot load" in error(tmp_path, "test", **kw)  # no such split
+
+
+def test_hf_saved_to_disk_with_columns_and_explicit_fields(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"german": [s for s, _ in PAIRS], "english": [t for _, t in PAIRS]})})
+    ds.save_to_disk(tmp_path / "saved")
+    kw = dict(format="hf", hf_dataset=str(tmp_path / "saved"))
+    assert read(tmp_path, src_field="german", tgt_field="english", **kw) == PAIRS
+    message = error(tmp_path, **kw)
+    assert "no column 'de'" in message and "german" in message
+
+
+def test_hf_parquet_with_language_columns(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"de": [s for s, _ in PAIRS], "en": [t for _, t in PAIRS]}).to_parquet(
+        str(tmp_path / "train.parquet"))
+    assert read(tmp_path, format="hf", train="train.parquet") == PAIRS
+
+
+def test_hf_split_name_without_dataset_and_unreachable_hub(tmp_path):
+    with pytest.raises(MtkitError) as info:
+        corpus.source_for(data(tmp_path, format="hf"), "train")
+    assert "data.hf_dataset is not set" in info.value.message
+    # No network here (and HF offline in tests): a hub name fails with a clear message.
+    message = error(tmp_path, format="hf", hf_dataset="nobody/no-such-dataset-xyz")
+    assert "cannot load HF dataset nobody/no-such-dataset-xyz [train]" in message
+
+
+def test_hf_fingerprint_changes_with_data(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", TRANSLATION_ROWS)
+    first = corpus.fingerprint(corpus.source_for(data(tmp_path, format="hf", train="train.jsonl"), "train"))
+    write_jsonl(tmp_path / "other.jsonl", TRANSLATION_ROWS[:2])
+    second = corpus.fingerprint(corpus.source_for(data(tmp_path, format="hf", train="other.jsonl"), "train"))
+    assert first != second
+
+
+def test_pair_spec_only_for_text(tmp_path):
+    with pytest.raises(MtkitError) as info:
+        corpus.source_for(data(tmp_path, format="tsv", train=("a", "b")), "train")
+    assert "only works with data.format: text" in info.value.message

@@ -1,0 +1,206 @@
+from pathlib import Path
+
+import pytest
+
+from mtkit import corpus
+from mtkit.config import load_config
+from mtkit.data import TokenArray
+from mtkit.errors import MtkitError
+from mtkit.files import read_json
+from mtkit.prepare import prepare
+from mtkit.tokenizer import Tokenizer
+from mtkit.vocab import train_tokenizer
+from tests.conftest import write_config
+
+FILLER = [(f"die katze {i} schläft im haus", f"the cat {i} sleeps in the house") for i in range(200)]
+# (src, tgt, what the train filters must do with it)
+TRAIN = [
+    ("ein hund", "a dog", "kept"),
+    ("", "an empty source", "empty"),
+    ("ein hund", "a dog", "duplicate"),
+    ("  ein \t hund ", "a  dog", "duplicate"),  # the same pair once normalized
+    ("   ", "whitespace only", "empty"),
+    ("wort " * 40, "word " * 40, "too_long"),
+    ("ja", "yes " * 12, "ratio"),
+    ("ein hund", "one dog", "kept"),  # same source, other target: not a duplicate
+] + [(s, t, "kept") for s, t in FILLER]
+VALID = [("ein hund", "a dog"), ("", ""), ("wort " * 40, "word " * 40), ("ein  hund", "a dog"),
+         ("die katze 3 schläft im haus", "the cat 3 sleeps in the house"), ("neu", "new")]
+TEST = [("haus", "house"), ("katze", "cat")]
+
+
+def write_split(folder: Path, split: str, pairs) -> None:
+    for i, lang in enumerate(("de", "en")):
+        (folder / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+
+
+@pytest.fixture
+def crafted(tmp_path) -> Path:
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    write_split(corpus_dir, "train", TRAIN)
+    write_split(corpus_dir, "valid", VALID)
+    write_split(corpus_dir, "test", TEST)
+    return write_config(tmp_path, data={"dir": str(corpus_dir), "src": "de", "tgt": "en", "max_len": 20},
+                        tokenizer={"vocab_size": 120}, model={"max_positions": 64})
+
+
+def run_stages(config: Path, overrides=()):
+    cfg = load_config(config, list(overrides))
+    train_tokenizer(cfg)
+    return cfg, prepare(cfg)
+
+
+def decode_side(result, split: str, side: str) -> list[str]:
+    tok = Tokenizer.load(result.folder.parent / "tokenizer")
+    arr = TokenArray(result.folder, split, side, result.manifest["dtype"])
+    sp = tok.src if side == "src" else tok.tgt
+    return [sp.decode(arr[i].tolist()) for i in range(len(arr))]
+
+
+def test_train_filters_drop_exactly_what_they_should(crafted):
+    _, result = run_stages(crafted)
+    train = result.manifest["splits"]["train"]
+    expected = [what for *_, what in TRAIN]
+    assert train["pairs_in"] == len(TRAIN)
+    assert train["kept"] == expected.count("kept")
+    assert train["dropped"] == {r: expected.count(r) for r in ("empty", "duplicate", "too_short", "too_long", "ratio")}
+    kept_src = [corpus.normalize(s) for s, _, what in TRAIN if what == "kept"]
+    assert decode_side(result, "train", "src") == kept_src
+
+
+def test_overlap_is_counted_without_dedup_too(crafted):
+    _, result = run_stages(crafted, ["data.dedup=false"])
+    assert result.manifest["splits"]["train"]["dropped"]["duplicate"] == 0
+    assert result.manifest["splits"]["valid"]["overlap_with_train"] == {"src": 4, "pair": 4}
+
+
+def test_min_len_filter(crafted):
+    cfg, result = run_stages(crafted, ["data.min_len=3"])
+    tok = Tokenizer.load(cfg.tokenizer_dir)
+
+    def shorter_side(src: str, tgt: str) -> int:
+        return min(len(tok.encode_src([corpus.normalize(src)])[0]), len(tok.encode_tgt([corpus.normalize(tgt)])[0]))
+
+    short = [s for s, t, what in TRAIN if what == "kept" and shorter_side(s, t) < 3]
+    assert len(short) == 2  # "ein hund" / "a dog" and "ein hund" / "one dog"
+    assert result.manifest["splits"]["train"]["dropped"]["too_short"] == len(short)
+
+
+def test_valid_and_test_are_never_filtered_or_reordered(crafted):
+    _, result = run_stages(crafted)
+    for split, pairs in (("valid", VALID), ("test", TEST)):
+        stats = result.manifest["splits"][split]
+        assert stats["pairs_in"] == stats["kept"] == len(pairs)
+        assert decode_side(result, split, "src") == [corpus.normalize(s) for s, _ in pairs]
+        assert decode_side(result, split, "tgt") == [corpus.normalize(t) for _, t in pairs]
+    valid = result.manifest["splits"]["valid"]
+    assert valid["empty_lines"] == 1
+    assert valid["longer_than_max_len"] == 1
+    # "ein hund" twice (once with extra spaces), the long line and "die katze 3 ..." occur in
+    # train as read (the long pair was dropped there by the length filter); the empty line is no
+    # sentence and does not count.
+    assert valid["overlap_with_train"] == {"src": 4, "pair": 4}
+    assert result.manifest["splits"]["test"]["overlap_with_train"] == {"src": 0, "pair": 0}
+
+
+def test_manifest_records_fingerprints_and_statistics(crafted):
+    cfg, result = run_stages(crafted)
+    m = read_json(result.folder / "manifest.json")
+    assert m == result.manifest
+    assert m["tokenizer_fingerprint"] == Tokenizer.load(cfg.tokenizer_dir).fingerprint
+    for split in ("train", "valid", "test"):
+        assert len(m["inputs"][split]["sha256"]) == 64
+        assert str(cfg.data.dir) in m["inputs"][split]["source"]
+    src = m["splits"]["train"]["src"]
+    assert src["sentences"] == m["splits"]["train"]["kept"]
+    arr = TokenArray(result.folder, "train", "src", m["dtype"])
+    assert src["tokens"] == int(arr.lengths.sum()) and src["max_len"] == int(arr.lengths.max())
+    assert m["dtype"] == "uint16"
+
+
+def test_rerun_is_a_no_op_and_any_change_reruns(crafted, capsys):
+    cfg, first = run_stages(crafted)
+    stamp = (first.folder / "manifest.json").stat().st_mtime_ns
+    again = prepare(cfg)
+    assert again.skipped and "prepare: up to date" in capsys.readouterr().err
+    assert (first.folder / "manifest.json").stat().st_mtime_ns == stamp
+    # A changed setting, or a changed valid file, makes it run again.
+    assert not prepare(load_config(crafted, ["data.max_ratio=10"])).skipped
+    write_split(cfg.data.dir, "valid", VALID[:2])
+    redone = prepare(load_config(crafted, ["data.max_ratio=10"]))
+    assert not redone.skipped and redone.manifest["splits"]["valid"]["pairs_in"] == 2
+
+
+def test_prepare_refuses_a_stale_tokenizer(crafted):
+    cfg, _ = run_stages(crafted)
+    with pytest.raises(MtkitError) as info:
+        prepare(load_config(crafted, ["tokenizer.vocab_size=100"]))
+    assert "vocab_size=120 (config: 100)" in info.value.message
+    assert "mtkit tokenizer train" in info.value.hint
+    write_split(cfg.data.dir, "train", [(s, t) for s, t, _ in TRAIN[:-1]])
+    with pytest.raises(MtkitError) as info:
+        prepare(cfg)
+    assert "the train data changed" in info.value.message
+
+
+def test_prepare_without_tokenizer(crafted):
+    with pytest.raises(MtkitError) as info:
+        prepare(load_config(crafted))
+    assert "mtkit tokenizer train" in info.value.hint
+
+
+def test_failure_keeps_the_previous_output_and_leaves_no_partial_files(crafted):
+    cfg, first = run_stages(crafted)
+    before = {p.name: p.read_bytes() for p in first.folder.iterdir()}
+    (cfg.data.dir / "test.en").write_bytes(b"house\n\xff\xfe broken\n")
+    with pytest.raises(MtkitError) as info:
+        prepare(cfg)
+    assert f"{cfg.data.dir / 'test.en'}:2: invalid UTF-8" in info.value.message
+    assert {p.name: p.read_bytes() for p in first.folder.iterdir()} == before
+    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["data", "tokenizer"]
+
+
+def test_failure_on_first_run_leaves_nothing(crafted):
+    cfg = load_config(crafted)
+    train_tokenizer(cfg)
+    (cfg.data.dir / "valid.en").write_text("only one line\n")
+    with pytest.raises(MtkitError) as info:
+        prepare(cfg)
+    assert "has 6 lines but" in info.value.message and "has 1" in info.value.message
+    assert sorted(p.name for p in cfg.workdir.iterdir()) == ["tokenizer"]
+
+
+def test_empty_split_and_everything_dropped_are_errors(crafted):
+    cfg = load_config(crafted)
+    train_tokenizer(cfg)
+    write_split(cfg.data.dir, "test", [])
+    with pytest.raises(MtkitError) as info:
+        prepare(cfg)
+    assert "the test split is empty" in info.value.message
+    write_split(cfg.data.dir, "test", TEST)
+    with pytest.raises(MtkitError) as info:
+        prepare(load_config(crafted, ["data.max_len=1"]))
+    assert f"every one of the {len(TRAIN)} train pairs was dropped" in info.value.message
+
+
+def test_prepare_is_deterministic(crafted):
+    cfg, first = run_stages(crafted)
+    files = {p.name: p.read_bytes() for p in first.folder.iterdir() if p.suffix in (".bin", ".idx")}
+    second = prepare(cfg, force=True)
+    assert not second.skipped
+    assert {p.name: p.read_bytes() for p in second.folder.iterdir() if p.suffix in (".bin", ".idx")} == files
+    first.manifest.pop("seconds"), second.manifest.pop("seconds")
+    assert first.manifest == second.manifest
+
+
+def test_demo_corpus_prepares(demo_config):
+    cfg, result = run_stages(demo_config)
+    train = result.manifest["splits"]["train"]
+    assert train["pairs_in"] == 30_000
+    assert train["dropped"]["duplicate"] > 0 and train["dropped"]["empty"] == 0
+    assert train["kept"] == 30_000 - sum(train["dropped"].values())
+    for split in ("valid", "test"):
+        s = result.manifest["splits"][split]
+        assert s["kept"] == 1000 and s["overlap_with_train"]["src"] == 0
+        assert s["src"]["unk"] == s["tgt"]["unk"] == 0
