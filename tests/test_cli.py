@@ -12,14 +12,18 @@ from tests.conftest import REPO, write_config
 COMMANDS = ["tokenizer", "prepare", "train", "translate", "eval", "run", "config"]
 
 
+# The console script pip installed beside this interpreter (a venv's bin/, or the system's).
+MTKIT = str(Path(sys.executable).parent / "mtkit")
+
+
 def mtkit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
-    return subprocess.run(["mtkit", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([MTKIT, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"})
 
 
 def test_help_lists_every_stage():
-    for command in (["mtkit", "--help"], [sys.executable, "-m", "mtkit", "--help"]):
+    for command in ([MTKIT, "--help"], [sys.executable, "-m", "mtkit", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
         assert result.returncode == 0, result.stderr
         listed = re.findall(r"^│ (\w+)\s", result.stdout, flags=re.M)
