@@ -68,6 +68,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             finally:
                 for w in writers:
                     w.close()
+            done = splits[split]["pairs_in"]
+            bar.update(task, total=done, completed=done)
             for side in ("src", "tgt"):
                 splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name))
         manifest = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mtkit import corpus
 from mtkit.config import Config
-from mtkit.console import info, progress
+from mtkit.console import console, info, progress
 from mtkit.files import atomic_dir, read_json, sha256_json, write_json
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_model
 
@@ -48,13 +48,14 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     t = cfg.tokenizer
     options = dict(model_type=t.type, vocab_size=t.vocab_size, character_coverage=t.character_coverage,
                    byte_fallback=t.byte_fallback, threads=t.threads)
-    info(f"tokenizer: training {t.type} {'joint' if t.joint else 'separate'} vocabulary of "
-         f"{t.vocab_size} on {len(src_lines):,} of {n_pairs:,} train pairs")
-    if t.joint:
-        tok = Tokenizer(train_model(src_lines + tgt_lines, what="the train split", **options))
-    else:
-        tok = Tokenizer(train_model(src_lines, what=f"the {cfg.data.src} side", **options),
-                        train_model(tgt_lines, what=f"the {cfg.data.tgt} side", **options))
+    what = f"{t.type} {'joint' if t.joint else 'separate'} vocabulary of {t.vocab_size}"
+    info(f"tokenizer: training {what} on {len(src_lines):,} of {n_pairs:,} train pairs")
+    with console.status(f"training SentencePiece ({what})"):
+        if t.joint:
+            tok = Tokenizer(train_model(src_lines + tgt_lines, what="the train split", **options))
+        else:
+            tok = Tokenizer(train_model(src_lines, what=f"the {cfg.data.src} side", **options),
+                            train_model(tgt_lines, what=f"the {cfg.data.tgt} side", **options))
     with atomic_dir(out) as tmp:
         tok.save(tmp)
         write_json(tmp / "tokenizer.json", {
@@ -83,5 +84,6 @@ def _sample(source: corpus.Source, cap: int, seed: int) -> tuple[list[str], list
                 kept[j] = pair
             if n % 10_000 == 0:
                 bar.update(task, completed=n)
+        bar.update(task, total=n, completed=n)
     # Empty sides teach SentencePiece nothing; prepare drops such pairs anyway.
     return [s for s, _ in kept if s], [t for _, t in kept if t], n

@@ -103,3 +103,16 @@ def test_tokenizer_trains_on_normalized_text(tmp_path):
     pieces = {tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)}
     assert "\u0301" not in pieces and "\u00a0" not in pieces  # NFC and whitespace applied first
     assert corpus.normalize("Cafe\u0301") == "Café"
+
+
+def test_byte_fallback_spells_unseen_characters_as_bytes(demo_config):
+    def encode_unseen(byte_fallback: bool) -> list[int]:
+        cfg = load_config(demo_config, [f"tokenizer.byte_fallback={str(byte_fallback).lower()}",
+                                        "tokenizer.vocab_size=600"])
+        tok = Tokenizer.load(train_tokenizer(cfg).folder)
+        ids = tok.encode_src(["The dog ✓"])[0]
+        assert tok.src.decode(ids) == ("The dog ✓" if byte_fallback else "The dog  ⁇ ")
+        return ids
+
+    assert UNK_ID in encode_unseen(False)
+    assert UNK_ID not in encode_unseen(True)  # ✓ becomes its three UTF-8 byte pieces
