@@ -41,7 +41,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     tok = Tokenizer.load(cfg.tokenizer_dir)
     sources = {split: corpus.source_for(cfg.data, split) for split in corpus.SPLITS}
     inputs = {split: {"source": s.describe(), "sha256": corpus.fingerprint(s)} for split, s in sources.items()}
-    _check_tokenizer_is_current(cfg, inputs["train"]["sha256"])
+    tok_info = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
+    _check_tokenizer_is_current(cfg, tok_info, inputs["train"]["sha256"])
     d = cfg.data
     settings = {"src": d.src, "tgt": d.tgt, "min_len": d.min_len, "max_len": d.max_len,
                 "max_ratio": d.max_ratio, "dedup": d.dedup, "encoding_errors": d.encoding_errors,
@@ -54,7 +55,6 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
     start = time.perf_counter()
     dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))
-    tok_info = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
     train_seen: dict[str, set[bytes]] = {"src": set(), "pair": set()}
     splits = {}
     with atomic_dir(out) as tmp, progress() as bar:
@@ -84,9 +84,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     return PrepareResult(out, False, manifest)
 
 
-def _check_tokenizer_is_current(cfg: Config, train_sha256: str) -> None:
+def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -> None:
     """Refuse to encode with a tokenizer that the config or the train data no longer describe."""
-    trained = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
     wanted = {**cfg.tokenizer.model_dump(mode="json"), "src": cfg.data.src, "tgt": cfg.data.tgt}
     had = trained.get("settings", {})
     changed = [f"{k}={had.get(k)!r} (config: {v!r})" for k, v in wanted.items() if had.get(k) != v]
