@@ -36,10 +36,6 @@ def info(message: str) -> None:
     console.print(message)
 
 
-def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {escape(message)}")
-
-
 def print_error(err: MtkitError) -> None:
     console.print(f"[bold red]error:[/] {escape(err.message)}")
     if err.hint:

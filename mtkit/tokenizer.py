@@ -95,6 +95,3 @@ class Tokenizer:
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         return self.tgt.decode([list(map(int, seq)) for seq in ids])
-
-    def src_pieces(self, line: str) -> list[str]:
-        return self.src.encode(line, out_type=str)
