@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtkit import demo
 from mtkit.errors import MtkitError
 from mtkit.files import sha256_file, sha256_json
 
@@ -62,8 +63,6 @@ def source_for(data: Any, split: str) -> Source:
     common = dict(split=split, src=data.src, tgt=data.tgt, encoding_errors=data.encoding_errors)
     root = Path(data.dir)
     if data.format == "demo":
-        from mtkit import demo
-
         demo.ensure_corpus(root)
     if data.format in ("text", "demo"):
         if isinstance(spec, str):

@@ -1,8 +1,8 @@
 """Stage `mtkit tokenizer train`: learn the subword vocabulary from the train split.
 
 Writes <workdir>/tokenizer/ (the SentencePiece model(s), a readable .vocab listing, and
-tokenizer.json with the settings and the fingerprint of the inputs); does nothing when that
-fingerprint is unchanged.
+tokenizer.json with the settings and the SHA-256 of the train data); does nothing when both are
+unchanged.
 """
 
 import random
@@ -13,7 +13,7 @@ from pathlib import Path
 from mtkit import corpus
 from mtkit.config import Config
 from mtkit.console import console, info, progress
-from mtkit.files import atomic_dir, read_json, sha256_json, write_json
+from mtkit.files import atomic_dir, read_json, write_json
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_model
 
 FORMAT_VERSION = 1
@@ -37,9 +37,8 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     source = corpus.source_for(cfg.data, "train")
     settings = settings_of(cfg)
     train_sha256 = corpus.fingerprint(source)
-    fingerprint = sha256_json({"data": train_sha256, "settings": settings})
-    previous = read_json(out / "tokenizer.json")
-    if not force and previous and previous.get("inputs_fingerprint") == fingerprint:
+    previous = read_json(out / "tokenizer.json") or {}
+    if not force and (previous.get("train_sha256"), previous.get("settings")) == (train_sha256, settings):
         info(f"tokenizer: up to date ({out})")
         return TokenizerResult(out, True, previous["fingerprint"])
 
@@ -59,8 +58,8 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     with atomic_dir(out) as tmp:
         tok.save(tmp)
         write_json(tmp / "tokenizer.json", {
-            "fingerprint": tok.fingerprint, "inputs_fingerprint": fingerprint, "settings": settings,
-            "train_source": source.describe(), "train_sha256": train_sha256, "pairs_seen": n_pairs, "pairs_used": len(src_lines),
+            "fingerprint": tok.fingerprint, "settings": settings, "train_source": source.describe(),
+            "train_sha256": train_sha256, "pairs_seen": n_pairs, "pairs_used": len(src_lines),
             "src_vocab_size": tok.src_vocab_size, "tgt_vocab_size": tok.tgt_vocab_size,
             "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
         })
