@@ -1,0 +1,154 @@
+"""Invariants of the Transformer: no golden numbers, only properties that must hold exactly."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkit.model import DecoderCache, ModelConfig, Transformer
+
+PAD, BOS, EOS = 0, 2, 3
+
+
+def tiny(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = dict(src_vocab=37, tgt_vocab=37, d_model=32, heads=4, enc_layers=2, dec_layers=2, ff_dim=64,
+               dropout=0.0, max_positions=64, share_src_tgt=True)
+    cfg.update(kw)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+def batch(b=3, s=7, t=6, vocab=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (b, s), generator=g)
+    tgt = torch.randint(4, vocab, (b, t), generator=g)
+    src[1, 4:] = PAD  # a short sentence in the batch
+    tgt[1, 3:] = PAD
+    tgt[:, 0] = BOS
+    return src, tgt
+
+
+VARIANTS = [dict(), dict(norm="post"), dict(positions="learned"), dict(activation="gelu"),
+            dict(tie_embeddings=False, share_src_tgt=False, tgt_vocab=41)]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_padding_positions_change_nothing(kw):
+    model = tiny(**kw)
+    src, tgt = batch()
+    pad = src.eq(PAD)
+    memory = model.encode(src)
+    logits = model.decode(tgt, memory)[0]
+
+    def scramble(module, inputs, output):  # new content wherever the source is padding
+        if inputs[0] is not src:  # a shared embedding also embeds the target
+            return output
+        return torch.where(pad[..., None], torch.randn_like(output) * 10, output)
+
+    hook = model.src_embed.register_forward_hook(scramble)
+    try:
+        memory2 = model.encode(src)
+        logits2 = model.decode(tgt, memory2)[0]
+    finally:
+        hook.remove()
+    assert not torch.equal(memory.states[pad], memory2.states[pad])  # the scramble took effect
+    assert torch.equal(memory.states[~pad], memory2.states[~pad])
+    assert torch.equal(logits, logits2)
+
+
+def test_padded_source_gives_same_output_as_unpadded():
+    model = tiny()
+    src, tgt = batch()
+    full = model(src, tgt)
+    alone = model(src[1:2, :4], tgt[1:2])
+    assert torch.allclose(full[1], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", VARIANTS[:3], ids=["pre", "post", "learned"])
+def test_no_causal_leak(kw):
+    model = tiny(**kw)
+    src, tgt = batch(t=8)
+    logits = model(src, tgt)
+    for t in range(1, 8):
+        changed = tgt.clone()
+        changed[:, t] = (changed[:, t] + 1) % 37
+        other = model(src, changed)
+        assert torch.equal(logits[:, :t], other[:, :t]), f"changing token {t} changed earlier logits"
+        assert not torch.equal(logits[0, t:], other[0, t:])
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_incremental_decoding_equals_full_forward(kw):
+    model = tiny(**kw)
+    src, tgt = batch(t=9)
+    memory = model.encode(src)
+    full = model.decode(tgt, memory)[0]
+    cache = DecoderCache()
+    steps = []
+    for t in range(tgt.size(1)):
+        logits, cache = model.decode(tgt[:, t:t + 1], memory, cache=cache)
+        steps.append(logits)
+    assert cache.length == tgt.size(1)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    # Several new tokens after a cached prefix (needs the offset causal mask).
+    cache = DecoderCache()
+    first, cache = model.decode(tgt[:, :4], memory, cache=cache)
+    rest, cache = model.decode(tgt[:, 4:], memory, cache=cache)
+    assert torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
+
+
+def test_cache_reorder_selects_rows():
+    model = tiny()
+    src, tgt = batch()
+    memory = model.encode(src)
+    cache = DecoderCache()
+    _, cache = model.decode(tgt[:, :2], memory, cache=cache)
+    cross = cache.cross_kv
+    index = torch.tensor([2, 2, 0])
+    old = cache.self_kv[0][0]
+    cache.reorder(index)
+    assert torch.equal(cache.self_kv[0][0], old[index])
+    assert cache.cross_kv is cross
+
+
+def test_tied_weights_are_one_tensor():
+    model = tiny()
+    assert model.src_embed.tokens.weight is model.tgt_embed.tokens.weight
+    assert model.generator is None
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("tokens.weight" in n for n in names) == 1  # one tensor, counted once
+    h = torch.randn(2, 32)
+    assert torch.equal(model.project(h), h @ model.tgt_embed.tokens.weight.T)
+    untied = tiny(tie_embeddings=False, share_src_tgt=False)
+    assert untied.src_embed is not untied.tgt_embed and untied.generator is not None
+
+
+def test_attention_weights_are_returned_per_layer_and_are_distributions():
+    model = tiny()
+    src, tgt = batch()
+    weights = []
+    logits, _ = model.decode(tgt, model.encode(src), attention=weights)
+    assert len(weights) == 2 and weights[0].shape == (3, 4, 6, 7)
+    assert torch.allclose(weights[0].sum(-1), torch.ones(3, 4, 6))
+    assert torch.all(weights[0][1, :, :, 4:] == 0)  # padding gets no attention
+    assert torch.allclose(logits, model.decode(tgt, model.encode(src))[0], atol=1e-5)
+
+
+def test_tiny_model_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny(dropout=0.1).train()
+    src, tgt = batch(b=4, s=6, t=6)
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=PAD)
+    assert loss.item() < 0.05
+
+
+def test_share_needs_one_vocabulary():
+    with pytest.raises(ValueError, match="joint vocabulary"):
+        tiny(tgt_vocab=40)
