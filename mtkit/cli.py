@@ -26,8 +26,7 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=5e-4 (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its output is up to date.")]
-LATER = {"train": ("[2/7]", "train the Transformer"),
-         "translate": ("[3/7]", "translate text with greedy or beam search"),
+LATER = {"translate": ("[3/7]", "translate text with greedy or beam search"),
          "eval": ("[3/7]", "score translations with sacreBLEU")}
 
 
@@ -59,6 +58,33 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from mtkit.pipeline import run as run_pipeline
 
     run_pipeline(_load(config, set_))
+
+
+@app.command()
+def train(config: ConfigArg, set_: SetOpt = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue from <workdir>/checkpoints/last.pt.")] = False
+          ) -> None:
+    """Train the Transformer (building the tokenizer and prepared data first when missing or stale)."""
+    from mtkit.pipeline import prepare_data
+    from mtkit.train import train as train_stage
+
+    cfg = _load(config, set_)
+    prepare_data(cfg)
+    result = train_stage(cfg, resume=resume)
+    if result.stopped_by == "interrupted":
+        raise typer.Exit(code=130)
+
+
+@app.command()
+def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to average (same model).")],
+            output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the averaged checkpoint.")]
+            ) -> None:
+    """Average the weights of several checkpoints into one (often a little better than any of them)."""
+    from mtkit import checkpoint
+    from mtkit.console import info
+
+    checkpoint.save(checkpoint.average(checkpoints), output)
+    info(f"averaged {len(checkpoints)} checkpoints -> {output}")
 
 
 def _not_yet(name: str) -> None:

@@ -118,6 +118,13 @@ class TrainSection(Section):
     patience: Annotated[int, Field(ge=0)] = 0
     average_last: Annotated[int, Field(ge=0)] = 0
 
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSection":
+        if self.average_last > self.keep_last:
+            raise ValueError(f"train.average_last ({self.average_last}) needs that many checkpoints kept: "
+                             f"raise train.keep_last ({self.keep_last}) to {self.average_last} or more")
+        return self
+
 
 class DecodeSection(Section):
     beam_size: PositiveInt = 5

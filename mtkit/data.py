@@ -6,9 +6,16 @@ of each sentence (n + 1 entries). Reading sentence i is a slice; nothing is load
 memory stays flat however large the corpus is.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where batches are made: `mtkit prepare` never needs it
+    import torch
 
 from mtkit.errors import MtkitError
 
@@ -65,3 +72,109 @@ class ArrayWriter:
     def close(self) -> None:
         self.bin.close()
         self.idx.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches for the model: sentences padded into rectangles, and a sampler that groups sentences of
+# similar length so that little of each rectangle is padding.
+
+@dataclass
+class Batch:
+    """One rectangle of sentences (B rows), padded with pad_id on the right."""
+    indices: np.ndarray  # (B,) sentence numbers in the split
+    src: torch.Tensor     # (B, S) source ids + EOS
+    tgt_in: torch.Tensor  # (B, T) BOS + target ids: what the decoder reads
+    tgt_out: torch.Tensor  # (B, T) target ids + EOS: what it must predict at each position
+    n_src_tokens: int
+    n_tgt_tokens: int     # non-padding positions of tgt_out (the loss is averaged over these)
+
+
+def pad_rows(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
+    import torch
+
+    out = np.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+def make_batch(src: TokenArray, tgt: TokenArray | None, indices: np.ndarray, *, pad_id: int, bos_id: int,
+               eos_id: int, max_positions: int) -> Batch:
+    """Gather sentences `indices` into a Batch. Sentences longer than the model's positions (only
+    possible in valid/test, which prepare never filters) are cut to fit."""
+    keep = max_positions - 1  # room for EOS (source) or BOS (target)
+    src_rows = [np.append(src[i][:keep], eos_id) for i in indices]
+    batch_src = pad_rows(src_rows, pad_id)
+    if tgt is None:
+        empty = pad_rows([np.zeros(0)] * len(indices), pad_id)
+        return Batch(indices, batch_src, empty, empty, sum(map(len, src_rows)), 0)
+    tgt_rows = [tgt[i][:keep] for i in indices]
+    tgt_in = pad_rows([np.insert(r, 0, bos_id) for r in tgt_rows], pad_id)
+    tgt_out = pad_rows([np.append(r, eos_id) for r in tgt_rows], pad_id)
+    return Batch(indices, batch_src, tgt_in, tgt_out, sum(map(len, src_rows)), sum(len(r) + 1 for r in tgt_rows))
+
+
+def length_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut `order` (sentence numbers, already sorted by length) into batches whose padded size
+    (rows x longest row) stays within max_tokens; a sentence longer than that goes alone."""
+    batches, start, longest = [], 0, 0
+    for end, i in enumerate(order):
+        longest_with = max(longest, cost[i])
+        if end > start and (end - start + 1) * longest_with > max_tokens:
+            batches.append(order[start:end])
+            start, longest_with = end, cost[i]
+        longest = longest_with
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+class TokenBucketSampler:
+    """An endless stream of training batches (arrays of sentence numbers), epoch after epoch.
+
+    Each epoch: shuffle all sentences, cut them into large pools, sort each pool by length, cut it
+    into token-budget batches, then shuffle the batches. Everything is drawn from a generator
+    seeded by (seed, epoch), so the position (epoch, batches served) is the whole state: resuming
+    from it continues exactly where training stopped, mid-epoch included.
+    """
+
+    POOL_BATCHES = 100  # a pool holds about this many batches' worth of sentences
+
+    def __init__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, seed: int):
+        # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target.
+        self.cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
+        self.max_tokens, self.seed = max_tokens, seed
+        per_batch = max(1, max_tokens // max(1, int(np.median(self.cost))))
+        self.pool = per_batch * self.POOL_BATCHES
+        self.epoch, self.position = 0, 0  # epoch counts from 0; position = batches served in it
+        self._batches: list[np.ndarray] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.cost))
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = order[start:start + self.pool]
+            pool = pool[np.argsort(self.cost[pool], kind="stable")]
+            batches.extend(length_batches(pool, self.cost, self.max_tokens))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._batches is None:
+            self._batches = self.epoch_batches(self.epoch)
+        if self.position == len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        batch = self._batches[self.position]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = None

@@ -6,9 +6,13 @@ from mtkit.prepare import prepare
 from mtkit.vocab import train_tokenizer
 
 
+def prepare_data(cfg: Config) -> tuple:
+    """Tokenizer, then prepared data: each is rebuilt only when missing or stale for `cfg`."""
+    return train_tokenizer(cfg), prepare(cfg)
+
+
 def run(cfg: Config) -> None:
-    tok = train_tokenizer(cfg)
-    data = prepare(cfg)
+    tok, data = prepare_data(cfg)
     train = data.manifest["splits"]["train"]
     t = table(f"experiment {cfg.experiment.name}", ["stage", "status", "output"])
     t.add_row("tokenizer", "up to date" if tok.skipped else "done", str(tok.folder))

@@ -1,0 +1,106 @@
+"""Checkpoints: one self-describing file each, written so that a kill never leaves a broken one.
+
+A checkpoint is a dict saved with torch.save: the model config and weights (enough to translate),
+and for training also the optimizer, the step, the sampler position, the RNG states, the resolved
+experiment config and the tokenizer fingerprint (enough to resume exactly). The file is written
+under a temporary name, flushed to disk (fsync) and renamed over the old one: a reader sees the
+old file or the new one, never half of one.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from mtkit.errors import MtkitError
+from mtkit.model import ModelConfig, Transformer
+
+FORMAT = "mtkit-checkpoint"
+VERSION = 1
+
+
+def save(state: dict, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def link(src: Path, dst: Path) -> None:
+    """Make `dst` name the same file as `src` (a hard link: no copy, no second write), atomically."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a file system without hard links: copy (still atomic through the rename)
+        save(load(src), tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself must reach the disk too, or a power cut could undo it.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: Path) -> dict:
+    """The checkpoint in `path`; MtkitError naming the file when it is missing, damaged, not an
+    mtkit checkpoint, or from a newer mtkit."""
+    path = Path(path)
+    if path.is_dir():
+        raise MtkitError(f"{path} is a folder, not a checkpoint file",
+                         hint=f"name a file in it, e.g. {path / 'checkpoints' / 'best.pt'}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MtkitError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise MtkitError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})",
+                         hint="it may be truncated or from another program; use another checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise MtkitError(f"{path} is not an mtkit checkpoint")
+    if state.get("version", 0) > VERSION:
+        raise MtkitError(f"{path} has checkpoint format version {state['version']}; this mtkit reads "
+                         f"up to {VERSION}", hint="upgrade mtkit")
+    return state
+
+
+def build_model(state: dict) -> Transformer:
+    """The model a checkpoint describes, with its weights, in eval mode."""
+    model = Transformer(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def average(paths: list[Path]) -> dict:
+    """A checkpoint whose weights are the element-wise mean of the given checkpoints' weights
+    (same model config required); config and tokenizer fingerprint come from the last one."""
+    if not paths:
+        raise MtkitError("average needs at least one checkpoint")
+    states = [load(p) for p in paths]
+    first = states[0]
+    for p, s in zip(paths, states):
+        if s["model_config"] != first["model_config"]:
+            raise MtkitError(f"{p} has another model config than {paths[0]}: they cannot be averaged")
+    weights = {}
+    for name, tensor in first["model"].items():
+        total = torch.zeros_like(tensor, dtype=torch.float64)
+        for s in states:
+            total += s["model"][name].double()
+        weights[name] = (total / len(states)).to(tensor.dtype)
+    last = states[-1]
+    return {key: last[key] for key in ("model_config", "config", "tokenizer_fingerprint", "step") if key in last} | {
+        "model": weights, "averaged_from": [str(p) for p in paths]}

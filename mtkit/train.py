@@ -1,0 +1,486 @@
+"""Stage `mtkit train`: the step loop, validation, checkpoints and exact resume.
+
+Steps, not epochs, drive the loop: take `accum` token-bucketed batches, sum their cross-entropy,
+divide by their target-token count, backpropagate, clip, set the learning rate from the pure
+`lr_at(step)`, take an AdamW step; every so often log, validate (loss, perplexity, greedy BLEU)
+and save. Everything a resumed run needs is in the checkpoint, so `--resume` continues the very
+same run: same batches, same dropout masks, same parameters as if it had never stopped.
+"""
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mtkit import checkpoint, corpus
+from mtkit.config import Config
+from mtkit.console import console, info, table
+from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch
+from mtkit.errors import MtkitError
+from mtkit.evaluate import bleu
+from mtkit.files import read_json
+from mtkit.model import ModelConfig, Transformer
+from mtkit.search import greedy, max_lengths
+from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+
+@dataclass
+class TrainResult:
+    checkpoints: Path
+    step: int
+    seconds: float
+    stopped_by: str  # max_steps | max_epochs | max_time | patience | interrupted
+    best_bleu: float | None
+    best_step: int | None
+
+
+def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max_steps: int) -> float:
+    """The learning rate of optimizer update number `step` (1, 2, ...): a pure function, so the
+    schedule needs no state of its own and a resumed run gets the same values.
+
+    inverse_sqrt: linear warm-up to `lr`, then lr * sqrt(warmup / step).
+    noam (the paper): lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); here `lr` is the
+        paper's scale factor (around 1-2), not the peak.
+    cosine: linear warm-up to `lr`, then half a cosine down to 0 at max_steps.
+    """
+    if step <= 0:
+        return 0.0
+    if schedule == "noam":
+        return lr * d_model ** -0.5 * min(step ** -0.5, step * max(warmup, 1) ** -1.5)
+    if step < warmup:
+        return lr * step / warmup
+    if schedule == "inverse_sqrt":
+        return lr * math.sqrt(max(warmup, 1) / step)
+    if schedule == "cosine":
+        done = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
+    """The model section plus what the data decides (vocabulary sizes, padding id)."""
+    m = cfg.model
+    return ModelConfig(
+        src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size, d_model=m.d_model, heads=m.heads,
+        enc_layers=m.enc_layers, dec_layers=m.dec_layers, ff_dim=m.ff_dim, dropout=m.dropout,
+        attention_dropout=m.attention_dropout, activation=m.activation, norm=m.norm, positions=m.positions,
+        max_positions=m.max_positions, tie_embeddings=m.tie_embeddings,
+        share_src_tgt=m.tie_embeddings and tok.joint, pad_id=PAD_ID)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """One training per workdir. flock is released by the kernel when the process dies, so a
+    killed run never leaves a stale lock behind."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "train.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise MtkitError(f"another mtkit train is running on {workdir} (pid {f.read().strip() or '?'})",
+                             hint="wait for it to finish, or set another experiment.workdir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step and save; a second
+    Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: Config, resume: bool = False) -> TrainResult:
+    with workdir_lock(cfg.workdir):
+        return Trainer(cfg, resume).run()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool):
+        self.cfg, t = cfg, cfg.train
+        self.ckpt_dir = cfg.workdir / "checkpoints"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.tok = Tokenizer.load(cfg.tokenizer_dir)
+        self.manifest = read_json(cfg.data_cache_dir / "manifest.json")
+        if not self.manifest:
+            raise MtkitError(f"no prepared data in {cfg.data_cache_dir}", hint="run mtkit prepare CONFIG first")
+        if self.manifest["tokenizer_fingerprint"] != self.tok.fingerprint:
+            raise MtkitError(f"the data in {cfg.data_cache_dir} was prepared with another tokenizer than "
+                             f"{cfg.tokenizer_dir}", hint="run mtkit prepare CONFIG")
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        arrays = {(split, side): TokenArray(cfg.data_cache_dir, split, side, self.manifest["dtype"])
+                  for split in ("train", "valid") for side in ("src", "tgt")}
+        self.train_src, self.train_tgt = arrays["train", "src"], arrays["train", "tgt"]
+        self.valid_src, self.valid_tgt = arrays["valid", "src"], arrays["valid", "tgt"]
+        self.references = [tgt for _, tgt in corpus.read_pairs(corpus.source_for(cfg.data, "valid"))]
+        n_valid = len(self.valid_src)
+        sample = np.arange(n_valid)
+        if 0 < t.eval_sample < n_valid:  # a fixed sample: every validation scores the same sentences
+            sample = np.sort(np.random.default_rng(cfg.experiment.seed).choice(n_valid, t.eval_sample, replace=False))
+        self.bleu_sample = sample
+
+        self.last_path = self.ckpt_dir / "last.pt"
+        state = self._resume_state() if resume else None
+        if state is None and self.last_path.exists():
+            raise MtkitError(f"{cfg.workdir} already holds a training run ({self.last_path})",
+                             hint="continue it with --resume, or set another experiment.workdir")
+        random.seed(cfg.experiment.seed)
+        torch.manual_seed(cfg.experiment.seed)
+        self.model_config = model_config(cfg, self.tok)
+        self.model = Transformer(self.model_config)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # biases, LayerNorms
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=t.lr, betas=t.betas, eps=1e-9)
+        self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
+                                          cfg.experiment.seed)
+        # What the loop has done so far: all of it goes into checkpoints.
+        self.progress = {"step": 0, "seconds": 0.0, "best_bleu": None, "best_step": None, "bad_evals": 0,
+                         "skipped_steps": 0, "last_eval_step": 0, "last_save_step": 0}
+        if state is not None:
+            self._restore(state)
+        else:
+            self.precision, self.precision_reason = self._choose_precision()
+        self.metrics_path = cfg.workdir / "metrics.jsonl"
+        _truncate_metrics(self.metrics_path, self.progress["step"])
+
+    # -- resume -----------------------------------------------------------------------------
+    def _resume_state(self) -> dict | None:
+        if not self.last_path.exists():
+            raise MtkitError(f"nothing to resume: {self.last_path} does not exist",
+                             hint="start training without --resume")
+        state = checkpoint.load(self.last_path)
+        if state.get("tokenizer_fingerprint") != self.tok.fingerprint:
+            raise MtkitError(f"{self.last_path} was trained with another tokenizer than {self.cfg.tokenizer_dir}",
+                             hint="resume needs the same tokenizer and data; start a new workdir")
+        if state.get("data_fingerprint") != self.manifest["fingerprint"]:
+            raise MtkitError(f"the prepared data changed since {self.last_path} was saved",
+                             hint="resume needs the same data; start a new workdir")
+        return state
+
+    def _restore(self, state: dict) -> None:
+        if state["model_config"] != asdict(self.model_config):
+            raise MtkitError(f"the model section of the config differs from {self.last_path}'s model",
+                             hint="resume with the config it was trained with")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.progress = dict(state["progress"])
+        self.precision, self.precision_reason = state["precision"], "as before the resume"
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        info(f"train: resuming from {self.last_path} at step {self.progress['step']:,}")
+
+    # -- precision --------------------------------------------------------------------------
+    def _choose_precision(self) -> tuple[str, str]:
+        wanted = self.cfg.train.precision
+        if wanted != "auto":
+            return wanted, "set in the config"
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "fp32", "this CPU has no fast bf16"
+        # The measured rule: time forward+backward of real batches in both precisions and take
+        # bf16 only if it is clearly (10%) faster here. bf16 wins on big matrices and loses on
+        # small ones, so the answer depends on the model and the machine, not on a guess.
+        batches = [self._batch(ix) for ix in self.sampler.epoch_batches(0)[:3]]
+        times = {}
+        with torch.random.fork_rng(devices=[]):  # dropout here must not shift the training run's RNG
+            for precision in ("fp32", "bf16"):
+                self._forward_backward(batches[0], precision)  # warm-up
+                start = time.perf_counter()
+                for b in batches:
+                    self._forward_backward(b, precision)
+                times[precision] = time.perf_counter() - start
+        self.optimizer.zero_grad(set_to_none=True)
+        choice = "bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32"
+        return choice, f"auto: forward+backward {times['fp32'] * 1000 / 3:.0f} ms fp32, {times['bf16'] * 1000 / 3:.0f} ms bf16"
+
+    def _autocast(self, precision: str):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    # -- one step ---------------------------------------------------------------------------
+    def _batch(self, indices: np.ndarray, split: str = "train"):
+        src, tgt = (self.train_src, self.train_tgt) if split == "train" else (self.valid_src, self.valid_tgt)
+        return make_batch(src, tgt, indices, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                          max_positions=self.model_config.max_positions)
+
+    def _forward_backward(self, batch, precision: str, scale: float = 1.0) -> float:
+        with self._autocast(precision):
+            logits = self.model(batch.src, batch.tgt_in)
+        # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                               label_smoothing=self.cfg.train.label_smoothing, reduction="sum")
+        (loss * scale).backward()
+        return loss.item()
+
+    def _step(self) -> tuple[float, int, int]:
+        """One optimizer update over `accum` batches; returns (loss per target token, target
+        tokens, source tokens)."""
+        t = self.cfg.train
+        group = [self._batch(next(self.sampler)) for _ in range(t.accum)]
+        n_tgt = sum(b.n_tgt_tokens for b in group)
+        total = sum(self._forward_backward(b, self.precision, 1.0 / n_tgt) for b in group)
+        step = self.progress["step"] + 1
+        if not math.isfinite(total):
+            # A NaN/inf loss would poison the weights: skip the update, count it.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress["skipped_steps"] += 1
+        else:
+            if t.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
+            lr = lr_at(step, lr=t.lr, schedule=t.schedule, warmup=t.warmup, d_model=self.model_config.d_model,
+                       max_steps=t.max_steps)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.progress["step"] = step
+        return total / n_tgt, n_tgt, sum(b.n_src_tokens for b in group)
+
+    # -- validation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, model: Transformer | None = None) -> dict:
+        model = model or self.model
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
+        order = np.argsort(cost, kind="stable")
+        loss_sum, n_tokens = 0.0, 0
+        with self._autocast(self.precision):
+            for ix in length_batches(order, cost, self.cfg.train.max_tokens):
+                b = self._batch(ix, "valid")
+                logits = model(b.src, b.tgt_in).float()
+                loss_sum += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD_ID,
+                                            reduction="sum").item()
+                n_tokens += b.n_tgt_tokens
+            hyps = self._greedy(model, self.bleu_sample)
+        model.train(was_training)
+        score, signature = bleu(hyps, [self.references[i] for i in self.bleu_sample])
+        loss = loss_sum / n_tokens
+        return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2), "bleu": round(score, 2),
+                "sentences": len(self.bleu_sample), "seconds": round(time.perf_counter() - start, 1),
+                "signature": signature, "sample": hyps[:1]}
+
+    def _greedy(self, model: Transformer, indices: np.ndarray) -> list[str]:
+        d = self.cfg.decode
+        lengths = self.valid_src.lengths[indices]
+        order = indices[np.argsort(lengths, kind="stable")]
+        out: dict[int, list[int]] = {}
+        for ix in length_batches(order, self.valid_src.lengths + 1, d.max_tokens):
+            b = make_batch(self.valid_src, None, ix, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                           max_positions=self.model_config.max_positions)
+            src_len = b.src.ne(PAD_ID).sum(dim=1)
+            limit = max_lengths(src_len, d.max_len_a, d.max_len_b, self.model_config.max_positions - 1)
+            for i, ids in zip(ix, greedy(model, b.src, bos_id=BOS_ID, eos_id=EOS_ID, max_len=limit)):
+                out[int(i)] = ids
+        return self.tok.decode_tgt([out[int(i)] for i in indices])
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                "progress": dict(self.progress), "precision": self.precision,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
+                "data_fingerprint": self.manifest["fingerprint"], "step": self.progress["step"]}
+
+    def save(self) -> Path:
+        step = self.progress["step"]
+        self.progress["last_save_step"] = step
+        path = self.ckpt_dir / f"step_{step:07d}.pt"
+        checkpoint.save(self._state(), path)
+        checkpoint.link(path, self.last_path)
+        for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.train.keep_last]:
+            old.unlink()
+        return path
+
+    def _log(self, event: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, ensure_ascii=False) + "\n")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _stop_reason(self, elapsed: float) -> str | None:
+        t, p = self.cfg.train, self.progress
+        if p["step"] >= t.max_steps:
+            return "max_steps"
+        if t.max_epochs and self.sampler.epoch >= t.max_epochs:
+            return "max_epochs"
+        if t.max_time and elapsed >= t.max_time:
+            return "max_time"
+        if t.patience and p["bad_evals"] >= t.patience:
+            return "patience"
+        return None
+
+    def _evaluate_and_keep_best(self) -> dict:
+        p = self.progress
+        result = self.validate()
+        p["last_eval_step"] = p["step"]
+        improved = p["best_bleu"] is None or result["bleu"] > p["best_bleu"]
+        if improved:
+            p["best_bleu"], p["best_step"], p["bad_evals"] = result["bleu"], p["step"], 0
+        else:
+            p["bad_evals"] += 1
+        self._log({"event": "valid", "step": p["step"], **{k: v for k, v in result.items() if k != "sample"},
+                   "best_bleu": p["best_bleu"]})
+        mark = " (best)" if improved else f" (best {p['best_bleu']:.2f} at step {p['best_step']:,})"
+        console.print(f"valid step {p['step']:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | "
+                      f"BLEU {result['bleu']:.2f}{mark} | {result['seconds']:.1f}s")
+        return result | {"improved": improved}
+
+    def run(self) -> TrainResult:
+        t, p = self.cfg.train, self.progress
+        info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
+             f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src):,} train pairs")
+        self.model.train()
+        clock = time.perf_counter()
+        session_start_seconds = p["seconds"]
+        window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
+        stopped_by = None
+        bar = _progress_bar()
+        with StopRequest() as stop, bar:
+            task = bar.add_task("train", total=t.max_steps, completed=p["step"], loss="-", lr="-", tps="-",
+                                eta="-", epoch=self.sampler.epoch + 1)
+            while True:
+                p["seconds"] = session_start_seconds + time.perf_counter() - clock
+                stopped_by = self._stop_reason(p["seconds"])
+                if stopped_by:
+                    break
+                if stop.signal:
+                    stopped_by = "interrupted"
+                    break
+                step_start = time.perf_counter()
+                loss, n_tgt, n_src = self._step()
+                window["seconds"] += time.perf_counter() - step_start
+                window["loss"] += loss
+                window["steps"] += 1
+                window["tgt"] += n_tgt
+                window["src"] += n_src
+                step = p["step"]
+                if step % t.log_every == 0:
+                    self._log_window(window, bar, task)
+                    window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
+                bar.update(task, completed=step, epoch=self.sampler.epoch + 1)
+                if step % t.eval_every == 0:
+                    result = self._evaluate_and_keep_best()
+                if step % t.save_every == 0:
+                    self.save()
+                    if step == p["last_eval_step"] and result["improved"]:
+                        checkpoint.link(self.last_path, self.ckpt_dir / "best.pt")
+                elif step % t.eval_every == 0 and result["improved"]:
+                    checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
+            if stopped_by != "interrupted" and p["last_eval_step"] != p["step"]:
+                result = self._evaluate_and_keep_best()
+                if result["improved"]:
+                    checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
+            if p["last_save_step"] != p["step"]:
+                self.save()
+        p["seconds"] = session_start_seconds + time.perf_counter() - clock
+        if stopped_by == "interrupted":
+            info(f"train: stopped by {stop.signal} at step {p['step']:,}; saved {self.last_path}; "
+                 f"continue with: mtkit train CONFIG --resume")
+        elif t.average_last > 1:
+            self._average_last()
+        self._log({"event": "end", "step": p["step"], "stopped_by": stopped_by, "seconds": round(p["seconds"], 1)})
+        result = TrainResult(self.ckpt_dir, p["step"], p["seconds"], stopped_by, p["best_bleu"], p["best_step"])
+        self._summary(result)
+        return result
+
+    def _log_window(self, window: dict, bar: Progress, task) -> None:
+        p, t = self.progress, self.cfg.train
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss = window["loss"] / window["steps"]
+        tps = window["tgt"] / max(window["seconds"], 1e-9)
+        self._log({"event": "train", "step": p["step"], "epoch": self.sampler.epoch + 1, "loss": round(loss, 4),
+                   "lr": lr, "tgt_tokens_per_s": round(tps, 1),
+                   "src_tokens_per_s": round(window["src"] / max(window["seconds"], 1e-9), 1),
+                   "seconds": round(p["seconds"], 1), "skipped_steps": p["skipped_steps"]})
+        # ETA: whichever comes first, the remaining steps at this pace or the time budget.
+        eta = (t.max_steps - p["step"]) * window["seconds"] / window["steps"]
+        if t.max_time:
+            eta = min(eta, t.max_time - p["seconds"])
+        bar.update(task, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}", eta=_clock(eta))
+        if bar.disable:  # no live bar (a log, CI): one parseable line instead
+            console.print(f"step {p['step']}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | "
+                          f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p['seconds']:.0f}s")
+
+    def _average_last(self) -> None:
+        paths = sorted(self.ckpt_dir.glob("step_*.pt"))[-self.cfg.train.average_last:]
+        if len(paths) < 2:
+            return
+        averaged = checkpoint.average(paths)
+        out = self.ckpt_dir / "averaged.pt"
+        checkpoint.save(averaged, out)
+        result = self.validate(checkpoint.build_model(averaged))
+        self._log({"event": "valid_averaged", "step": self.progress["step"], "from": len(paths),
+                   **{k: v for k, v in result.items() if k != "sample"}})
+        console.print(f"averaged the last {len(paths)} checkpoints -> {out}: valid BLEU {result['bleu']:.2f}")
+
+    def _summary(self, r: TrainResult) -> None:
+        s = table(f"train {self.cfg.experiment.name}", ["", "value"])
+        s.add_row("steps", f"{r.step:,} (stopped by {r.stopped_by})")
+        s.add_row("epochs", f"{self.sampler.epoch + self.sampler.position / max(1, len(self.sampler._batches or [1])):.2f}")
+        s.add_row("time", f"{r.seconds / 60:.1f} min")
+        s.add_row("precision", self.precision)
+        if r.best_bleu is not None:
+            s.add_row("best valid BLEU", f"{r.best_bleu:.2f} at step {r.best_step:,}")
+        s.add_row("checkpoints", f"{r.checkpoints} (best.pt, last.pt)")
+        console.print(s)
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tgt tok/s"), TimeElapsedColumn(),
+        TextColumn("ETA {task.fields[eta]}"),
+        console=console, disable=not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")),
+    )
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop events after the checkpoint's step (a killed run may have logged beyond it)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+    path.write_text("".join(kept), encoding="utf-8")
