@@ -128,6 +128,8 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.ckpt_dir = cfg.workdir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.ckpt_dir.glob(".*.tmp"):  # a write cut short by a kill; never read
+            leftover.unlink()
         self.tok = Tokenizer.load(cfg.tokenizer_dir)
         self.manifest = read_json(cfg.data_cache_dir / "manifest.json")
         if not self.manifest:

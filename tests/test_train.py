@@ -1,0 +1,199 @@
+"""The trainer: schedules, checkpoints, exact resume, the lock, kills and Ctrl-C, averaging."""
+
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtkit import checkpoint
+from mtkit.config import load_config
+from mtkit.errors import MtkitError
+from mtkit.train import lr_at
+from tests.conftest import write_config
+
+MTKIT = Path(sys.executable).with_name("mtkit")
+TINY_MODEL = {"d_model": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_dim": 64, "max_positions": 128}
+
+
+def tiny_config(folder: Path, demo_dir: Path, **train) -> Path:
+    settings = {"precision": "fp32", "threads": 1, "max_tokens": 600, "warmup": 5, "max_steps": 12,
+                "log_every": 2, "eval_every": 6, "save_every": 6, "eval_sample": 40}
+    settings.update(train)
+    return write_config(folder, data={"format": "demo", "dir": str(demo_dir), "src": "en", "tgt": "vs"},
+                        tokenizer={"vocab_size": 300}, model=TINY_MODEL, train=settings)
+
+
+def losses(workdir: Path) -> list[tuple[int, float]]:
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+
+
+def test_lr_at_known_steps():
+    kw = dict(lr=1e-3, warmup=100, d_model=256, max_steps=1100)
+    assert lr_at(0, schedule="inverse_sqrt", **kw) == 0.0
+    assert lr_at(50, schedule="inverse_sqrt", **kw) == pytest.approx(5e-4)
+    assert lr_at(100, schedule="inverse_sqrt", **kw) == pytest.approx(1e-3)
+    assert lr_at(400, schedule="inverse_sqrt", **kw) == pytest.approx(5e-4)
+    assert lr_at(50, schedule="cosine", **kw) == pytest.approx(5e-4)
+    assert lr_at(100, schedule="cosine", **kw) == pytest.approx(1e-3)
+    assert lr_at(600, schedule="cosine", **kw) == pytest.approx(5e-4)
+    assert lr_at(1100, schedule="cosine", **kw) == pytest.approx(0.0)
+    # noam: lr is the paper's factor; peak d_model^-0.5 * warmup^-0.5 at the end of warm-up.
+    noam = dict(kw, lr=2.0)
+    assert lr_at(100, schedule="noam", **noam) == pytest.approx(2.0 / 16 / 10)
+    assert lr_at(50, schedule="noam", **noam) == pytest.approx(lr_at(100, schedule="noam", **noam) / 2)
+    assert lr_at(400, schedule="noam", **noam) == pytest.approx(lr_at(100, schedule="noam", **noam) / 2)
+
+
+def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = tiny_config(tmp_path / "a", demo_dir)
+    code, _, err = cli("train", whole)
+    assert code == 0, err
+    assert "stopped by max_steps" in err and "best valid BLEU" in err
+
+    halves = tiny_config(tmp_path / "b", demo_dir)
+    code, _, err = cli("train", halves, "--set", "train.max_steps=6")
+    assert code == 0, err
+    code, _, err = cli("train", halves, "--resume")
+    assert code == 0, err
+    assert "resuming from" in err and "at step 6" in err
+
+    a = checkpoint.load(tmp_path / "a/run/checkpoints/last.pt")
+    b = checkpoint.load(tmp_path / "b/run/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert losses(tmp_path / "a/run") == losses(tmp_path / "b/run")
+    assert len(losses(tmp_path / "a/run")) == 6
+    assert a["sampler"] == b["sampler"]
+
+
+def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
+    config = tiny_config(tmp_path, demo_dir, save_every=2, keep_last=2, average_last=2)
+    code, _, err = cli("train", config)
+    assert code == 0, err
+    folder = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_0000010.pt", "step_0000012.pt"]
+    last = checkpoint.load(folder / "last.pt")
+    assert os.path.samefile(folder / "last.pt", folder / "step_0000012.pt")  # a link, not a copy
+    for key in ("model_config", "model", "optimizer", "sampler", "progress", "rng", "config",
+                "tokenizer_fingerprint", "data_fingerprint", "precision"):
+        assert key in last, key
+    assert last["config"]["train"]["save_every"] == 2
+    best = checkpoint.load(folder / "best.pt")
+    assert best["progress"]["best_step"] == best["step"] and best["step"] in (6, 12)
+    # train.average_last: averaged.pt is the mean of the last two step checkpoints.
+    avg = checkpoint.load(folder / "averaged.pt")
+    older = checkpoint.load(folder / "step_0000010.pt")
+    for name, tensor in avg["model"].items():
+        assert torch.allclose(tensor, (older["model"][name] + last["model"][name]) / 2, atol=1e-7)
+    assert "averaged the last 2" in err
+    events = [json.loads(line)["event"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert events.count("valid") == 2 and events[-1] == "end" and "valid_averaged" in events
+
+
+def test_average_command_averages(tmp_path, demo_dir, cli):
+    config = tiny_config(tmp_path, demo_dir, save_every=3, max_steps=6, keep_last=3)
+    assert cli("train", config)[0] == 0
+    folder = tmp_path / "run/checkpoints"
+    paths = sorted(folder.glob("step_*.pt"))
+    code, _, err = cli("average", *paths, "-o", tmp_path / "avg.pt")
+    assert code == 0, err
+    avg = checkpoint.load(tmp_path / "avg.pt")
+    states = [checkpoint.load(p)["model"] for p in paths]
+    for name in avg["model"]:
+        assert torch.allclose(avg["model"][name], sum(s[name] for s in states) / 2, atol=1e-7)
+    checkpoint.build_model(avg)  # loadable as a model
+
+
+def test_refuses_to_overwrite_or_resume_nothing(tmp_path, demo_dir, cli):
+    config = tiny_config(tmp_path, demo_dir, max_steps=2)
+    code, _, err = cli("train", config, "--resume")
+    assert code == 2 and "nothing to resume" in err
+    assert cli("train", config)[0] == 0
+    code, _, err = cli("train", config)
+    assert code == 2 and "already holds a training run" in err and "--resume" in err
+    code, _, err = cli("train", config, "--resume", "--set", "model.ff_dim=48")
+    assert code == 2 and "model section" in err
+
+
+def test_second_training_on_a_busy_workdir_is_refused(tmp_path, demo_dir, cli):
+    config = tiny_config(tmp_path, demo_dir)
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run/train.lock", "w") as held:
+        held.write("4242")
+        held.flush()
+        # flock is per open file description: this one stands for another running training.
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = cli("train", config)
+    assert code == 2 and "another mtkit train is running" in err and "4242" in err
+
+
+def test_damaged_checkpoints_give_clear_errors(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION + 1}, tmp_path / "future.pt")
+    for name, message in (("empty.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
+                          ("foreign.pt", "not an mtkit checkpoint"), ("future.pt", "format version"),
+                          ("missing.pt", "not found")):
+        with pytest.raises(MtkitError, match=message):
+            checkpoint.load(tmp_path / name)
+
+
+def _start(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "MTKIT_QUIET": "1"}
+    return subprocess.Popen([str(MTKIT), "train", str(config), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_never_leaves_an_unreadable_checkpoint_and_resume_goes_on(tmp_path, demo_dir):
+    config = tiny_config(tmp_path, demo_dir, save_every=1, eval_every=1000, max_steps=400, log_every=50)
+    last = tmp_path / "run/checkpoints/last.pt"
+    for delay in (0.0, 0.13, 0.31):  # checkpoints are written every step: kills land during writes too
+        proc = _start(config, *(["--resume"] if last.exists() else []))
+        _wait_for(last, proc)
+        before = checkpoint.load(last)["step"]
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        state = checkpoint.load(last)  # readable after every kill
+        assert state["step"] >= before
+    proc = _start(config, "--resume", "--set", "train.max_steps=" + str(state["step"] + 3))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert checkpoint.load(last)["step"] == state["step"] + 3
+    assert not list(last.parent.glob(".*.tmp"))  # temp files of killed writes are cleared on start
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path, demo_dir):
+    config = tiny_config(tmp_path, demo_dir, save_every=1000, eval_every=1000, max_steps=100000, log_every=1)
+    proc = _start(config)
+    metrics = tmp_path / "run/metrics.jsonl"
+    _wait_for(metrics, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "stopped by SIGINT" in err and "--resume" in err
+    state = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
+    assert state["step"] >= 1 and state["progress"]["step"] == state["step"]
+    assert math.isfinite(losses(tmp_path / "run")[-1][1])
+    assert load_config(config).train.max_steps == 100000
