@@ -172,6 +172,12 @@ class TokenBucketSampler:
         self.position += 1
         return batch
 
+    @property
+    def epochs_done(self) -> float:
+        """Epochs completed, with the fraction of the current one."""
+        n = len(self._batches) if self._batches is not None else len(self.epoch_batches(self.epoch))
+        return self.epoch + self.position / max(1, n)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 

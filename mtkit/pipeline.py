@@ -18,7 +18,8 @@ def run(cfg: Config) -> None:
     t.add_row("tokenizer", "up to date" if tok.skipped else "done", str(tok.folder))
     t.add_row("prepare", "up to date" if data.skipped else "done",
               f"{data.folder} ({train['kept']:,} of {train['pairs_in']:,} train pairs kept)")
-    # The stages below arrive with issues [2/7] and [3/7]; `run` stops after prepare until then.
-    for stage in ("train", "translate", "eval"):
+    # `run` chains train, translate and eval with issue [3/7]; until then it stops after prepare.
+    t.add_row("train", "not chained yet", "run: mtkit train CONFIG")
+    for stage in ("translate", "eval"):
         t.add_row(stage, "not implemented yet", "-")
     console.print(t)

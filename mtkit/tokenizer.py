@@ -94,4 +94,5 @@ class Tokenizer:
         return self.tgt.encode(list(lines), out_type=int, num_threads=threads)
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        return self.tgt.decode([list(map(int, seq)) for seq in ids])
+        # strip: a model may end on a lone word-boundary piece, which decodes to a trailing space.
+        return [text.strip() for text in self.tgt.decode([list(map(int, seq)) for seq in ids])]

@@ -316,6 +316,16 @@ class Trainer:
                 "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
                 "data_fingerprint": self.manifest["fingerprint"], "step": self.progress["step"]}
 
+    def _save(self, periodic: bool, best: bool) -> None:
+        """A step checkpoint (becomes last.pt) when `periodic`; best.pt when `best` (a link to the
+        step checkpoint when there is one, else its own file)."""
+        if periodic:
+            path = self.save()
+            if best:
+                checkpoint.link(path, self.ckpt_dir / "best.pt")
+        elif best:
+            checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
+
     def save(self) -> Path:
         step = self.progress["step"]
         self.progress["last_save_step"] = step
@@ -343,7 +353,8 @@ class Trainer:
             return "patience"
         return None
 
-    def _evaluate_and_keep_best(self) -> dict:
+    def _evaluate_and_keep_best(self) -> bool:
+        """Validate; True when this is the best BLEU so far."""
         p = self.progress
         result = self.validate()
         p["last_eval_step"] = p["step"]
@@ -357,7 +368,7 @@ class Trainer:
         mark = " (best)" if improved else f" (best {p['best_bleu']:.2f} at step {p['best_step']:,})"
         console.print(f"valid step {p['step']:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | "
                       f"BLEU {result['bleu']:.2f}{mark} | {result['seconds']:.1f}s")
-        return result | {"improved": improved}
+        return improved
 
     def run(self) -> TrainResult:
         t, p = self.cfg.train, self.progress
@@ -367,6 +378,7 @@ class Trainer:
         clock = time.perf_counter()
         session_start_seconds = p["seconds"]
         window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
+        self.session = {"tgt": 0, "seconds": 0.0}  # this process's training steps, for the summary
         stopped_by = None
         bar = _progress_bar()
         with StopRequest() as stop, bar:
@@ -383,6 +395,8 @@ class Trainer:
                 step_start = time.perf_counter()
                 loss, n_tgt, n_src = self._step()
                 window["seconds"] += time.perf_counter() - step_start
+                self.session["tgt"] += n_tgt
+                self.session["seconds"] += time.perf_counter() - step_start
                 window["loss"] += loss
                 window["steps"] += 1
                 window["tgt"] += n_tgt
@@ -392,20 +406,11 @@ class Trainer:
                     self._log_window(window, bar, task)
                     window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
                 bar.update(task, completed=step, epoch=self.sampler.epoch + 1)
-                if step % t.eval_every == 0:
-                    result = self._evaluate_and_keep_best()
-                if step % t.save_every == 0:
-                    self.save()
-                    if step == p["last_eval_step"] and result["improved"]:
-                        checkpoint.link(self.last_path, self.ckpt_dir / "best.pt")
-                elif step % t.eval_every == 0 and result["improved"]:
-                    checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
-            if stopped_by != "interrupted" and p["last_eval_step"] != p["step"]:
-                result = self._evaluate_and_keep_best()
-                if result["improved"]:
-                    checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
-            if p["last_save_step"] != p["step"]:
-                self.save()
+                improved = step % t.eval_every == 0 and self._evaluate_and_keep_best()
+                self._save(step % t.save_every == 0, improved)
+            # The end: validate and save the final state unless that just happened.
+            improved = stopped_by != "interrupted" and p["last_eval_step"] != p["step"] and self._evaluate_and_keep_best()
+            self._save(p["last_save_step"] != p["step"], improved)
         p["seconds"] = session_start_seconds + time.perf_counter() - clock
         if stopped_by == "interrupted":
             info(f"train: stopped by {stop.signal} at step {p['step']:,}; saved {self.last_path}; "
@@ -450,9 +455,11 @@ class Trainer:
     def _summary(self, r: TrainResult) -> None:
         s = table(f"train {self.cfg.experiment.name}", ["", "value"])
         s.add_row("steps", f"{r.step:,} (stopped by {r.stopped_by})")
-        s.add_row("epochs", f"{self.sampler.epoch + self.sampler.position / max(1, len(self.sampler._batches or [1])):.2f}")
+        s.add_row("epochs", f"{self.sampler.epochs_done:.2f}")
         s.add_row("time", f"{r.seconds / 60:.1f} min")
         s.add_row("precision", self.precision)
+        if self.session["seconds"]:
+            s.add_row("target tokens/s", f"{self.session['tgt'] / self.session['seconds']:,.0f} (training steps only)")
         if r.best_bleu is not None:
             s.add_row("best valid BLEU", f"{r.best_bleu:.2f} at step {r.best_step:,}")
         s.add_row("checkpoints", f"{r.checkpoints} (best.pt, last.pt)")

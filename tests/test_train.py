@@ -120,11 +120,18 @@ def test_refuses_to_overwrite_or_resume_nothing(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, max_steps=2)
     code, _, err = cli("train", config, "--resume")
     assert code == 2 and "nothing to resume" in err
+    assert (tmp_path / "run/tokenizer/spm.model").exists()  # train built the tokenizer and data first
+    assert (tmp_path / "run/data/manifest.json").exists()
     assert cli("train", config)[0] == 0
     code, _, err = cli("train", config)
     assert code == 2 and "already holds a training run" in err and "--resume" in err
     code, _, err = cli("train", config, "--resume", "--set", "model.ff_dim=48")
     assert code == 2 and "model section" in err
+    # A changed tokenizer setting: train rebuilds tokenizer and data (never reuses stale ones)...
+    code, _, err = cli("train", config, "--resume", "--set", "tokenizer.vocab_size=280")
+    assert "tokenizer: training" in err and "prepare: done" in err
+    # ...and the old run cannot be resumed on them.
+    assert code == 2 and "another tokenizer" in err
 
 
 def test_second_training_on_a_busy_workdir_is_refused(tmp_path, demo_dir, cli):
