@@ -23,6 +23,10 @@ def test_joint_bpe_round_trips_and_has_fixed_special_ids(demo_config, demo_dir):
     info = read_json(result.folder / "tokenizer.json")
     assert info["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     assert info["pairs_used"] == 30_000
+    # A model's output may end on the lone word-boundary piece: no trailing space in the text.
+    boundary = sp.piece_to_id("\u2581")
+    assert sp.id_to_piece(boundary) == "\u2581"
+    assert tok.decode_tgt([tok.encode_tgt(lines[:1])[0] + [boundary]]) == lines[:1]
 
 
 def test_separate_unigram_vocabularies(demo_config):
