@@ -2,12 +2,17 @@
 
 The decoder gives, for a prefix, a distribution over the next token. Greedy search takes the most
 likely token at every step. It is fast and often good, but it can never take back a choice: a
-token that looks best now may lead to a poor sentence. (Beam search, which keeps several
-prefixes alive, arrives with issue [3/7].)
+token that looks best now may lead to a poor sentence. Beam search keeps the K best prefixes
+("beams") alive: at every step each beam is extended by every token, and the K best extensions
+by total log-probability survive. Finished hypotheses (ending in EOS) are scored with a length
+penalty, because a sum of log-probabilities favours short outputs.
 
 Both only call model.encode and model.decode, and decode incrementally: the DecoderCache keeps
-each layer's keys/values, so each step feeds just the newest token.
+each layer's keys/values, so each step feeds just the newest token. Beam search folds the K beams
+of each sentence into the batch (B*K rows) and does all of its bookkeeping with tensor ops.
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,3 +51,90 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
     for row in torch.stack(outputs, dim=1).tolist():
         result.append(row[:row.index(eos_id)] if eos_id in row else row)
     return result
+
+
+def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
+    """GNMT's ((5 + length) / 6) ** alpha (Wu et al. 2016): a hypothesis' log-probability is
+    divided by this, so longer outputs are not punished just for having more terms. alpha = 0
+    turns it off; larger alpha favours longer outputs."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # output ids, without BOS and EOS
+    score: float       # log-probability / length_penalty(len(tokens) + 1, alpha): what is ranked
+    log_prob: float    # sum of the token log-probabilities (EOS included)
+
+
+@torch.no_grad()
+def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int, eos_id: int, max_len: Tensor,
+                alpha: float = 0.6, n_best: int = 1) -> list[list[Hypothesis]]:
+    """src (B, S) -> for each sentence its n_best hypotheses, best first.
+
+    Every step: add each beam's score to its next-token log-probabilities, (B, K, V); flatten to
+    (B, K*V) and take the top 2K, so that even if K of them end in EOS, K live ones remain. EOS
+    candidates ranked within the first K are finished hypotheses; the best K others live on. A
+    sentence is done once it has K finished hypotheses or reaches its max_len (EOS is forced).
+    """
+    b, k = src.size(0), beam_size
+    device = src.device
+    rows = torch.arange(b, device=device)
+    memory = model.encode(src).index_select(rows.repeat_interleave(k))  # (B*K, S, D): each beam its copy
+    cache = DecoderCache()
+    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (B*K, 1 + step)
+    scores = torch.zeros(b, k, device=device)
+    scores[:, 1:] = float("-inf")  # at the start all beams are the same prefix: let only one live
+    longest = int(max_len.max()) + 1
+    fin_scores = torch.full((b, k), float("-inf"), device=device)  # finished: normalized score
+    fin_log_probs = torch.zeros(b, k, device=device)
+    fin_tokens = torch.full((b, k, longest), eos_id, dtype=torch.long, device=device)
+    fin_count = torch.zeros(b, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for step in range(longest):
+        logits, cache = model.decode(history[:, -1:], memory, cache=cache)
+        log_probs = logits[:, -1].float().log_softmax(dim=-1).view(b, k, -1)  # (B, K, V)
+        vocab = log_probs.size(-1)
+        at_limit = step >= max_len  # (B,): out of room, only EOS may follow
+        log_probs[at_limit] = float("-inf")
+        log_probs[at_limit, :, eos_id] = 0.0
+        total = (scores[:, :, None] + log_probs).view(b, k * vocab)  # (B, K*V)
+        cand_scores, cand = total.topk(min(2 * k, k * vocab), dim=-1)  # (B, 2K), best first
+        parent, token = cand // vocab, cand % vocab  # which beam each candidate extends, with what
+        parent_rows = (rows[:, None] * k + parent)  # (B, 2K) rows of history/cache
+
+        # Finished: EOS among the first K candidates, of sentences not yet done.
+        rank = torch.arange(cand.size(1), device=device)[None, :]
+        is_eos = token.eq(eos_id)
+        finishing = is_eos & (rank < k) & ~done[:, None] & cand_scores.isfinite()
+        normalized = cand_scores / length_penalty(step + 1.0, alpha)
+        new_scores = torch.where(finishing, normalized, float("-inf"))
+        new_tokens = torch.full((b, cand.size(1), longest), eos_id, dtype=torch.long, device=device)
+        new_tokens[:, :, :step] = history[parent_rows.flatten(), 1:].view(b, cand.size(1), step)
+        pool_scores = torch.cat([fin_scores, new_scores], dim=1)  # (B, 3K): keep the K best
+        fin_scores, keep = pool_scores.topk(k, dim=1)
+        fin_log_probs = torch.cat([fin_log_probs, cand_scores], dim=1).gather(1, keep)
+        fin_tokens = torch.cat([fin_tokens, new_tokens], dim=1).gather(1, keep[:, :, None].expand(-1, -1, longest))
+        fin_count += finishing.sum(dim=1)
+        done |= (fin_count >= k) | at_limit
+        if done.all():
+            break
+
+        # Live on: the K best candidates that did not end in EOS.
+        live_scores, live = cand_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (B, K)
+        scores = live_scores
+        chosen = parent_rows.gather(1, live).flatten()  # (B*K,) the parent row of each new beam
+        history = torch.cat([history[chosen], token.gather(1, live).view(-1, 1)], dim=1)
+        cache.reorder(chosen)
+
+    results = []
+    for i in range(b):  # outside the loop: turn the finished buffers into Hypothesis objects
+        hyps = []
+        for j in range(min(n_best, k)):
+            if not torch.isfinite(fin_scores[i, j]):
+                break
+            ids = fin_tokens[i, j].tolist()
+            ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
+            hyps.append(Hypothesis(ids, fin_scores[i, j].item(), fin_log_probs[i, j].item()))
+        results.append(hyps)
+    return results

@@ -1,8 +1,11 @@
 """Greedy search: the cached, batched search equals the obvious slow one."""
 
+import math
+
+import pytest
 import torch
 
-from mtkit.search import greedy, max_lengths
+from mtkit.search import beam_search, greedy, max_lengths
 from tests.test_model import BOS, EOS, batch, tiny
 
 
@@ -42,3 +45,145 @@ def test_greedy_stops_at_eos():
 
 def test_max_lengths():
     assert max_lengths(torch.tensor([1, 10, 100]), 1.5, 10, 60).tolist() == [11, 25, 60]
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search against a scripted model: its next-token probabilities are a table keyed by the
+# prefix, so every hypothesis' probability can be computed by hand.
+
+A, B_ = 4, 5  # two word tokens (B_ : "B" is the batch letter in shapes)
+TABLE = {
+    (): {A: 0.6, B_: 0.4},
+    (A,): {A: 0.45, B_: 0.3, EOS: 0.25},
+    (B_,): {EOS: 0.9, A: 0.1},
+    (A, A): {EOS: 1.0},
+    (A, B_): {EOS: 1.0},
+    (B_, A): {EOS: 1.0},
+}
+
+
+class Scripted:
+    """Looks like a Transformer to search.py. The prefix lives in the cache (as 'keys'), so
+    the search's own cache.reorder keeps it right."""
+
+    vocab = 6
+
+    def encode(self, src):
+        from mtkit.model import Memory
+
+        return Memory(torch.zeros(src.size(0), 1, 1), torch.zeros(src.size(0), 1, dtype=torch.bool))
+
+    def decode(self, tgt_in, memory, *, cache=None, attention=None):
+        new = tgt_in.float()[:, None, :, None]  # (B, 1, T, 1)
+        prefix = torch.cat([cache.self_kv[0][0], new], dim=2) if cache.self_kv else new
+        cache.self_kv = [(prefix, prefix)]
+        logits = torch.full((tgt_in.size(0), tgt_in.size(1), self.vocab), float("-inf"))
+        for row, seq in enumerate(prefix[:, 0, :, 0].long().tolist()):
+            for token, p in TABLE.get(tuple(seq[1:]), {EOS: 1.0}).items():
+                logits[row, -1, token] = math.log(p)
+        return logits, cache
+
+
+def lp(length, alpha):
+    return ((5 + length) / 6) ** alpha
+
+
+def beam(k=2, alpha=0.0, n_best=2, max_len=(10,)):
+    src = torch.full((len(max_len), 3), 7)
+    return beam_search(Scripted(), src, beam_size=k, bos_id=BOS, eos_id=EOS, max_len=torch.tensor(max_len),
+                       alpha=alpha, n_best=n_best)
+
+
+def test_beam_finds_the_hand_computed_best_that_greedy_misses():
+    assert greedy(Scripted(), torch.full((1, 3), 7), bos_id=BOS, eos_id=EOS, max_len=torch.tensor([10])) == [[A, A]]
+    (best, second), = beam(k=2, alpha=0.0)
+    assert best.tokens == [B_] and best.log_prob == pytest.approx(math.log(0.4 * 0.9))
+    assert second.tokens == [A, A] and second.log_prob == pytest.approx(math.log(0.6 * 0.45))
+    assert best.score > second.score  # n-best comes in score order
+
+
+def test_length_penalty_flips_the_winner_when_it_should():
+    # "B" scores log(.36)/lp(2); "A A" log(.27)/lp(3) (lengths count EOS): "A A" wins once
+    # alpha > log(.27/.36)... i.e. when lp(3)/lp(2) outweighs the lower probability.
+    for alpha in (0.0, 0.6, 1.0, 3.0):
+        (best, second), = beam(k=2, alpha=alpha)
+        b_score, aa_score = math.log(0.36) / lp(2, alpha), math.log(0.27) / lp(3, alpha)
+        winner = [B_] if b_score > aa_score else [A, A]
+        assert best.tokens == winner, alpha
+        assert best.score == pytest.approx(max(b_score, aa_score))
+        assert second.score == pytest.approx(min(b_score, aa_score))
+    assert beam(alpha=1.0)[0][0].tokens == [B_] and beam(alpha=3.0)[0][0].tokens == [A, A]
+
+
+def test_max_length_forces_eos_per_sentence():
+    short, long = beam(k=2, max_len=(1, 10))  # one batch, two limits
+    assert [h.tokens for h in short] == [[A], [B_]]
+    assert short[0].log_prob == pytest.approx(math.log(0.6))  # the forced EOS costs nothing
+    assert long[0].tokens == [B_]
+
+
+def test_eos_first_gives_an_empty_hypothesis():
+    TABLE_BACKUP = dict(TABLE)
+    TABLE[()] = {EOS: 0.7, A: 0.3}
+    try:
+        (best, second), = beam(k=2)
+    finally:
+        TABLE.clear()
+        TABLE.update(TABLE_BACKUP)
+    assert best.tokens == [] and best.log_prob == pytest.approx(math.log(0.7))
+    assert second.tokens == [A, A]
+
+
+def test_n_best_lists_are_sorted_and_as_long_as_asked():
+    hyps, = beam(k=3, n_best=3)
+    assert len(hyps) == 3
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert hyps[2].tokens in ([A, B_], [B_, A])
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants on a real (random) model.
+
+@pytest.fixture(scope="module")
+def copier():
+    """A tiny real model briefly trained to copy its source: outputs vary and end with EOS."""
+    import torch.nn.functional as F
+
+    model = tiny(dropout=0.0).train()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        n = int(torch.randint(3, 9, (1,), generator=g))
+        src = torch.randint(4, 37, (32, n), generator=g)
+        tgt_in = torch.cat([torch.full((32, 1), BOS), src], dim=1)
+        tgt_out = torch.cat([src, torch.full((32, 1), EOS)], dim=1)
+        loss = F.cross_entropy(model(torch.cat([src, tgt_out[:, -1:]], dim=1), tgt_in).flatten(0, 1),
+                               tgt_out.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_beam_of_one_is_greedy(copier):
+    model = copier
+    src, _ = batch(b=3)
+    limit = torch.tensor([6, 12, 12])
+    g = greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)
+    b1 = beam_search(model, src, beam_size=1, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.6)
+    assert [h[0].tokens for h in b1] == g
+    assert len({tuple(x) for x in g}) == 3 and all(len(set(x)) > 2 for x in g)  # varied outputs
+    assert any(len(x) < limit[i] for i, x in enumerate(g))  # and some end by EOS
+
+
+def test_batched_beam_equals_one_sentence_at_a_time(copier):
+    model = copier
+    src, _ = batch(b=3, s=7)
+    limit = torch.tensor([10, 10, 10])
+    together = beam_search(model, src, beam_size=4, bos_id=BOS, eos_id=EOS, max_len=limit, n_best=2)
+    for i in range(3):
+        row = src[i:i + 1, : int(src[i].ne(0).sum())]
+        alone = beam_search(model, row, beam_size=4, bos_id=BOS, eos_id=EOS, max_len=limit[:1], n_best=2)
+        assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
+        for a, t in zip(alone[0], together[i]):
+            assert a.score == pytest.approx(t.score, abs=1e-4)
