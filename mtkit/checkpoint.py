@@ -102,5 +102,6 @@ def average(paths: list[Path]) -> dict:
             total += s["model"][name].double()
         weights[name] = (total / len(states)).to(tensor.dtype)
     last = states[-1]
-    return {key: last[key] for key in ("model_config", "config", "tokenizer_fingerprint", "step") if key in last} | {
+    kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", "step")
+    return {key: last[key] for key in kept if key in last} | {
         "model": weights, "averaged_from": [str(p) for p in paths]}

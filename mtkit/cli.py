@@ -26,8 +26,7 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=5e-4 (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its output is up to date.")]
-LATER = {"translate": ("[3/7]", "translate text with greedy or beam search"),
-         "eval": ("[3/7]", "score translations with sacreBLEU")}
+LATER = {"eval": ("[3/7]", "score translations with sacreBLEU")}
 
 
 def _load(config: Path, overrides: Optional[list[str]]):
@@ -73,6 +72,48 @@ def train(config: ConfigArg, set_: SetOpt = None,
     result = train_stage(cfg, resume=resume)
     if result.stopped_by == "interrupted":
         raise typer.Exit(code=130)
+
+
+@app.command()
+def translate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or an experiment workdir (uses its best.pt).",
+                                               show_default=False)],
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Text to translate (default: stdin).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: stdout).")] = None,
+    beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: the experiment's decode.beam_size).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search (same as --beam 1).")] = False,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, help="Length penalty exponent.")] = None,
+    nbest: Annotated[Optional[int], typer.Option("--nbest", min=1, help="Write N hypotheses per line as TSV: line, score, text.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Source tokens per batch.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Translate text: one output line per input line, always (an empty line gives an empty line)."""
+    from mtkit.translate import Translator, translate_file
+
+    if greedy and beam not in (None, 1):
+        raise MtkitError("--greedy and --beam contradict each other", hint="use one of them")
+    translator = Translator.load(checkpoint)
+    overrides = _decode_overrides(set_)
+    overrides.update(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
+    opts = translator.options(**overrides)
+    translate_file(translator, input, output, opts)
+
+
+def _decode_overrides(items: Optional[list[str]]) -> dict:
+    """--set decode.key=value for translate (the only section that applies to a trained model)."""
+    import yaml
+
+    from mtkit.config import DecodeSection as DecodeOptions
+
+    overrides = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if section != "decode" or name not in DecodeOptions.model_fields:
+            raise MtkitError(f"translate takes only decode.* overrides, not {key!r}",
+                             hint="e.g. --set decode.max_len_a=2; keys: " + ", ".join(DecodeOptions.model_fields))
+        overrides[name] = yaml.safe_load(value)
+    return overrides
 
 
 @app.command()
@@ -125,3 +166,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`mtkit translate ... | head`): stop quietly, as `cat` would.
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None

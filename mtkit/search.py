@@ -12,11 +12,14 @@ each layer's keys/values, so each step feeds just the newest token. Beam search 
 of each sentence into the batch (B*K rows) and does all of its bookkeeping with tensor ops.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mtkit.data import length_batches, pad_rows
 from mtkit.model import DecoderCache, Transformer
 
 
@@ -27,29 +30,32 @@ def max_lengths(src_lengths: Tensor, a: float, b: int, cap: int) -> Tensor:
 
 
 @torch.no_grad()
-def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len: Tensor) -> list[list[int]]:
-    """src (B, S) padded source ids (with EOS) -> for each sentence its output ids (no BOS/EOS).
+def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len: Tensor) -> list["Hypothesis"]:
+    """src (B, S) padded source ids (with EOS) -> for each sentence its output (no BOS/EOS).
 
     max_len (B,): the most tokens a sentence may get before EOS is forced."""
     memory = model.encode(src)
     b = src.size(0)
     last = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(b, dtype=torch.bool, device=src.device)
+    log_prob = torch.zeros(b, device=src.device)
     outputs = []
     cache = DecoderCache()
     for step in range(int(max_len.max()) + 1):
         logits, cache = model.decode(last, memory, cache=cache)  # (B, 1, V): only the newest token
-        best = logits[:, -1].argmax(dim=-1)
+        log_probs = logits[:, -1].float().log_softmax(dim=-1)
+        best = log_probs.argmax(dim=-1)
         best = torch.where(step >= max_len, eos_id, best)  # out of room: end the sentence here
         best = best.masked_fill(finished, eos_id)
+        log_prob += log_probs.gather(1, best[:, None])[:, 0].masked_fill(finished | (step >= max_len), 0.0)
         outputs.append(best)
         finished |= best.eq(eos_id)
         if finished.all():
             break
         last = best[:, None]
     result = []
-    for row in torch.stack(outputs, dim=1).tolist():
-        result.append(row[:row.index(eos_id)] if eos_id in row else row)
+    for row, lp in zip(torch.stack(outputs, dim=1).tolist(), log_prob.tolist()):
+        result.append(Hypothesis(row[:row.index(eos_id)] if eos_id in row else row, lp, lp))
     return result
 
 
@@ -137,4 +143,28 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
             ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
             hyps.append(Hypothesis(ids, fin_scores[i, j].item(), fin_log_probs[i, j].item()))
         results.append(hyps)
+    return results
+
+
+def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, beam_size: int, alpha: float,
+                  n_best: int, max_len_a: float, max_len_b: int, max_tokens: int, pad_id: int, bos_id: int,
+                  eos_id: int) -> list[list[Hypothesis]]:
+    """Search many sentences (source ids without EOS): sort them by length, cut token-budget
+    batches (little padding, similar output lengths), search each batch, return results in the
+    input order. A sentence longer than the model's positions is cut to fit (callers warn)."""
+    max_positions = model.cfg.max_positions
+    lengths = np.array([min(len(s), max_positions - 1) + 1 for s in sentences], dtype=np.int64)
+    results: list[list[Hypothesis]] = [[] for _ in sentences]
+    device = next(model.parameters()).device
+    for ix in length_batches(np.argsort(lengths, kind="stable"), lengths, max_tokens):
+        rows = [np.append(np.asarray(sentences[i], dtype=np.int64)[:max_positions - 1], eos_id) for i in ix]
+        src = pad_rows(rows, pad_id).to(device)
+        limit = max_lengths(torch.as_tensor(lengths[ix], device=device), max_len_a, max_len_b, max_positions - 1)
+        if beam_size == 1:
+            found = [[h] for h in greedy(model, src, bos_id=bos_id, eos_id=eos_id, max_len=limit)]
+        else:
+            found = beam_search(model, src, beam_size=beam_size, bos_id=bos_id, eos_id=eos_id, max_len=limit,
+                                alpha=alpha, n_best=n_best)
+        for i, hyps in zip(ix, found):
+            results[i] = hyps
     return results

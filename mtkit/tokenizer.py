@@ -56,10 +56,10 @@ class Tokenizer:
 
     def __init__(self, src_model: bytes, tgt_model: bytes | None = None):
         self.joint = tgt_model is None
-        self._protos = (src_model,) if self.joint else (src_model, tgt_model)
+        self.protos = (src_model,) if self.joint else (src_model, tgt_model)  # what checkpoints embed
         self.src = spm.SentencePieceProcessor(model_proto=src_model)
         self.tgt = self.src if self.joint else spm.SentencePieceProcessor(model_proto=tgt_model)
-        self.fingerprint = hashlib.sha256(b"".join(self._protos)).hexdigest()
+        self.fingerprint = hashlib.sha256(b"".join(self.protos)).hexdigest()
 
     @classmethod
     def load(cls, folder: Path) -> "Tokenizer":
@@ -73,7 +73,7 @@ class Tokenizer:
 
     def save(self, folder: Path) -> None:
         names = ("spm",) if self.joint else ("src", "tgt")
-        for name, proto, sp in zip(names, self._protos, (self.src, self.tgt)):
+        for name, proto, sp in zip(names, self.protos, (self.src, self.tgt)):
             (folder / f"{name}.model").write_bytes(proto)
             # The .vocab listing is for people: one piece and its score per line, id = line - 1.
             vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))

@@ -31,7 +31,7 @@ from mtkit.errors import MtkitError
 from mtkit.evaluate import bleu
 from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
-from mtkit.search import greedy, max_lengths
+from mtkit.search import search_sorted
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -295,17 +295,10 @@ class Trainer:
 
     def _greedy(self, model: Transformer, indices: np.ndarray) -> list[str]:
         d = self.cfg.decode
-        lengths = self.valid_src.lengths[indices]
-        order = indices[np.argsort(lengths, kind="stable")]
-        out: dict[int, list[int]] = {}
-        for ix in length_batches(order, self.valid_src.lengths + 1, d.max_tokens):
-            b = make_batch(self.valid_src, None, ix, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                           max_positions=self.model_config.max_positions)
-            src_len = b.src.ne(PAD_ID).sum(dim=1)
-            limit = max_lengths(src_len, d.max_len_a, d.max_len_b, self.model_config.max_positions - 1)
-            for i, ids in zip(ix, greedy(model, b.src, bos_id=BOS_ID, eos_id=EOS_ID, max_len=limit)):
-                out[int(i)] = ids
-        return self.tok.decode_tgt([out[int(i)] for i in indices])
+        found = search_sorted(model, [self.valid_src[i] for i in indices], beam_size=1, alpha=0.0, n_best=1,
+                              max_len_a=d.max_len_a, max_len_b=d.max_len_b, max_tokens=d.max_tokens,
+                              pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+        return self.tok.decode_tgt([hyps[0].tokens for hyps in found])
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -314,6 +307,7 @@ class Trainer:
                 "progress": dict(self.progress), "precision": self.precision,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
                 "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
+                "tokenizer": list(self.tok.protos),  # the checkpoint translates on its own
                 "data_fingerprint": self.manifest["fingerprint"], "step": self.progress["step"]}
 
     def _save(self, periodic: bool, best: bool) -> None:

@@ -30,7 +30,7 @@ def test_help_lists_every_stage():
         assert sorted(listed) == sorted(COMMANDS)
 
 
-@pytest.mark.parametrize("command", ["translate", "eval"])
+@pytest.mark.parametrize("command", ["eval"])
 def test_placeholders_say_so_and_fail(cli, command):
     code, out, err = cli(command, "configs/demo.yaml")
     assert code == 1

@@ -25,7 +25,7 @@ def test_greedy_equals_uncached_one_by_one_search():
     model = tiny()
     src, _ = batch(b=3)
     limit = torch.tensor([5, 9, 12])
-    fast = greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)
+    fast = [h.tokens for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)]
     for i in range(3):
         row = src[i:i + 1]
         row = row[:, : int(row.ne(0).sum())]
@@ -40,7 +40,7 @@ def test_greedy_stops_at_eos():
         model.dec_norm.bias.fill_(1.0)
         model.tgt_embed.tokens.weight[EOS] = 10.0
     src, _ = batch(b=2)
-    assert greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=torch.tensor([7, 7])) == [[], []]
+    assert [h.tokens for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=torch.tensor([7, 7]))] == [[], []]
 
 
 def test_max_lengths():
@@ -95,7 +95,8 @@ def beam(k=2, alpha=0.0, n_best=2, max_len=(10,)):
 
 
 def test_beam_finds_the_hand_computed_best_that_greedy_misses():
-    assert greedy(Scripted(), torch.full((1, 3), 7), bos_id=BOS, eos_id=EOS, max_len=torch.tensor([10])) == [[A, A]]
+    (g,) = greedy(Scripted(), torch.full((1, 3), 7), bos_id=BOS, eos_id=EOS, max_len=torch.tensor([10]))
+    assert g.tokens == [A, A] and g.log_prob == pytest.approx(math.log(0.6 * 0.45 * 1.0))
     (best, second), = beam(k=2, alpha=0.0)
     assert best.tokens == [B_] and best.log_prob == pytest.approx(math.log(0.4 * 0.9))
     assert second.tokens == [A, A] and second.log_prob == pytest.approx(math.log(0.6 * 0.45))
@@ -169,9 +170,11 @@ def test_beam_of_one_is_greedy(copier):
     model = copier
     src, _ = batch(b=3)
     limit = torch.tensor([6, 12, 12])
-    g = greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)
-    b1 = beam_search(model, src, beam_size=1, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.6)
+    g = [h.tokens for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)]
+    b1 = beam_search(model, src, beam_size=1, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.0)
     assert [h[0].tokens for h in b1] == g
+    g_scores = [h.log_prob for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)]
+    assert [h[0].log_prob for h in b1] == pytest.approx(g_scores, abs=1e-4)
     assert len({tuple(x) for x in g}) == 3 and all(len(set(x)) > 2 for x in g)  # varied outputs
     assert any(len(x) < limit[i] for i, x in enumerate(g))  # and some end by EOS
 

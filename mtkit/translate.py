@@ -1,0 +1,203 @@
+"""Stage `mtkit translate`: raw text in, detokenized translations out, one line per line.
+
+read -> normalize -> encode -> sort by length -> batch -> search -> restore order -> write.
+The contract: exactly one output line per input line, in order, always. An empty or blank line
+gives an empty line; a line longer than the model's positions is cut (with a warning naming it),
+never dropped; invalid UTF-8 is replaced by U+FFFD (with a warning naming the line). With --nbest
+N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>translation`.
+"""
+
+import os
+import select
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import torch
+from pydantic import ValidationError
+
+from mtkit import checkpoint
+from mtkit.config import DecodeSection as DecodeOptions
+from mtkit.console import console, progress
+from mtkit.corpus import normalize
+from mtkit.errors import MtkitError
+from mtkit.search import Hypothesis, search_sorted
+from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+CHUNK_LINES = 2000  # lines translated together (sorted by length inside a chunk)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or an experiment workdir (then its best checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise MtkitError(f"no best checkpoint in {path} (looked for checkpoints/best.pt)",
+                         hint="train first (mtkit train CONFIG), or name a checkpoint file")
+    return path
+
+
+class Translator:
+    """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
+
+    def __init__(self, state: dict, path: Path):
+        if "tokenizer" not in state:
+            raise MtkitError(f"{path} holds no tokenizer (written by an older mtkit)", hint="retrain it")
+        self.tokenizer = Tokenizer(*state["tokenizer"])
+        if self.tokenizer.fingerprint != state.get("tokenizer_fingerprint"):
+            raise MtkitError(f"{path}: its tokenizer does not match the one it was trained with")
+        self.model = checkpoint.build_model(state)
+        self.precision = state.get("precision", "fp32")
+        self.config = state.get("config", {})
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> "Translator":
+        path = resolve_checkpoint(path)
+        return cls(checkpoint.load(path), path)
+
+    def options(self, **overrides) -> DecodeOptions:
+        """Decoding settings: the experiment's decode section, then the given overrides."""
+        saved = self.config.get("decode", {})
+        try:
+            return DecodeOptions(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'decode'}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            raise MtkitError(f"bad decoding settings: {problems}") from None
+
+    @property
+    def max_source_tokens(self) -> int:
+        return self.model.cfg.max_positions - 1  # room for EOS
+
+    def translate(self, lines: list[str], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
+        """Raw lines -> for each, up to n_best (score, text), best first; a blank line -> [(0, "")]."""
+        texts = [normalize(line) for line in lines]
+        todo = [i for i, t in enumerate(texts) if t]
+        ids = self.tokenizer.encode_src([texts[i] for i in todo])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            found = search_sorted(self.model, ids, beam_size=opts.beam_size, alpha=opts.alpha, n_best=opts.n_best,
+                                  max_len_a=opts.max_len_a, max_len_b=opts.max_len_b, max_tokens=opts.max_tokens,
+                                  pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+        results: list[list[tuple[float, str]]] = [[(0.0, "")] for _ in lines]
+        for i, hyps in zip(todo, found):
+            results[i] = self._texts(hyps)
+        return results
+
+    def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
+        texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+        return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
+
+    def too_long(self, lines: list[str]) -> list[int]:
+        """Indices of lines whose source is longer than the model accepts (they get cut)."""
+        texts = [normalize(line) for line in lines]
+        lengths = [len(x) for x in self.tokenizer.encode_src(texts)]
+        return [i for i, n in enumerate(lengths) if n > self.max_source_tokens]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: bytes split on "\n" only (like `wc -l`), so that the line count is the file's.
+
+def decode_line(raw: bytes, number: int, warn) -> str:
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warn(f"line {number}: invalid UTF-8 at byte {e.start + 1}; replaced by U+FFFD and translated")
+        return raw.decode("utf-8", errors="replace")
+
+
+def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
+    """Lines of a file (or piped stdin) in chunks, without waiting for the end of the input: a
+    chunk is handed over as soon as the input pauses, so an interactive user gets each line's
+    translation at once."""
+    fd = f.fileno()
+    buffer, pending = b"", []
+    while True:
+        if pending and len(pending) < CHUNK_LINES and not select.select([fd], [], [], 0.05)[0]:
+            yield pending  # the input paused: translate what has arrived
+            pending = []
+            continue
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        lines = (buffer + data).split(b"\n")
+        buffer = lines.pop()
+        pending.extend(lines)
+        while len(pending) >= CHUNK_LINES:
+            yield pending[:CHUNK_LINES]
+            pending = pending[CHUNK_LINES:]
+    if buffer:  # a last line without "\n" is still a line
+        pending.append(buffer)
+    if pending:
+        yield pending
+
+
+def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out: TextIO, opts: DecodeOptions,
+                     on_lines=None) -> int:
+    """Translate chunks of raw lines and write the results; returns the number of lines."""
+    number = 0
+    warned_long = 0
+    for chunk in chunks:
+        lines = []
+        for raw in chunk:
+            number += 1
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 BOM is not text
+            lines.append(decode_line(raw, number, _warn))
+        first = number - len(lines) + 1
+        for i in translator.too_long(lines):
+            warned_long += 1
+            if warned_long <= 10:
+                _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
+                      f"translating its beginning only")
+        for i, hyps in enumerate(translator.translate(lines, opts)):
+            if opts.n_best > 1:
+                for score, text in hyps:
+                    out.write(f"{first + i}\t{score:.4f}\t{text}\n")
+            else:
+                out.write(hyps[0][1] + "\n")
+        out.flush()
+        if on_lines:
+            on_lines(len(lines))
+    if warned_long > 10:
+        _warn(f"{warned_long} lines in all were longer than the model accepts (only the first 10 named)")
+    return number
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}")
+
+
+def translate_file(translator: Translator, source: Path | None, target: Path | None, opts: DecodeOptions) -> int:
+    """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
+    under a temporary name and renamed when complete."""
+    if source is None:
+        inp = sys.stdin.buffer
+        total = None
+    else:
+        try:
+            inp = open(source, "rb")
+        except OSError as e:
+            raise MtkitError(f"cannot read {source}: {e.strerror}") from None
+        total = sum(block.count(b"\n") for block in iter(lambda: inp.read(1 << 20), b""))
+        inp.seek(0)
+    try:
+        if target is None:
+            return translate_stream(translator, file_chunks(inp), sys.stdout, opts)
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as out, progress() as bar:
+                task = bar.add_task(f"translate -> {target}", total=total)
+                n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return n
+    finally:
+        if source is not None:
+            inp.close()

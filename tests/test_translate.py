@@ -1,0 +1,118 @@
+"""`mtkit translate`: one output line per input line, always; streaming; n-best; batch invariance."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import tiny_config
+
+MTKIT = Path(sys.executable).with_name("mtkit")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_dir) -> Path:
+    """A tiny demo model (its translations are poor; the contract does not depend on quality)."""
+    from mtkit.cli import main
+
+    folder = tmp_path_factory.mktemp("translate")
+    config = tiny_config(folder, demo_dir, max_steps=40, eval_every=40, save_every=40)
+    try:
+        main(["train", str(config)])
+    except SystemExit as e:
+        assert not e.code
+    return folder / "run"
+
+
+def run(args, stdin: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run([str(MTKIT), "translate", *map(str, args)], input=stdin, capture_output=True,
+                          timeout=120, env={**os.environ, "MTKIT_QUIET": "1"})
+
+
+def test_one_line_out_per_line_in_whatever_the_line(trained):
+    lines = [b"The dog follows the cat.", b"", b"   \t ", b"A boy " * 2000, b"caf\xe9 \xff broken bytes",
+             b"A girl sees a river.\r", b"\x01control\x7f chars", "Ünïcödé – ok".encode()]
+    data = b"\xef\xbb\xbf" + b"\n".join(lines)  # a BOM, and no newline at the end
+    result = run([trained, "--greedy"], data)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode("utf-8").split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    assert out[1] == "" and out[2] == ""  # blank in, blank out
+    assert out[0] and out[3] and out[4] and out[5]  # everything else gets a translation
+    err = result.stderr.decode()
+    assert "line 4: longer than the model's" in err
+    assert "line 5: invalid UTF-8" in err
+    assert "Traceback" not in err
+
+
+def test_empty_input_gives_empty_output(trained):
+    result = run([trained], b"")
+    assert result.returncode == 0 and result.stdout == b""
+    result = run([trained], b"\n\n")
+    assert result.stdout == b"\n\n"
+
+
+def test_stdin_is_translated_as_lines_arrive(trained):
+    proc = subprocess.Popen([str(MTKIT), "translate", str(trained), "--greedy"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MTKIT_QUIET": "1"})
+    try:
+        proc.stdin.write(b"The dog sees a cat.\n")
+        proc.stdin.flush()
+        start = time.monotonic()
+        first = proc.stdout.readline()  # arrives while stdin is still open
+        assert first.strip() and time.monotonic() - start < 60
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"\n"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_batch_size_changes_nothing(trained, tmp_path):
+    lines = [f"The {w} follows the cat under the bridge." for w in ("dog", "boy", "girl", "horse")] * 5
+    lines += ["A boy did not visit a river.", "We played beside the short big balls."]
+    data = "\n".join(lines).encode() + b"\n"
+    small = run([trained, "--beam", "3", "--max-tokens", "12"], data)
+    large = run([trained, "--beam", "3", "--max-tokens", "5000"], data)
+    assert small.returncode == 0 and large.returncode == 0
+    assert small.stdout == large.stdout and small.stdout.count(b"\n") == len(lines)
+
+
+def test_nbest_tsv_and_output_file(trained, tmp_path):
+    (tmp_path / "in.txt").write_text("The dog follows the cat.\n\nA boy sees a river.\n")
+    result = run([trained / "checkpoints/best.pt", "-i", tmp_path / "in.txt", "-o", tmp_path / "out.tsv",
+                  "--beam", "4", "--nbest", "3"], b"")
+    assert result.returncode == 0, result.stderr
+    rows = [r.split("\t") for r in (tmp_path / "out.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["1"] * 3 + ["2"] + ["3"] * 3  # a blank line gets one empty row
+    for r in rows:
+        assert len(r) == 3
+        float(r[1])
+    scores = [float(r[1]) for r in rows if r[0] == "1"]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_translate_mistakes_are_one_clear_message(trained, tmp_path, cli):
+    for args, message in (
+        ([tmp_path], "no best checkpoint"),
+        ([tmp_path / "missing.pt"], "checkpoint not found"),
+        ([trained, "--nbest", "4", "--beam", "2"], "cannot exceed decode.beam_size"),
+        ([trained, "--set", "train.lr=1"], "only decode.* overrides"),
+        ([trained, "-i", tmp_path / "nope.txt"], "cannot read"),
+    ):
+        code, out, err = cli("translate", *args)
+        assert code == 2 and message in err, (args, err)
+        assert "Traceback" not in err
+
+
+def test_a_closed_output_pipe_stops_quietly(trained):
+    lines = b"The dog sees a cat.\n" * 3000
+    result = subprocess.run(f"'{MTKIT}' translate '{trained}' --greedy | head -n 2", shell=True, input=lines,
+                            capture_output=True, timeout=300, env={**os.environ, "MTKIT_QUIET": "1"})
+    assert result.stdout.count(b"\n") == 2
+    assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
