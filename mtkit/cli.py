@@ -26,7 +26,6 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=5e-4 (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its output is up to date.")]
-LATER = {"eval": ("[3/7]", "score translations with sacreBLEU")}
 
 
 def _load(config: Path, overrides: Optional[list[str]]):
@@ -116,6 +115,61 @@ def _decode_overrides(items: Optional[list[str]]) -> dict:
     return overrides
 
 
+@app.command("eval")
+def eval_(
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config: translate a split with its best checkpoint and score it.",
+                                                     show_default=False)] = None,
+    hyp: Annotated[Optional[Path], typer.Option("--hyp", help="Score this file of translations (instead of CONFIG).")] = None,
+    ref: Annotated[Optional[list[Path]], typer.Option("--ref", help="A reference file (repeatable for several references).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="valid or test (default: eval.split).")] = None,
+    beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: decode.beam_size).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Another checkpoint than <workdir>/checkpoints/best.pt.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter) to stdout.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Score translations with sacreBLEU (BLEU, chrF, TER, with signatures): files, or an experiment."""
+    import json
+
+    from mtkit.pipeline import print_scores
+
+    if hyp is not None:
+        from mtkit import evaluate
+
+        if config is not None or not ref:
+            raise MtkitError("--hyp needs --ref and no CONFIG", hint="mtkit eval --hyp out.txt --ref ref.txt")
+        hypotheses, references = _read_aligned(hyp, ref)
+        metrics = ("bleu", "chrf", "ter")
+        result = {"split": str(hyp), "sentences": len(hypotheses), "beam_size": "-", "checkpoint": "-",
+                  **evaluate.score(hypotheses, references, metrics)}
+    else:
+        from mtkit.pipeline import evaluate_split
+
+        if config is None:
+            raise MtkitError("name an experiment CONFIG, or files with --hyp and --ref",
+                             hint="mtkit eval configs/demo.yaml  or  mtkit eval --hyp out.txt --ref ref.txt")
+        if split not in (None, "valid", "test"):
+            raise MtkitError(f"--split must be valid or test, not {split!r}")
+        cfg = _load(config, set_)
+        metrics = cfg.eval.metrics
+        result = evaluate_split(cfg, split, beam, checkpoint)
+    if as_json:
+        typer.echo(json.dumps({m: result[m] for m in metrics} | {"sentences": result["sentences"]}))
+    else:
+        print_scores(result, metrics)
+
+
+def _read_aligned(hyp: Path, refs: list[Path]) -> tuple[list[str], list[list[str]]]:
+    from mtkit.corpus import read_lines
+
+    hypotheses = list(read_lines(hyp))
+    references = [list(read_lines(r)) for r in refs]
+    for path, lines in zip(refs, references):
+        if len(lines) != len(hypotheses):
+            raise MtkitError(f"{hyp} has {len(hypotheses):,} lines but {path} has {len(lines):,}",
+                             hint="hypotheses and references must be aligned line by line")
+    return hypotheses, references
+
+
 @app.command()
 def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to average (same model).")],
             output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the averaged checkpoint.")]
@@ -126,21 +180,6 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
 
     checkpoint.save(checkpoint.average(checkpoints), output)
     info(f"averaged {len(checkpoints)} checkpoints -> {output}")
-
-
-def _not_yet(name: str) -> None:
-    def placeholder(ctx: typer.Context) -> None:
-        from mtkit.console import console
-
-        console.print(f"mtkit {name} is not implemented yet: it arrives with issue {LATER[name][0]}.")
-        raise typer.Exit(code=1)
-
-    placeholder.__doc__ = f"Not implemented yet ({LATER[name][0]}): {LATER[name][1]}."
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(placeholder)
-
-
-for _name in LATER:
-    _not_yet(_name)
 
 
 @config_app.command("show")

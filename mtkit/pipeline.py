@@ -1,8 +1,17 @@
-"""`mtkit run CONFIG`: chain the stages; each one skips itself when its output is current."""
+"""Chaining the stages: `mtkit run CONFIG` (tokenizer -> prepare -> train -> translate -> eval),
+and `mtkit eval CONFIG` (translate a split with the best checkpoint, then score it). Each stage
+is skipped when its output is current for the config."""
 
+import time
+from pathlib import Path
+
+from mtkit import checkpoint, corpus, evaluate
 from mtkit.config import Config
-from mtkit.console import console, table
+from mtkit.console import console, info, table
+from mtkit.files import read_json, sha256_file, sha256_json, write_json
 from mtkit.prepare import prepare
+from mtkit.train import train
+from mtkit.translate import Translator, resolve_checkpoint
 from mtkit.vocab import train_tokenizer
 
 
@@ -11,15 +20,85 @@ def prepare_data(cfg: Config) -> tuple:
     return train_tokenizer(cfg), prepare(cfg)
 
 
+def train_if_needed(cfg: Config) -> tuple[str, dict]:
+    """Train, resume an unfinished run, or skip a finished one whose settings are unchanged.
+    Returns (what happened, the last checkpoint's progress)."""
+    last = cfg.workdir / "checkpoints" / "last.pt"
+    if last.exists():
+        state = checkpoint.load(last)
+        finished = state["progress"].get("stopped_by") not in (None, "interrupted")
+        same = all(state["config"][k] == cfg.model_dump(mode="json")[k] for k in ("model", "train", "data", "tokenizer"))
+        if finished and same:
+            info(f"train: up to date ({last}, stopped by {state['progress']['stopped_by']} at step "
+                 f"{state['step']:,})")
+            return "up to date", state["progress"]
+    resume = last.exists()
+    result = train(cfg, resume=resume)
+    if result.stopped_by == "interrupted":
+        raise KeyboardInterrupt
+    return ("resumed" if resume else "done"), checkpoint.load(last)["progress"]
+
+
+def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,
+                   model: Path | None = None) -> dict:
+    """Translate a split's raw source with the experiment's best checkpoint (or `model`) and
+    score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json; a
+    rerun with the same checkpoint, data and decoding settings reuses them."""
+    split = split or cfg.eval.split
+    ckpt = resolve_checkpoint(model or cfg.workdir)
+    source = corpus.source_for(cfg.data, split)
+    opts = cfg.decode.model_copy(update={"beam_size": beam} if beam else {})
+    if opts.n_best > opts.beam_size:
+        opts = opts.model_copy(update={"n_best": 1})
+    key = sha256_json({"checkpoint": sha256_file(ckpt), "source": corpus.fingerprint(source),
+                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics)})
+    out = cfg.workdir / "eval"
+    previous = read_json(out / f"{split}.json")
+    if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
+        info(f"eval: up to date ({out / f'{split}.json'})")
+        return previous
+    pairs = list(corpus.read_pairs(source))
+    sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
+    translator = Translator.load(ckpt)
+    start = time.perf_counter()
+    with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
+        hypotheses = [hyps[0][1] for hyps in translator.translate(sources, opts)]
+    seconds = time.perf_counter() - start
+    scores = evaluate.score(hypotheses, [references], cfg.eval.metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{split}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    result = {"split": split, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
+              "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
+              "samples": [{"src": s, "hyp": h, "ref": r} for s, h, r in zip(sources[:3], hypotheses, references)]}
+    write_json(out / f"{split}.json", result)
+    return result
+
+
+def print_scores(result: dict, metrics) -> None:
+    t = table(f"{result['split']}: {result['sentences']:,} sentences, beam {result['beam_size']}, "
+              f"{result['checkpoint']}", ["metric", "score", "sacreBLEU signature"])
+    for name in metrics:
+        t.add_row(name.upper() if name != "chrf" else "chrF", f"{result[name]['score']:.2f}", result[name]["signature"])
+    console.print(t)
+
+
 def run(cfg: Config) -> None:
     tok, data = prepare_data(cfg)
-    train = data.manifest["splits"]["train"]
-    t = table(f"experiment {cfg.experiment.name}", ["stage", "status", "output"])
+    trained, progress = train_if_needed(cfg)
+    result = evaluate_split(cfg, "test")
+    console.print("[bold]sample translations (test)[/]")
+    for s in result["samples"]:
+        console.print(f"  src: {s['src']}\n  hyp: {s['hyp']}\n  ref: {s['ref']}\n")
+    print_scores(result, cfg.eval.metrics)
+    train_split = data.manifest["splits"]["train"]
+    t = table(f"experiment {cfg.experiment.name}", ["stage", "status", "result"])
     t.add_row("tokenizer", "up to date" if tok.skipped else "done", str(tok.folder))
     t.add_row("prepare", "up to date" if data.skipped else "done",
-              f"{data.folder} ({train['kept']:,} of {train['pairs_in']:,} train pairs kept)")
-    # `run` chains train, translate and eval with issue [3/7]; until then it stops after prepare.
-    t.add_row("train", "not chained yet", "run: mtkit train CONFIG")
-    for stage in ("translate", "eval"):
-        t.add_row(stage, "not implemented yet", "-")
+              f"{train_split['kept']:,} of {train_split['pairs_in']:,} train pairs kept -> {data.folder}")
+    best = f"best valid BLEU {progress['best_bleu']:.2f} at step {progress['best_step']:,}" \
+        if progress.get("best_bleu") is not None else "no validation"
+    t.add_row("train", trained, f"{progress['step']:,} steps, {progress['seconds'] / 60:.1f} min, {best}")
+    t.add_row("translate + eval", "done", f"test BLEU {result['bleu']['score']:.2f}"
+              + (f", chrF {result['chrf']['score']:.2f}" if "chrf" in result else "")
+              + f" (beam {result['beam_size']}) -> {cfg.workdir / 'eval'}")
     console.print(t)

@@ -402,9 +402,11 @@ class Trainer:
                 bar.update(task, completed=step, epoch=self.sampler.epoch + 1)
                 improved = step % t.eval_every == 0 and self._evaluate_and_keep_best()
                 self._save(step % t.save_every == 0, improved)
-            # The end: validate and save the final state unless that just happened.
+            # The end: validate unless that just happened, and save the final state (with why it
+            # stopped: `mtkit run` skips a finished training and resumes an interrupted one).
             improved = stopped_by != "interrupted" and p["last_eval_step"] != p["step"] and self._evaluate_and_keep_best()
-            self._save(p["last_save_step"] != p["step"], improved)
+            p["stopped_by"] = stopped_by
+            self._save(True, improved)
         p["seconds"] = session_start_seconds + time.perf_counter() - clock
         if stopped_by == "interrupted":
             info(f"train: stopped by {stop.signal} at step {p['step']:,}; saved {self.last_path}; "
