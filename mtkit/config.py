@@ -132,7 +132,7 @@ class DecodeSection(Section):
     n_best: PositiveInt = 1
     max_len_a: Annotated[float, Field(ge=0.0)] = 1.5
     max_len_b: Annotated[int, Field(ge=0)] = 10
-    max_tokens: PositiveInt = 8000
+    max_tokens: PositiveInt = 2000
 
     @model_validator(mode="after")
     def _check(self) -> "DecodeSection":
