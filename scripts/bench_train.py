@@ -1,0 +1,98 @@
+"""Training benchmark: steady-state throughput of mtkit's training step on Multi30k de->en with the
+peers' reference model (configs/multi30k_de_en.yaml: joint BPE 8k, d_model 256, 3+3 layers, 4
+heads, FFN 1024, dropout 0.1, tied embeddings, 4,096-token batches).
+
+    python3 scripts/bench_train.py --data-dir ../shared/data/multi30k [--seconds 120] [--precision auto]
+
+Tokenizer and data preparation, model set-up and the first --warmup-steps steps are not timed;
+neither validation nor checkpoints run. Prints a table, then as its last line one JSON object.
+
+FLOP count (how the fractions of peak are computed): 2 FLOPs per multiply-add of every weight
+matrix, times 3 for forward + backward, applied to the real (non-padding) tokens that pass through
+it: encoder layers and the decoder's cross-attention K/V projections per source token, the rest
+of the decoder and the output projection (D x V) per target token. Attention scores (QK^T, AV)
+are left out (they are small for Multi30k's short sentences), so the fraction is a lower bound.
+Peaks of this CPU (BENCHMARKS.md): 2 cores x 2.596 GHz x 32 fp32 FLOP/cycle = 166 GFLOP/s; bf16
+twice that.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mtkit.config import load_config
+from mtkit.console import console, table
+from mtkit.pipeline import prepare_data
+from mtkit.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_FP32 = 2 * 2.596e9 * 32
+
+
+def flops_per_step(model: torch.nn.Module, n_src: int, n_tgt: int) -> float:
+    src_side = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and (
+        n.startswith("encoder.") or ".cross_attention.kv." in n))
+    tgt_side = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("decoder.")
+                   and ".cross_attention.kv." not in n)
+    output = model.cfg.d_model * model.cfg.tgt_vocab
+    return 3 * 2 * (src_side * n_src + (tgt_side + output) * n_tgt)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--config", type=Path, default=REPO / "configs" / "multi30k_de_en.yaml")
+    ap.add_argument("--seconds", type=float, default=120.0, help="timed training, after the warm-up steps")
+    ap.add_argument("--warmup-steps", type=int, default=10)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    args = ap.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mtkit-bench-train-"))
+    cfg = load_config(args.config, [f"data.dir={args.data_dir.resolve()}", f"experiment.workdir={workdir}",
+                                    f"train.precision={args.precision}", f"train.threads={args.threads}"])
+    prepare_data(cfg)
+    trainer = Trainer(cfg, resume=False)
+    trainer.model.train()
+    for _ in range(args.warmup_steps):
+        trainer._step()
+    step_ms, tgt, src, flops = [], 0, 0, 0.0
+    start = time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        t0 = time.perf_counter()
+        _, n_tgt, n_src = trainer._step()
+        step_ms.append((time.perf_counter() - t0) * 1000)
+        tgt, src = tgt + n_tgt, src + n_src
+        flops += flops_per_step(trainer.model, n_src, n_tgt)
+    seconds = sum(step_ms) / 1000
+    peak = PEAK_FP32 * (2 if trainer.precision == "bf16" else 1)
+    figures = {
+        "precision": trainer.precision, "precision_reason": trainer.precision_reason,
+        "threads": torch.get_num_threads(), "steps": len(step_ms), "seconds": round(seconds, 1),
+        "tgt_tokens_per_s": round(tgt / seconds, 1), "src_tokens_per_s": round(src / seconds, 1),
+        "ms_per_step_median": round(statistics.median(step_ms), 1),
+        "tgt_tokens_per_step": round(tgt / len(step_ms), 1),
+        "gflops_per_s": round(flops / seconds / 1e9, 1), "fraction_of_fp32_peak": round(flops / seconds / PEAK_FP32, 3),
+        "fraction_of_own_peak": round(flops / seconds / peak, 3),
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch": torch.__version__,
+    }
+    t = table(f"train {cfg.experiment.name}: {figures['steps']} steps in {figures['seconds']} s, "
+              f"{figures['threads']} threads, {figures['precision']}", ["figure", "value"])
+    for key in ("tgt_tokens_per_s", "src_tokens_per_s", "ms_per_step_median", "tgt_tokens_per_step",
+                "gflops_per_s", "fraction_of_fp32_peak", "fraction_of_own_peak", "peak_rss_mb"):
+        t.add_row(key, f"{figures[key]:,}")
+    console.print(t)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
