@@ -55,7 +55,9 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
     start = time.perf_counter()
     dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))
-    train_seen: dict[str, set[bytes]] = {"src": set(), "pair": set()}
+    # Memory: the overlap check keeps only the keys of valid/test (small) and of the train pairs
+    # that match them; only dedup must remember every distinct train pair (16 bytes + set overhead).
+    train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": set()}
     splits = {}
     with atomic_dir(out) as tmp, progress() as bar:
         for split, source in sources.items():
@@ -70,8 +72,9 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     w.close()
             done = splits[split]["pairs_in"]
             bar.update(task, total=done, completed=done)
+            unk = splits[split].pop("unk")
             for side in ("src", "tgt"):
-                splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name))
+                splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name)) | {"unk": unk[side]}
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "dtype": dtype.name,
             "tokenizer_fingerprint": tok.fingerprint, "src_vocab_size": tok.src_vocab_size,
@@ -100,6 +103,16 @@ def _key(*parts: str) -> bytes:
     return hashlib.blake2b("\t".join(parts).encode(), digest_size=16).digest()
 
 
+def _heldout_keys(sources: dict[str, corpus.Source]) -> set[bytes]:
+    """Keys of the valid/test sources and pairs: what train is checked against for overlap."""
+    keys = set()
+    for split in ("valid", "test"):
+        for src, tgt in corpus.read_pairs(sources[split]):
+            src, tgt = corpus.normalize(src), corpus.normalize(tgt)
+            keys.update((_key(src), _key(src, tgt)))
+    return keys
+
+
 def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWriter], filters: dict,
                    train_seen: dict[str, set[bytes]], report) -> dict:
     """Normalize, (for train) filter, encode and write one split; returns its counts."""
@@ -116,12 +129,16 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
                     counts["empty"] += 1
                     continue
                 # Overlap is measured against train as read (before the length filters).
-                pair = _key(src, tgt)
-                train_seen["src"].add(_key(src))
-                if pair in train_seen["pair"] and filters["dedup"]:
-                    counts["duplicate"] += 1
-                    continue
-                train_seen["pair"].add(pair)
+                src_key, pair = _key(src), _key(src, tgt)
+                if src_key in train_seen["heldout"]:
+                    train_seen["src"].add(src_key)
+                if pair in train_seen["heldout"]:
+                    train_seen["pair"].add(pair)
+                if filters["dedup"]:
+                    if pair in train_seen["dedup"]:
+                        counts["duplicate"] += 1
+                        continue
+                    train_seen["dedup"].add(pair)
             elif not src or not tgt:
                 counts["empty_lines"] += 1
             else:
@@ -135,6 +152,10 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
             src_ids, tgt_ids = [src_ids[i] for i in kept], [tgt_ids[i] for i in kept]
         else:  # kept whole; translation truncates what exceeds the model's positions
             counts["longer_than_max_len"] += sum(len(ids) > filters["max_len"] for ids in src_ids)
+        # Unknown tokens are counted here, not by reading the arrays back: a memory map of a
+        # large output would count against this process's RSS.
+        counts["unk_src"] += sum(ids.count(UNK_ID) for ids in src_ids)
+        counts["unk_tgt"] += sum(ids.count(UNK_ID) for ids in tgt_ids)
         writers[0].add(src_ids)
         writers[1].add(tgt_ids)
         counts["pairs_in"] += len(chunk)
@@ -144,7 +165,8 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
         dropped = ", ".join(f"{counts[r]} {r}" for r in DROP_REASONS if counts[r])
         raise MtkitError(f"every one of the {counts['pairs_in']} {source.split} pairs was dropped ({dropped})",
                          hint="loosen data.max_len / data.min_len / data.max_ratio")
-    result = {"pairs_in": counts["pairs_in"], "kept": counts["kept"]}
+    result = {"pairs_in": counts["pairs_in"], "kept": counts["kept"],
+              "unk": {"src": counts["unk_src"], "tgt": counts["unk_tgt"]}}
     if is_train:
         result["dropped"] = {r: counts[r] for r in DROP_REASONS}
     else:
@@ -172,8 +194,7 @@ def _token_stats(array: TokenArray) -> dict:
     lengths = array.lengths
     return {"sentences": len(array), "tokens": int(lengths.sum()),
             "mean_len": round(float(lengths.mean()), 2) if len(array) else 0.0,
-            "max_len": int(lengths.max()) if len(array) else 0,
-            "unk": int(np.count_nonzero(array.tokens == UNK_ID))}
+            "max_len": int(lengths.max()) if len(array) else 0}
 
 
 def _print_summary(manifest: dict) -> None:

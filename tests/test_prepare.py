@@ -204,3 +204,20 @@ def test_demo_corpus_prepares(demo_config):
         s = result.manifest["splits"][split]
         assert s["kept"] == 1000 and s["overlap_with_train"]["src"] == 0
         assert s["src"]["unk"] == s["tgt"]["unk"] == 0
+
+
+def test_unknown_tokens_are_counted_while_writing(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    write_split(corpus_dir, "train", [(s, t, "kept") for s, t in FILLER])
+    write_split(corpus_dir, "valid", [("die katze 象 schläft", "the cat 象 象 sleeps"), ("haus", "house")])
+    write_split(corpus_dir, "test", [("ω haus", "house")])
+    config = write_config(tmp_path, data={"dir": str(corpus_dir), "src": "de", "tgt": "en"},
+                          tokenizer={"vocab_size": 80})
+    cfg = load_config(config)
+    train_tokenizer(cfg)
+    manifest = prepare(cfg).manifest
+    for split, side, expected in (("valid", "src", 1), ("valid", "tgt", 2), ("test", "src", 1), ("test", "tgt", 0),
+                                  ("train", "src", 0)):
+        array = TokenArray(cfg.data_cache_dir, split, side, manifest["dtype"])
+        assert manifest["splits"][split][side]["unk"] == int((array.tokens == 1).sum()) == expected

@@ -1,0 +1,99 @@
+"""Prepare benchmark: pairs/s and peak RSS of `mtkit prepare` (normalize, filter, encode, write
+the memory-mapped arrays) on Multi30k de->en train, and on a ~1,000,000-pair corpus made by
+repeating it (memory must stay flat as the corpus grows).
+
+    python3 scripts/bench_prepare.py --data-dir ../shared/data/multi30k [--pairs 1000000]
+
+Each case runs in its own process so that its peak RSS is its own. The tokenizer is trained
+first (on at most 29,000 sampled pairs in every case) and not timed. The repeated corpus is
+measured with dedup off (every pair is encoded and written) and on (repeats are dropped before
+encoding). Prints a table, then as its last line one JSON object.
+"""
+
+import argparse
+import gzip
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child(data_dir: Path, workdir: Path, dedup: bool) -> None:
+    from mtkit.config import load_config
+    from mtkit.prepare import prepare
+    from mtkit.vocab import train_tokenizer
+
+    cfg = load_config(REPO / "configs" / "multi30k_de_en.yaml",
+                      [f"data.dir={data_dir}", f"experiment.workdir={workdir}", "tokenizer.sample_pairs=29000",
+                       f"data.dedup={str(dedup).lower()}"])
+    train_tokenizer(cfg)
+    start = time.perf_counter()
+    result = prepare(cfg, force=True)
+    seconds = time.perf_counter() - start
+    train = result.manifest["splits"]["train"]
+    pairs = sum(s["pairs_in"] for s in result.manifest["splits"].values())
+    print(json.dumps({"pairs": pairs, "train_pairs": train["pairs_in"], "kept": train["kept"],
+                      "seconds": round(seconds, 2), "pairs_per_s": round(pairs / seconds, 1),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def repeat_corpus(data_dir: Path, out: Path, pairs: int) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("val", "test_2016_flickr"):
+        for lang in ("de", "en"):
+            shutil.copy(data_dir / f"{name}.{lang}.gz", out / f"{name}.{lang}.gz")
+    times = 0
+    for lang in ("de", "en"):
+        with gzip.open(data_dir / f"train.{lang}.gz", "rb") as f:
+            lines = f.read()
+        n = lines.count(b"\n")
+        times = -(-pairs // n)
+        with open(out / f"train.{lang}", "wb") as f:
+            for _ in range(times):
+                f.write(lines)
+    return times * n
+
+
+def run_case(data_dir: Path, workdir: Path, dedup: bool) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", str(data_dir), str(workdir), str(dedup)],
+                            capture_output=True, text=True, env={"MTKIT_QUIET": "1", **dict(__import__("os").environ)})
+    if result.returncode:
+        raise SystemExit(result.stderr)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "True")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--pairs", type=int, default=1_000_000, help="size of the repeated corpus")
+    args = ap.parse_args()
+    from mtkit.console import console, table
+
+    data_dir = args.data_dir.resolve()
+    with tempfile.TemporaryDirectory(prefix="mtkit-bench-prepare-") as tmp:
+        tmp = Path(tmp)
+        big = tmp / "repeated"
+        n_big = repeat_corpus(data_dir, big, args.pairs)
+        cases = {"train": run_case(data_dir, tmp / "run-train", True),
+                 "repeated_no_dedup": run_case(big, tmp / "run-big", False),
+                 "repeated_dedup": run_case(big, tmp / "run-big-dedup", True)}
+    figures = {"repeated_train_pairs": n_big, **cases}
+    t = table("prepare multi30k de->en (all splits; tokenizer not timed)",
+              ["case", "pairs", "train kept", "seconds", "pairs/s", "peak RSS MB"])
+    for name, c in cases.items():
+        t.add_row(name, f"{c['pairs']:,}", f"{c['kept']:,}", f"{c['seconds']:.1f}", f"{c['pairs_per_s']:,.0f}",
+                  f"{c['peak_rss_mb']:,.0f}")
+    console.print(t)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
