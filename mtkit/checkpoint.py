@@ -56,15 +56,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load(path: Path) -> dict:
+def load(path: Path, mmap: bool = False) -> dict:
     """The checkpoint in `path`; MtkitError naming the file when it is missing, damaged, not an
-    mtkit checkpoint, or from a newer mtkit."""
+    mtkit checkpoint, or from a newer mtkit. mmap: map the file instead of reading it, so parts
+    never used (the optimizer state, when only translating) never take memory."""
     path = Path(path)
     if path.is_dir():
         raise MtkitError(f"{path} is a folder, not a checkpoint file",
                          hint=f"name a file in it, e.g. {path / 'checkpoints' / 'best.pt'}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise MtkitError(f"checkpoint not found: {path}") from None
     except Exception as e:  # torch raises many types for a truncated or foreign file

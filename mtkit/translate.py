@@ -57,7 +57,7 @@ class Translator:
     @classmethod
     def load(cls, path: Path) -> "Translator":
         path = resolve_checkpoint(path)
-        return cls(checkpoint.load(path), path)
+        return cls(checkpoint.load(path, mmap=True), path)
 
     def options(self, **overrides) -> DecodeOptions:
         """Decoding settings: the experiment's decode section, then the given overrides."""
