@@ -14,8 +14,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mtkit import corpus
 from mtkit.config import Config
 from mtkit.console import console, info, progress, table

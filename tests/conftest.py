@@ -59,3 +59,27 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+TINY_MODEL = {"d_model": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_dim": 64, "max_positions": 128}
+
+
+def tiny_config(folder: Path, demo_dir: Path, **train) -> Path:
+    settings = {"precision": "fp32", "threads": 1, "max_tokens": 600, "warmup": 5, "max_steps": 12,
+                "log_every": 2, "eval_every": 6, "save_every": 6, "eval_sample": 40}
+    settings.update(train)
+    return write_config(folder, data={"format": "demo", "dir": str(demo_dir), "src": "en", "tgt": "vs"},
+                        tokenizer={"vocab_size": 300}, model=TINY_MODEL, train=settings)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_dir) -> Path:
+    """A tiny demo model, trained once per session (its translations are poor; the contracts
+    tested with it do not depend on quality)."""
+    folder = tmp_path_factory.mktemp("translate")
+    config = tiny_config(folder, demo_dir, max_steps=40, eval_every=40, save_every=40)
+    try:
+        main(["train", str(config)])
+    except SystemExit as e:
+        assert not e.code
+    return folder / "run"

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_translate import trained  # noqa: F401  (the module's tiny trained model)
 
 SACREBLEU = Path(sys.executable).with_name("sacrebleu")
 HYP = ["The cat sat on the mat.", "A dog runs in the park.", "", "Two men are talking near a red car."]
@@ -43,7 +42,7 @@ def test_mismatched_line_counts_name_both(tmp_path, cli):
     assert code == 2 and "CONFIG" in err
 
 
-def test_eval_config_translates_the_split_against_raw_references(trained, cli, capsys):  # noqa: F811
+def test_eval_config_translates_the_split_against_raw_references(trained, cli):
     config = trained.parent / "config.yaml"
     code, out, err = cli("eval", config, "--split", "valid", "--beam", "2", "--json")
     assert code == 0, err

@@ -17,20 +17,9 @@ from mtkit import checkpoint
 from mtkit.config import load_config
 from mtkit.errors import MtkitError
 from mtkit.train import lr_at
-from tests.conftest import write_config
+from tests.conftest import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
-TINY_MODEL = {"d_model": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_dim": 64, "max_positions": 128}
-
-
-def tiny_config(folder: Path, demo_dir: Path, **train) -> Path:
-    settings = {"precision": "fp32", "threads": 1, "max_tokens": 600, "warmup": 5, "max_steps": 12,
-                "log_every": 2, "eval_every": 6, "save_every": 6, "eval_sample": 40}
-    settings.update(train)
-    return write_config(folder, data={"format": "demo", "dir": str(demo_dir), "src": "en", "tgt": "vs"},
-                        tokenizer={"vocab_size": 300}, model=TINY_MODEL, train=settings)
-
-
 def losses(workdir: Path) -> list[tuple[int, float]]:
     events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]

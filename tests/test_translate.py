@@ -6,25 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.test_train import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_dir) -> Path:
-    """A tiny demo model (its translations are poor; the contract does not depend on quality)."""
-    from mtkit.cli import main
-
-    folder = tmp_path_factory.mktemp("translate")
-    config = tiny_config(folder, demo_dir, max_steps=40, eval_every=40, save_every=40)
-    try:
-        main(["train", str(config)])
-    except SystemExit as e:
-        assert not e.code
-    return folder / "run"
 
 
 def run(args, stdin: bytes) -> subprocess.CompletedProcess:
