@@ -207,3 +207,20 @@ def test_both_precisions_learn_the_demo_corpus(tmp_path, demo_dir, cli, precisio
     # Untrained: ln(300) = 5.7 per token. Measured after 150 steps: 2.99 in both precisions.
     assert train_losses[-1] < train_losses[0] - 1.0 and valid["loss"] < 3.4, events
     assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["precision"] == precision
+
+
+def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, demo_dir, cli):
+    config = tiny_config(tmp_path, demo_dir, max_steps=6)
+    code, _, err = cli("run", config, "--set", "decode.beam_size=2")
+    assert code == 0, err
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["progress"]["stopped_by"] == "max_steps"
+    code, _, err = cli("run", config, "--set", "decode.beam_size=2")
+    assert code == 0 and "train: up to date" in err and "eval: up to date" in err
+    # A longer budget: the finished run is continued (resumed), not restarted.
+    code, _, err = cli("run", config, "--set", "decode.beam_size=2", "--set", "train.max_steps=9")
+    assert code == 0, err
+    assert "resuming from" in err and "at step 6" in err
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["step"] == 9
+    # eval reruns only if best.pt changed (a better validation BLEU at step 9).
+    best_step = checkpoint.load(tmp_path / "run/checkpoints/best.pt")["step"]
+    assert ("eval: up to date" in err) == (best_step == 6)
