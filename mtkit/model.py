@@ -282,6 +282,12 @@ class DecoderCache:
         parents). Cross-attention K/V need no reordering: the beams of one sentence share them."""
         self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
 
+    def select(self, index: Tensor) -> None:
+        """Keep rows `index` of all the state, cross-attention included (search: sentences that
+        are finished leave the batch)."""
+        self.reorder(index)
+        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+
 
 # ---------------------------------------------------------------------------------------------
 

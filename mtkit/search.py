@@ -85,53 +85,62 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
     """
     b, k = src.size(0), beam_size
     device = src.device
-    rows = torch.arange(b, device=device)
-    memory = model.encode(src).index_select(rows.repeat_interleave(k))  # (B*K, S, D): each beam its copy
+    memory = model.encode(src).index_select(torch.arange(b, device=device).repeat_interleave(k))  # (B*K, S, D)
     cache = DecoderCache()
-    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (B*K, 1 + step)
-    scores = torch.zeros(b, k, device=device)
-    scores[:, 1:] = float("-inf")  # at the start all beams are the same prefix: let only one live
     longest = int(max_len.max()) + 1
-    fin_scores = torch.full((b, k), float("-inf"), device=device)  # finished: normalized score
+    # The finished hypotheses of every sentence: fixed-size buffers, K per sentence, best first.
+    fin_scores = torch.full((b, k), float("-inf"), device=device)  # log-prob / length penalty
     fin_log_probs = torch.zeros(b, k, device=device)
     fin_tokens = torch.full((b, k, longest), eos_id, dtype=torch.long, device=device)
     fin_count = torch.zeros(b, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    # The sentences still searching (A of them) and their beams: A*K rows of history and cache.
+    alive = torch.arange(b, device=device)  # (A,) their numbers in the batch
+    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (A*K, 1 + step)
+    scores = torch.zeros(b, k, device=device)  # (A, K) log-probability of each live beam
+    scores[:, 1:] = float("-inf")  # at the start all beams are the same prefix: let only one live
     for step in range(longest):
+        a = alive.numel()
         logits, cache = model.decode(history[:, -1:], memory, cache=cache)
-        log_probs = logits[:, -1].float().log_softmax(dim=-1).view(b, k, -1)  # (B, K, V)
+        log_probs = logits[:, -1].float().log_softmax(dim=-1).view(a, k, -1)  # (A, K, V)
         vocab = log_probs.size(-1)
-        at_limit = step >= max_len  # (B,): out of room, only EOS may follow
+        at_limit = step >= max_len[alive]  # (A,): out of room, only EOS may follow
         log_probs[at_limit] = float("-inf")
         log_probs[at_limit, :, eos_id] = 0.0
-        total = (scores[:, :, None] + log_probs).view(b, k * vocab)  # (B, K*V)
-        cand_scores, cand = total.topk(min(2 * k, k * vocab), dim=-1)  # (B, 2K), best first
+        total = (scores[:, :, None] + log_probs).view(a, k * vocab)  # (A, K*V)
+        cand_scores, cand = total.topk(min(2 * k, k * vocab), dim=-1)  # (A, 2K), best first
         parent, token = cand // vocab, cand % vocab  # which beam each candidate extends, with what
-        parent_rows = (rows[:, None] * k + parent)  # (B, 2K) rows of history/cache
+        parent_rows = torch.arange(a, device=device)[:, None] * k + parent  # (A, 2K) rows of history/cache
 
-        # Finished: EOS among the first K candidates, of sentences not yet done.
+        # Finished: EOS among the first K candidates. Merge them into the buffers (top K of 3K).
         rank = torch.arange(cand.size(1), device=device)[None, :]
         is_eos = token.eq(eos_id)
-        finishing = is_eos & (rank < k) & ~done[:, None] & cand_scores.isfinite()
-        normalized = cand_scores / length_penalty(step + 1.0, alpha)
-        new_scores = torch.where(finishing, normalized, float("-inf"))
-        new_tokens = torch.full((b, cand.size(1), longest), eos_id, dtype=torch.long, device=device)
-        new_tokens[:, :, :step] = history[parent_rows.flatten(), 1:].view(b, cand.size(1), step)
-        pool_scores = torch.cat([fin_scores, new_scores], dim=1)  # (B, 3K): keep the K best
-        fin_scores, keep = pool_scores.topk(k, dim=1)
-        fin_log_probs = torch.cat([fin_log_probs, cand_scores], dim=1).gather(1, keep)
-        fin_tokens = torch.cat([fin_tokens, new_tokens], dim=1).gather(1, keep[:, :, None].expand(-1, -1, longest))
-        fin_count += finishing.sum(dim=1)
-        done |= (fin_count >= k) | at_limit
-        if done.all():
+        finishing = is_eos & (rank < k) & cand_scores.isfinite()
+        new_scores = torch.where(finishing, cand_scores / length_penalty(step + 1.0, alpha), float("-inf"))
+        new_tokens = torch.full((a, cand.size(1), longest), eos_id, dtype=torch.long, device=device)
+        new_tokens[:, :, :step] = history[parent_rows.flatten(), 1:].view(a, cand.size(1), step)
+        best, keep = torch.cat([fin_scores[alive], new_scores], dim=1).topk(k, dim=1)
+        fin_log_probs[alive] = torch.cat([fin_log_probs[alive], cand_scores], dim=1).gather(1, keep)
+        fin_tokens[alive] = torch.cat([fin_tokens[alive], new_tokens], dim=1).gather(
+            1, keep[:, :, None].expand(-1, -1, longest))
+        fin_scores[alive] = best
+        fin_count[alive] += finishing.sum(dim=1)
+        searching = (fin_count[alive] < k) & ~at_limit  # (A,)
+        if not searching.any():
             break
 
-        # Live on: the K best candidates that did not end in EOS.
-        live_scores, live = cand_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (B, K)
-        scores = live_scores
-        chosen = parent_rows.gather(1, live).flatten()  # (B*K,) the parent row of each new beam
-        history = torch.cat([history[chosen], token.gather(1, live).view(-1, 1)], dim=1)
-        cache.reorder(chosen)
+        # Live on: the K best candidates that did not end in EOS, of the sentences still
+        # searching. Finished sentences leave the batch, so later steps do not compute them.
+        live_scores, live = cand_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (A, K)
+        chosen = parent_rows.gather(1, live)[searching].flatten()  # (A'*K,) parent row of each new beam
+        history = torch.cat([history[chosen], token.gather(1, live)[searching].view(-1, 1)], dim=1)
+        scores, alive = live_scores[searching], alive[searching]
+        if searching.all():
+            cache.reorder(chosen)
+        else:
+            # A parent row belongs to the same sentence, whose memory and cross-attention K/V
+            # all its beams share: the same index selects them too.
+            cache.select(chosen)
+            memory = memory.index_select(chosen)
 
     results = []
     for i in range(b):  # outside the loop: turn the finished buffers into Hypothesis objects

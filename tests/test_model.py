@@ -108,6 +108,10 @@ def test_cache_reorder_selects_rows():
     cache.reorder(index)
     assert torch.equal(cache.self_kv[0][0], old[index])
     assert cache.cross_kv is cross
+    # select: rows leave the batch, cross-attention state included.
+    cache.select(torch.tensor([2, 0]))
+    assert torch.equal(cache.self_kv[0][0], old[torch.tensor([0, 2])])
+    assert torch.equal(cache.cross_kv[1][1], cross[1][1][torch.tensor([2, 0])])
 
 
 def test_tied_weights_are_one_tensor():
