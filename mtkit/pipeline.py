@@ -25,7 +25,7 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
     Returns (what happened, the last checkpoint's progress)."""
     last = cfg.workdir / "checkpoints" / "last.pt"
     if last.exists():
-        state = checkpoint.load(last)
+        state = checkpoint.load(last, mmap=True)
         finished = state["progress"].get("stopped_by") not in (None, "interrupted")
         same = all(state["config"][k] == cfg.model_dump(mode="json")[k] for k in ("model", "train", "data", "tokenizer"))
         if finished and same:
@@ -36,7 +36,7 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
     result = train(cfg, resume=resume)
     if result.stopped_by == "interrupted":
         raise KeyboardInterrupt
-    return ("resumed" if resume else "done"), checkpoint.load(last)["progress"]
+    return ("resumed" if resume else "done"), checkpoint.load(last, mmap=True)["progress"]
 
 
 def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,

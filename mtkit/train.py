@@ -70,13 +70,8 @@ def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max
 
 def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
     """The model section plus what the data decides (vocabulary sizes, padding id)."""
-    m = cfg.model
-    return ModelConfig(
-        src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size, d_model=m.d_model, heads=m.heads,
-        enc_layers=m.enc_layers, dec_layers=m.dec_layers, ff_dim=m.ff_dim, dropout=m.dropout,
-        attention_dropout=m.attention_dropout, activation=m.activation, norm=m.norm, positions=m.positions,
-        max_positions=m.max_positions, tie_embeddings=m.tie_embeddings,
-        share_src_tgt=m.tie_embeddings and tok.joint, pad_id=PAD_ID)
+    return ModelConfig(**cfg.model.model_dump(), src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size,
+                       share_src_tgt=cfg.model.tie_embeddings and tok.joint, pad_id=PAD_ID)
 
 
 @contextlib.contextmanager
@@ -149,6 +144,8 @@ class Trainer:
         if 0 < t.eval_sample < n_valid:  # a fixed sample: every validation scores the same sentences
             sample = np.sort(np.random.default_rng(cfg.experiment.seed).choice(n_valid, t.eval_sample, replace=False))
         self.bleu_sample = sample
+        cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
+        self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
 
         self.last_path = self.ckpt_dir / "last.pt"
         state = self._resume_state() if resume else None
@@ -275,11 +272,9 @@ class Trainer:
         was_training = model.training
         model.eval()
         start = time.perf_counter()
-        cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
-        order = np.argsort(cost, kind="stable")
         loss_sum, n_tokens = 0.0, 0
         with self._autocast(self.precision):
-            for ix in length_batches(order, cost, self.cfg.train.max_tokens):
+            for ix in self.valid_batches:
                 b = self._batch(ix, "valid")
                 logits = model(b.src, b.tgt_in).float()
                 loss_sum += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD_ID,

@@ -73,16 +73,21 @@ class Translator:
     def max_source_tokens(self) -> int:
         return self.model.cfg.max_positions - 1  # room for EOS
 
+    def encode(self, lines: list[str]) -> list[list[int]]:
+        """Raw lines -> source ids (normalized first); a blank line -> []."""
+        return self.tokenizer.encode_src([normalize(line) for line in lines])
+
     def translate(self, lines: list[str], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
         """Raw lines -> for each, up to n_best (score, text), best first; a blank line -> [(0, "")]."""
-        texts = [normalize(line) for line in lines]
-        todo = [i for i, t in enumerate(texts) if t]
-        ids = self.tokenizer.encode_src([texts[i] for i in todo])
+        return self.translate_ids(self.encode(lines), opts)
+
+    def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
+        todo = [i for i, x in enumerate(ids) if x]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            found = search_sorted(self.model, ids, beam_size=opts.beam_size, alpha=opts.alpha, n_best=opts.n_best,
-                                  max_len_a=opts.max_len_a, max_len_b=opts.max_len_b, max_tokens=opts.max_tokens,
-                                  pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
-        results: list[list[tuple[float, str]]] = [[(0.0, "")] for _ in lines]
+            found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
+                                  n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
+                                  max_tokens=opts.max_tokens, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+        results: list[list[tuple[float, str]]] = [[(0.0, "")] for _ in ids]
         for i, hyps in zip(todo, found):
             results[i] = self._texts(hyps)
         return results
@@ -90,12 +95,6 @@ class Translator:
     def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
         texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
         return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
-
-    def too_long(self, lines: list[str]) -> list[int]:
-        """Indices of lines whose source is longer than the model accepts (they get cut)."""
-        texts = [normalize(line) for line in lines]
-        lengths = [len(x) for x in self.tokenizer.encode_src(texts)]
-        return [i for i, n in enumerate(lengths) if n > self.max_source_tokens]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +149,13 @@ def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out:
                 raw = raw[3:]  # a UTF-8 BOM is not text
             lines.append(decode_line(raw, number, _warn))
         first = number - len(lines) + 1
-        for i in translator.too_long(lines):
+        ids = translator.encode(lines)
+        for i in (i for i, x in enumerate(ids) if len(x) > translator.max_source_tokens):
             warned_long += 1
             if warned_long <= 10:
                 _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
                       f"translating its beginning only")
-        for i, hyps in enumerate(translator.translate(lines, opts)):
+        for i, hyps in enumerate(translator.translate_ids(ids, opts)):
             if opts.n_best > 1:
                 for score, text in hyps:
                     out.write(f"{first + i}\t{score:.4f}\t{text}\n")

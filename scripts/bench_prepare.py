@@ -13,6 +13,7 @@ encoding). Prints a table, then as its last line one JSON object.
 import argparse
 import gzip
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -62,7 +63,7 @@ def repeat_corpus(data_dir: Path, out: Path, pairs: int) -> int:
 
 def run_case(data_dir: Path, workdir: Path, dedup: bool) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", str(data_dir), str(workdir), str(dedup)],
-                            capture_output=True, text=True, env={"MTKIT_QUIET": "1", **dict(__import__("os").environ)})
+                            capture_output=True, text=True, env={**os.environ, "MTKIT_QUIET": "1"})
     if result.returncode:
         raise SystemExit(result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])
