@@ -77,7 +77,7 @@ def trained(tmp_path_factory, demo_dir) -> Path:
     """A tiny demo model, trained once per session (its translations are poor; the contracts
     tested with it do not depend on quality)."""
     folder = tmp_path_factory.mktemp("translate")
-    config = tiny_config(folder, demo_dir, max_steps=40, eval_every=40, save_every=40)
+    config = tiny_config(folder, demo_dir, max_steps=800, eval_every=800, save_every=800, lr=5e-3, warmup=50)
     try:
         main(["train", str(config)])
     except SystemExit as e:
