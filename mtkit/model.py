@@ -178,9 +178,20 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], *, keep: Tensor,
                 weights: list | None = None) -> Tensor:
-        q = split_heads(self.q(x), self.heads)  # (B, T, D) -> (B, H, T, E)
+        """x (N, T, D), kv (B, H, S, E) -> (N, T, D). Usually N = B. Beam search has N = B*K
+        rows, the K beams of each sentence one after another; they all look at the same memory,
+        so instead of copying it K times their queries are folded into one row of K*T queries."""
+        q = split_heads(self.q(x), self.heads)  # (N, T, D) -> (N, H, T, E)
+        n, h, t, e = q.shape
+        b = kv[0].size(0)
+        if n != b:
+            q = q.view(b, n // b, h, t, e).transpose(1, 2).reshape(b, h, n // b * t, e)  # (B, H, K*T, E)
         y = attend(q, *kv, keep=keep, causal=False, dropout=self.dropout if self.training else 0.0,
                    weights=weights)
+        if n != b:  # unfold: (B, H, K*T, E) -> (N, H, T, E), and the same for the weights
+            y = y.view(b, h, n // b, t, e).transpose(1, 2).reshape(n, h, t, e)
+            if weights is not None:
+                weights[-1] = weights[-1].view(b, h, n // b, t, -1).transpose(1, 2).reshape(n, h, t, -1)
         return self.out(merge_heads(y))
 
 
@@ -270,7 +281,8 @@ class Memory:
 @dataclass
 class DecoderCache:
     self_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)   # per layer, (B, H, t, E) each
-    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, (B, H, S, E) each
+    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, (B, H, S, E) each,
+    # one row per sentence even when self_kv has K rows per sentence (beam search)
 
     @property
     def length(self) -> int:
@@ -282,11 +294,11 @@ class DecoderCache:
         parents). Cross-attention K/V need no reordering: the beams of one sentence share them."""
         self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
 
-    def select(self, index: Tensor) -> None:
-        """Keep rows `index` of all the state, cross-attention included (search: sentences that
-        are finished leave the batch)."""
-        self.reorder(index)
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+    def select(self, rows: Tensor, sentences: Tensor) -> None:
+        """Finished sentences leave the batch: keep `rows` of the self-attention state (one per
+        beam) and `sentences` of the cross-attention state (one per sentence)."""
+        self.reorder(rows)
+        self.cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross_kv]
 
 
 # ---------------------------------------------------------------------------------------------

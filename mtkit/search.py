@@ -85,7 +85,7 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
     """
     b, k = src.size(0), beam_size
     device = src.device
-    memory = model.encode(src).index_select(torch.arange(b, device=device).repeat_interleave(k))  # (B*K, S, D)
+    memory = model.encode(src)  # (B, S, D): the K beams of a sentence share it (see CrossAttention)
     cache = DecoderCache()
     longest = int(max_len.max()) + 1
     # The finished hypotheses of every sentence: fixed-size buffers, K per sentence, best first.
@@ -106,7 +106,7 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
         at_limit = step >= max_len[alive]  # (A,): out of room, only EOS may follow
         log_probs[at_limit] = float("-inf")
         log_probs[at_limit, :, eos_id] = 0.0
-        total = (scores[:, :, None] + log_probs).view(a, k * vocab)  # (A, K*V)
+        total = log_probs.add_(scores[:, :, None]).view(a, k * vocab)  # (A, K*V), in place: it is big
         cand_scores, cand = total.topk(min(2 * k, k * vocab), dim=-1)  # (A, 2K), best first
         parent, token = cand // vocab, cand % vocab  # which beam each candidate extends, with what
         parent_rows = torch.arange(a, device=device)[:, None] * k + parent  # (A, 2K) rows of history/cache
@@ -137,10 +137,9 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
         if searching.all():
             cache.reorder(chosen)
         else:
-            # A parent row belongs to the same sentence, whose memory and cross-attention K/V
-            # all its beams share: the same index selects them too.
-            cache.select(chosen)
-            memory = memory.index_select(chosen)
+            still = searching.nonzero()[:, 0]
+            cache.select(chosen, still)
+            memory = memory.index_select(still)
 
     results = []
     for i in range(b):  # outside the loop: turn the finished buffers into Hypothesis objects

@@ -40,6 +40,17 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
+def limit_kernel_caches() -> None:
+    """oneDNN, which runs the bf16 matrix products on this CPU, compiles a kernel for each matrix
+    shape and caches up to 1,024 of them (and PyTorch's ideep layer caches as many again).
+    Decoding meets a new shape at nearly every step, as the prefix grows and the batch shrinks, so
+    a translate process grew to 1.4 GB. 32 of each keep beam search on test_2016 under 0.6 GB at
+    the same speed (measured). Both are read at the first bf16 product, so this only acts if
+    none has run yet in this process; the user's own settings win."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
+
+
 class Translator:
     """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
 
@@ -57,6 +68,7 @@ class Translator:
     @classmethod
     def load(cls, path: Path) -> "Translator":
         path = resolve_checkpoint(path)
+        limit_kernel_caches()
         return cls(checkpoint.load(path, mmap=True), path)
 
     def options(self, **overrides) -> DecodeOptions:

@@ -108,10 +108,35 @@ def test_cache_reorder_selects_rows():
     cache.reorder(index)
     assert torch.equal(cache.self_kv[0][0], old[index])
     assert cache.cross_kv is cross
-    # select: rows leave the batch, cross-attention state included.
-    cache.select(torch.tensor([2, 0]))
+    # select: rows leave the batch, and sentences leave the cross-attention state.
+    cache.select(torch.tensor([2, 0]), torch.tensor([1]))
     assert torch.equal(cache.self_kv[0][0], old[torch.tensor([0, 2])])
-    assert torch.equal(cache.cross_kv[1][1], cross[1][1][torch.tensor([2, 0])])
+    assert torch.equal(cache.cross_kv[1][1], cross[1][1][torch.tensor([1])])
+
+
+def test_beams_share_the_memory_without_copying_it():
+    """K target rows per sentence against one memory row each (beam search's layout) give what
+    a memory repeated K times gives, attention weights included."""
+    model = tiny()
+    src, tgt = batch()
+    k = 3
+    memory = model.encode(src)
+    repeated = memory.index_select(torch.arange(src.size(0)).repeat_interleave(k))
+    tgt = tgt.repeat_interleave(k, dim=0)
+    tgt[1::k, 2] = 7  # the beams of a sentence differ
+    folded_weights, repeated_weights = [], []
+    folded = model.decode(tgt, memory, attention=folded_weights)[0]
+    expected = model.decode(tgt, repeated, attention=repeated_weights)[0]
+    assert torch.allclose(folded, expected, atol=1e-5)
+    for f, r in zip(folded_weights, repeated_weights):
+        assert f.shape == r.shape and torch.allclose(f, r, atol=1e-6)
+    # and step by step with the cache
+    cache, steps = DecoderCache(), []
+    for t in range(tgt.size(1)):
+        logits, cache = model.decode(tgt[:, t:t + 1], memory, cache=cache)
+        steps.append(logits)
+    assert cache.cross_kv[0][0].size(0) == src.size(0)
+    assert torch.allclose(torch.cat(steps, dim=1), expected, atol=1e-5)
 
 
 def test_tied_weights_are_one_tensor():

@@ -99,3 +99,12 @@ def test_a_closed_output_pipe_stops_quietly(trained):
                             capture_output=True, timeout=300, env={**os.environ, "MTKIT_QUIET": "1"})
     assert result.stdout.count(b"\n") == 2
     assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
+
+
+def test_kernel_caches_are_limited_unless_the_user_set_them(monkeypatch):
+    from mtkit.translate import limit_kernel_caches
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "500")
+    limit_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "500"
