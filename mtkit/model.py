@@ -45,6 +45,31 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Dropout: while training, zero each activation with probability p and scale the others by
+# 1/(1-p), so the expected value is unchanged; at inference do nothing.
+
+class Dropout(nn.Module):
+    """nn.Dropout, with a cheaper random mask on a CPU, where drawing random numbers is the cost
+    (PyTorch's CPU generator gives one per element: F.dropout of a 3,700 x 1,024 bf16 activation
+    took 20 ms forward + backward, a fifth of a training step went to dropout). One 32-bit draw
+    here makes two masks of 15 random bits each: 12 ms, p within 1/32768."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16)[:n]  # [0, 2^31): 31 bits
+        keep = (bits & 0x7FFF).ge(round(self.p * 32768)).view(x.shape)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+# ---------------------------------------------------------------------------------------------
 # Positions. Attention itself is blind to order (it is a weighted sum over a set), so each
 # token's embedding gets a vector that says where it is.
 
@@ -76,7 +101,7 @@ class Embedding(nn.Module):
             self.learned = None
             # persistent=False: computed, not learned, so it stays out of checkpoints.
             self.register_buffer("table", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """ids (B, L) -> (B, L, D). `start` is the position of ids[:, 0] (the cache length when
@@ -206,7 +231,7 @@ class FeedForward(nn.Module):
         self.inner = nn.Linear(cfg.d_model, cfg.ff_dim)
         self.outer = nn.Linear(cfg.ff_dim, cfg.d_model)
         self.activation = F.gelu if cfg.activation == "gelu" else F.relu
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.outer(self.dropout(self.activation(self.inner(x))))
@@ -222,7 +247,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.pre = cfg.norm == "pre"
 
     def forward(self, x: Tensor, sublayer) -> Tensor:

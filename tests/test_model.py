@@ -139,6 +139,24 @@ def test_beams_share_the_memory_without_copying_it():
     assert torch.allclose(torch.cat(steps, dim=1), expected, atol=1e-5)
 
 
+def test_dropout_drops_p_and_keeps_the_expected_value():
+    from mtkit.model import Dropout
+    drop = Dropout(0.3).train()
+    x = torch.ones(1001, 999, requires_grad=True)  # an odd number of elements
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = y.ne(0)
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.003
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.7)) and abs(y.mean().item() - 1) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.7)  # the gradient flows through the kept ones
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # the seed decides the mask
+    assert drop.eval()(x) is x
+    # the rows of a mask are not copies of each other (two masks come from each random draw)
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
+
+
 def test_tied_weights_are_one_tensor():
     model = tiny()
     assert model.src_embed.tokens.weight is model.tgt_embed.tokens.weight
