@@ -119,11 +119,15 @@ def _decode_overrides(items: Optional[list[str]]) -> dict:
 def eval_(
     config: Annotated[Optional[Path], typer.Argument(help="Experiment config: translate a split with its best checkpoint and score it.",
                                                      show_default=False)] = None,
-    hyp: Annotated[Optional[Path], typer.Option("--hyp", help="Score this file of translations (instead of CONFIG).")] = None,
+    hyp: Annotated[Optional[list[Path]], typer.Option("--hyp", help="Score this file of translations (instead of CONFIG); "
+                                                       "repeat it to compare systems, the first being the baseline.")] = None,
     ref: Annotated[Optional[list[Path]], typer.Option("--ref", help="A reference file (repeatable for several references).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="valid or test (default: eval.split).")] = None,
     beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: decode.beam_size).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Another checkpoint than <workdir>/checkpoints/best.pt.")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=1, help="Paired bootstrap resampling with this many "
+                                                     "samples (1000 is usual): 95% confidence intervals, and p-values "
+                                                     "against the first --hyp.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter) to stdout.")] = False,
     set_: SetOpt = None,
 ) -> None:
@@ -132,18 +136,31 @@ def eval_(
 
     from mtkit.pipeline import print_scores
 
-    if hyp is not None:
+    if hyp:
         from mtkit import evaluate
 
         if config is not None or not ref:
             raise MtkitError("--hyp needs --ref and no CONFIG", hint="mtkit eval --hyp out.txt --ref ref.txt")
-        hypotheses, references = _read_aligned(hyp, ref)
+        systems, references = _read_aligned(hyp, ref)
         metrics = ("bleu", "chrf", "ter")
-        result = {"split": str(hyp), "sentences": len(hypotheses), "beam_size": "-", "checkpoint": "-",
-                  **evaluate.score(hypotheses, references, metrics)}
+        if bootstrap:
+            result = evaluate.paired_bootstrap(systems, references, bootstrap, metrics)
+            if as_json:
+                typer.echo(json.dumps(result))
+            else:
+                _print_bootstrap(result, metrics, len(references[0]))
+            return
+        if len(systems) > 1:
+            raise MtkitError("several --hyp files are compared with --bootstrap N",
+                             hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
+        result = {"split": systems[0][0], "sentences": len(systems[0][1]), "beam_size": "-", "checkpoint": "-",
+                  **evaluate.score(systems[0][1], references, metrics)}
     else:
         from mtkit.pipeline import evaluate_split
 
+        if bootstrap:
+            raise MtkitError("--bootstrap compares files: give them with --hyp and --ref",
+                             hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
         if config is None:
             raise MtkitError("name an experiment CONFIG, or files with --hyp and --ref",
                              hint="mtkit eval configs/demo.yaml  or  mtkit eval --hyp out.txt --ref ref.txt")
@@ -158,16 +175,41 @@ def eval_(
         print_scores(result, metrics)
 
 
-def _read_aligned(hyp: Path, refs: list[Path]) -> tuple[list[str], list[list[str]]]:
+def _read_aligned(hyps: list[Path], refs: list[Path]) -> tuple[list[tuple[str, list[str]]], list[list[str]]]:
+    """-> [(file name, its lines)] per hypothesis file, and the reference streams."""
     from mtkit.corpus import read_lines
 
-    hypotheses = list(read_lines(hyp))
+    systems = [(str(h), list(read_lines(h))) for h in hyps]
     references = [list(read_lines(r)) for r in refs]
-    for path, lines in zip(refs, references):
-        if len(lines) != len(hypotheses):
-            raise MtkitError(f"{hyp} has {len(hypotheses):,} lines but {path} has {len(lines):,}",
+    n = len(references[0])
+    for path, lines in [*zip(refs, references), *zip(hyps, (lines for _, lines in systems))]:
+        if len(lines) != n:
+            raise MtkitError(f"{path} has {len(lines):,} lines but {refs[0]} has {n:,}",
                              hint="hypotheses and references must be aligned line by line")
-    return hypotheses, references
+    return systems, references
+
+
+def _print_bootstrap(result: dict, metrics, sentences: int) -> None:
+    from mtkit.console import console, table
+
+    label = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
+    t = table(f"paired bootstrap resampling: {result['samples']:,} samples of {sentences:,} sentences; "
+              f"score (mean ± 95% CI), p-value against the baseline", ["system", *(label[m] for m in metrics)])
+    for i, row in enumerate(result["systems"]):
+        cells = []
+        for m in metrics:
+            r = row[m]
+            cell = f"{r['score']:.2f} ({r['mean']:.2f} ± {r['ci']:.2f})"
+            if r["p_value"] is not None:
+                cell += f"\np = {r['p_value']:.4f}" + (" *" if r["p_value"] < 0.05 else "")
+            cells.append(cell)
+        t.add_row(("baseline: " if i == 0 else "") + row["name"], *cells)
+    console.print(t)
+    if len(result["systems"]) > 1:
+        console.print("* p < 0.05: a difference this large would be unlikely if the system were no better or worse "
+                      "than the baseline (TER: lower is better)")
+    for m in metrics:
+        console.print(f"{label[m]}: {result['signatures'][m]}")
 
 
 @app.command()

@@ -53,3 +53,57 @@ def test_eval_config_translates_the_split_against_raw_references(trained, cli):
     assert len((trained / "eval" / "valid.hyp").read_text().splitlines()) == 1000
     code, _, err = cli("eval", config, "--split", "valid", "--beam", "2")
     assert code == 0 and "eval: up to date" in err
+
+
+def _systems(tmp_path: Path) -> list[Path]:
+    """A reference and two systems of 150 lines, the second closer to it than the first."""
+    import random
+
+    rng = random.Random(0)
+    words = "a the dog cat runs sees big small red house river man woman".split()
+    ref = [" ".join(rng.choices(words, k=rng.randint(4, 12))) for _ in range(150)]
+
+    def noisy(line: str, p: float) -> str:
+        return " ".join(w if rng.random() > p else rng.choice(words) for w in line.split())
+
+    paths = []
+    for name, lines in (("ref", ref), ("a", [noisy(r, 0.4) for r in ref]), ("b", [noisy(r, 0.3) for r in ref])):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_bootstrap_agrees_with_the_sacrebleu_command_line(tmp_path, cli):
+    import re
+
+    ref, a, b = _systems(tmp_path)
+    code, out, err = cli("eval", "--hyp", a, "--hyp", b, "--ref", ref, "--bootstrap", "300", "--json")
+    assert code == 0, err
+    ours = json.loads(out)
+    theirs = subprocess.run([str(SACREBLEU), str(ref), "-i", str(a), str(b), "-m", "bleu", "chrf", "ter",
+                             "--paired-bs", "--paired-bs-n", "300", "-f", "text"], capture_output=True, text=True,
+                            check=True).stdout
+    # The CLI's table: "score (mean ± ci)" per system and metric, one decimal; then p-values.
+    cells = [tuple(map(float, c)) for c in re.findall(r"(\d+\.\d) \((\d+\.\d) ± (\d+\.\d)\)", theirs)]
+    p_values = [float(p) for p in re.findall(r"p = (\d\.\d{4})", theirs)]
+    assert len(cells) == 6 and len(p_values) == 3
+    mine = [(s[m]["score"], s[m]["mean"], s[m]["ci"]) for s in ours["systems"] for m in ("bleu", "chrf", "ter")]
+    assert [tuple(round(x, 1) for x in c) for c in mine] == cells
+    assert [round(ours["systems"][1][m]["p_value"], 4) for m in ("bleu", "chrf", "ter")] == p_values
+    assert ours["systems"][0]["bleu"]["p_value"] is None
+    assert ours["systems"][1]["bleu"]["score"] > ours["systems"][0]["bleu"]["score"] + 5  # b is the better one
+    signatures = re.findall(r"^ - (?:BLEU|chrF2|TER) +(\S+)$", theirs, re.MULTILINE)
+    assert signatures == [ours["signatures"][m] for m in ("bleu", "chrf", "ter")] and "bs:300" in signatures[0]
+    code, _, err = cli("eval", "--hyp", a, "--hyp", b, "--ref", ref, "--bootstrap", "100")
+    assert code == 0 and "baseline:" in err and "p = " in err
+
+
+def test_bootstrap_mistakes_are_one_clear_message(tmp_path, cli, trained):
+    ref, a, b = _systems(tmp_path)
+    code, _, err = cli("eval", "--hyp", a, "--hyp", b, "--ref", ref)
+    assert code == 2 and "--bootstrap" in err
+    (tmp_path / "short").write_text("one line\n")
+    code, _, err = cli("eval", "--hyp", a, "--hyp", tmp_path / "short", "--ref", ref, "--bootstrap", "10")
+    assert code == 2 and "short has 1 lines" in err
+    code, _, err = cli("eval", trained.parent / "config.yaml", "--bootstrap", "10")
+    assert code == 2 and "--hyp" in err and "Traceback" not in err
