@@ -79,16 +79,22 @@ def load(path: Path, mmap: bool = False) -> dict:
     return state
 
 
+def weights(state: dict) -> dict:
+    """The weights to translate with: the moving average when training kept one (train.ema), else
+    the trained weights ("model", which resuming continues from)."""
+    return state["ema"] if "ema" in state else state["model"]
+
+
 def build_model(state: dict) -> Transformer:
-    """The model a checkpoint describes, with its weights, in eval mode."""
+    """The model a checkpoint describes, with its (translation) weights, in eval mode."""
     model = Transformer(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights(state))
     return model.eval()
 
 
 def average(paths: list[Path]) -> dict:
-    """A checkpoint whose weights are the element-wise mean of the given checkpoints' weights
-    (same model config required); config and tokenizer fingerprint come from the last one."""
+    """A checkpoint whose weights are the element-wise mean of the given checkpoints' (translation)
+    weights (same model config required); config and tokenizer fingerprint come from the last one."""
     if not paths:
         raise MtkitError("average needs at least one checkpoint")
     states = [load(p) for p in paths]
@@ -96,13 +102,13 @@ def average(paths: list[Path]) -> dict:
     for p, s in zip(paths, states):
         if s["model_config"] != first["model_config"]:
             raise MtkitError(f"{p} has another model config than {paths[0]}: they cannot be averaged")
-    weights = {}
-    for name, tensor in first["model"].items():
+    mean = {}
+    for name, tensor in weights(first).items():
         total = torch.zeros_like(tensor, dtype=torch.float64)
         for s in states:
-            total += s["model"][name].double()
-        weights[name] = (total / len(states)).to(tensor.dtype)
+            total += weights(s)[name].double()
+        mean[name] = (total / len(states)).to(tensor.dtype)
     last = states[-1]
     kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", "step")
     return {key: last[key] for key in kept if key in last} | {
-        "model": weights, "averaged_from": [str(p) for p in paths]}
+        "model": mean, "averaged_from": [str(p) for p in paths]}

@@ -117,6 +117,7 @@ class TrainSection(Section):
     keep_last: PositiveInt = 3
     patience: Annotated[int, Field(ge=0)] = 0
     average_last: Annotated[int, Field(ge=0)] = 0
+    ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSection":

@@ -8,6 +8,7 @@ same run: same batches, same dropout masks, same parameters as if it had never s
 """
 
 import contextlib
+import copy
 import fcntl
 import json
 import math
@@ -66,6 +67,16 @@ def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max
         done = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return lr * 0.5 * (1.0 + math.cos(math.pi * done))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@torch.no_grad()
+def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """average <- average + (1 - d) * (model - average), for every weight: an exponential moving
+    average that remembers about the last 1/(1 - d) steps. d ramps up as (1 + step) / (10 + step)
+    to `decay`, so the first steps' random weights are soon forgotten."""
+    d = min(decay, (1 + step) / (10 + step))
+    for a, w in zip(average.parameters(), model.parameters()):
+        a.lerp_(w.detach(), 1.0 - d)
 
 
 def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
@@ -156,6 +167,8 @@ class Trainer:
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
         self.model = Transformer(self.model_config)
+        # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.
+        self.ema_model = copy.deepcopy(self.model).eval() if t.ema else None
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # biases, LayerNorms
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -192,6 +205,10 @@ class Trainer:
             raise MtkitError(f"the model section of the config differs from {self.last_path}'s model",
                              hint="resume with the config it was trained with")
         self.model.load_state_dict(state["model"])
+        if self.ema_model is not None:
+            if "ema" not in state:
+                raise MtkitError(f"{self.last_path} was trained without train.ema", hint="resume without train.ema")
+            self.ema_model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.progress = dict(state["progress"])
@@ -262,6 +279,8 @@ class Trainer:
                 g["lr"] = lr
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema_model is not None:
+                ema_update(self.ema_model, self.model, t.ema, step)
         self.progress["step"] = step
         return total / n_tgt, n_tgt, sum(b.n_src_tokens for b in group)
 
@@ -297,7 +316,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
+        ema = {"ema": self.ema_model.state_dict()} if self.ema_model is not None else {}
+        return ema | {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                 "progress": dict(self.progress), "precision": self.precision,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
@@ -345,7 +365,7 @@ class Trainer:
     def _evaluate_and_keep_best(self) -> bool:
         """Validate; True when this is the best BLEU so far."""
         p = self.progress
-        result = self.validate()
+        result = self.validate(self.ema_model)  # None: the trained weights
         p["last_eval_step"] = p["step"]
         improved = p["best_bleu"] is None or result["bleu"] > p["best_bleu"]
         if improved:

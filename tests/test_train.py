@@ -16,7 +16,7 @@ import torch
 from mtkit import checkpoint
 from mtkit.config import load_config
 from mtkit.errors import MtkitError
-from mtkit.train import lr_at
+from mtkit.train import ema_update, lr_at
 from tests.conftest import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -65,6 +65,43 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli):
     assert losses(tmp_path / "a/run") == losses(tmp_path / "b/run")
     assert len(losses(tmp_path / "a/run")) == 6
     assert a["sampler"] == b["sampler"]
+
+
+def test_ema_update_is_the_moving_average():
+    average, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in average.parameters()]
+    ema_update(average, model, decay=0.99, step=1000)
+    for a, old, w in zip(average.parameters(), before, model.parameters()):
+        assert torch.allclose(a, 0.99 * old + 0.01 * w)
+    ema_update(average, model, decay=0.99, step=0)  # the ramp: d = 1/10 at the first step
+    for a, w in zip(average.parameters(), model.parameters()):
+        assert not torch.equal(a, w)
+    before = [p.detach().clone() for p in average.parameters()]
+    ema_update(average, model, decay=0.99, step=0)
+    for a, old, w in zip(average.parameters(), before, model.parameters()):
+        assert torch.allclose(a, 0.1 * old + 0.9 * w)
+
+
+def test_ema_is_saved_resumed_exactly_and_translated_with(tmp_path, demo_dir, cli):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert cli("train", tiny_config(tmp_path / "a", demo_dir, ema=0.9))[0] == 0
+    halves = tiny_config(tmp_path / "b", demo_dir, ema=0.9)
+    assert cli("train", halves, "--set", "train.max_steps=6")[0] == 0
+    code, _, err = cli("train", halves, "--resume")
+    assert code == 0, err
+    a = checkpoint.load(tmp_path / "a/run/checkpoints/last.pt")
+    b = checkpoint.load(tmp_path / "b/run/checkpoints/last.pt")
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), name
+    name = "decoder.0.feed_forward.inner.weight"
+    assert not torch.equal(a["ema"][name], a["model"][name])  # an average, not the weights
+    assert torch.equal(checkpoint.build_model(a).state_dict()[name], a["ema"][name])  # translation uses it
+    # Resuming a run without EMA with train.ema set is refused; the opposite is allowed.
+    plain = tiny_config(tmp_path, demo_dir, max_steps=6)
+    assert cli("train", plain)[0] == 0
+    code, _, err = cli("train", plain, "--resume", "--set", "train.ema=0.9", "--set", "train.max_steps=8")
+    assert code == 2 and "without train.ema" in err
 
 
 def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
