@@ -182,7 +182,7 @@ def _read_aligned(hyps: list[Path], refs: list[Path]) -> tuple[list[tuple[str, l
     systems = [(str(h), list(read_lines(h))) for h in hyps]
     references = [list(read_lines(r)) for r in refs]
     n = len(references[0])
-    for path, lines in [*zip(refs, references), *zip(hyps, (lines for _, lines in systems))]:
+    for path, lines in [*zip(refs, references), *systems]:
         if len(lines) != n:
             raise MtkitError(f"{path} has {len(lines):,} lines but {refs[0]} has {n:,}",
                              hint="hypotheses and references must be aligned line by line")

@@ -215,10 +215,13 @@ class CrossAttention(nn.Module):
             q = q.view(b, n // b, h, t, e).transpose(1, 2).reshape(b, h, n // b * t, e)  # (B, H, K*T, E)
         y = attend(q, *kv, keep=keep, causal=False, dropout=self.dropout if self.training else 0.0,
                    weights=weights)
-        if n != b:  # unfold: (B, H, K*T, E) -> (N, H, T, E), and the same for the weights
-            y = y.view(b, h, n // b, t, e).transpose(1, 2).reshape(n, h, t, e)
+        if n != b:  # unfold: (B, H, K*T, last) -> (N, H, T, last), the output and the weights
+            def unfold(z: Tensor) -> Tensor:
+                return z.view(b, h, n // b, t, -1).transpose(1, 2).reshape(n, h, t, -1)
+
+            y = unfold(y)
             if weights is not None:
-                weights[-1] = weights[-1].view(b, h, n // b, t, -1).transpose(1, 2).reshape(n, h, t, -1)
+                weights[-1] = unfold(weights[-1])
         return self.out(merge_heads(y))
 
 
