@@ -28,8 +28,12 @@ def save(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: the old file is still whole
+            raise MtkitError(f"could not write the checkpoint {path}: {e.strerror or e}",
+                             hint="free disk space or fix the folder's permissions, then run again; the checkpoints "
+                                  "already there are intact (training goes on from last.pt with --resume)") from e
         raise
     _fsync_dir(path.parent)
 

@@ -117,14 +117,14 @@ def _decode_overrides(items: Optional[list[str]]) -> dict:
 
 @app.command("eval")
 def eval_(
-    config: Annotated[Optional[Path], typer.Argument(help="Experiment config: translate a split with its best checkpoint and score it.",
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config: translate a split with its eval.checkpoint (best.pt or averaged.pt) and score it.",
                                                      show_default=False)] = None,
     hyp: Annotated[Optional[list[Path]], typer.Option("--hyp", help="Score this file of translations (instead of CONFIG); "
                                                        "repeat it to compare systems, the first being the baseline.")] = None,
     ref: Annotated[Optional[list[Path]], typer.Option("--ref", help="A reference file (repeatable for several references).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="valid or test (default: eval.split).")] = None,
     beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: decode.beam_size).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Another checkpoint than <workdir>/checkpoints/best.pt.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Another checkpoint than the config's eval.checkpoint (a file, or a workdir: its best.pt).")] = None,
     bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=1, help="Paired bootstrap resampling with this many "
                                                      "samples (1000 is usual): 95% confidence intervals, and p-values "
                                                      "against the first --hyp.")] = None,

@@ -118,6 +118,7 @@ class TrainSection(Section):
     patience: Annotated[int, Field(ge=0)] = 0
     average_last: Annotated[int, Field(ge=0)] = 0
     ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    max_nonfinite: PositiveInt = 10
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSection":
@@ -146,6 +147,7 @@ class DecodeSection(Section):
 
 class EvalSection(Section):
     split: Literal["valid", "test"] = "test"
+    checkpoint: Literal["best", "averaged"] = "best"
     metrics: tuple[Literal["bleu", "chrf", "ter"], ...] = ("bleu", "chrf", "ter")
 
     @field_validator("metrics")
@@ -172,7 +174,15 @@ class Config(Section):
                 f"model.max_positions ({self.model.max_positions}) must hold data.max_len "
                 f"({self.data.max_len}) plus BOS and EOS: raise it to {self.data.max_len + 2} or more"
             )
+        if self.eval.checkpoint == "averaged" and self.train.average_last < 2:
+            raise ValueError("eval.checkpoint averaged needs train.average_last of 2 or more "
+                             "(it scores <workdir>/checkpoints/averaged.pt, which training writes)")
         return self
+
+    @property
+    def eval_checkpoint(self) -> Path:
+        """The checkpoint `mtkit run` and `mtkit eval` score: best.pt or averaged.pt (eval.checkpoint)."""
+        return self.workdir / "checkpoints" / f"{self.eval.checkpoint}.pt"
 
     # The workdir layout: every stage finds its inputs and outputs here.
     @property

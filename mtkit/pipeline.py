@@ -1,6 +1,6 @@
 """Chaining the stages: `mtkit run CONFIG` (tokenizer -> prepare -> train -> translate -> eval),
-and `mtkit eval CONFIG` (translate a split with the best checkpoint, then score it). Each stage
-is skipped when its output is current for the config."""
+and `mtkit eval CONFIG` (translate a split with eval.checkpoint, best.pt or averaged.pt, then
+score it). Each stage is skipped when its output is current for the config."""
 
 import time
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 from mtkit import checkpoint, corpus, evaluate
 from mtkit.config import Config
 from mtkit.console import console, info, table
+from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
 from mtkit.prepare import prepare
 from mtkit.train import train
@@ -41,16 +42,19 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
 
 def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,
                    model: Path | None = None) -> dict:
-    """Translate a split's raw source with the experiment's best checkpoint (or `model`) and
+    """Translate a split's raw source with the experiment's eval.checkpoint (or `model`) and
     score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json; a
     rerun with the same checkpoint, data and decoding settings reuses them."""
     split = split or cfg.eval.split
-    ckpt = resolve_checkpoint(model or cfg.workdir)
+    ckpt = resolve_checkpoint(model) if model else cfg.eval_checkpoint
+    if not ckpt.is_file():
+        raise MtkitError(f"no checkpoint {ckpt} to score (eval.checkpoint: {cfg.eval.checkpoint})",
+                         hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     source = corpus.source_for(cfg.data, split)
     opts = cfg.decode.model_copy(update={"beam_size": beam} if beam else {})
     if opts.n_best > opts.beam_size:
         opts = opts.model_copy(update={"n_best": 1})
-    key = sha256_json({"checkpoint": sha256_file(ckpt), "source": corpus.fingerprint(source),
+    key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
                        "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics)})
     out = cfg.workdir / "eval"
     previous = read_json(out / f"{split}.json")

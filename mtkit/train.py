@@ -178,9 +178,10 @@ class Trainer:
                                           cfg.experiment.seed)
         # What the loop has done so far: all of it goes into checkpoints.
         self.progress = {"step": 0, "seconds": 0.0, "best_bleu": None, "best_step": None, "bad_evals": 0,
-                         "skipped_steps": 0, "last_eval_step": 0, "last_save_step": 0}
+                         "skipped_steps": 0, "nonfinite_in_row": 0, "last_eval_step": 0, "last_save_step": 0}
         if state is not None:
             self._restore(state)
+            self.progress.setdefault("nonfinite_in_row", 0)  # checkpoints from before this counter
         else:
             self.precision, self.precision_reason = self._choose_precision()
         self.metrics_path = cfg.workdir / "metrics.jsonl"
@@ -213,6 +214,9 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.progress = dict(state["progress"])
         self.precision, self.precision_reason = state["precision"], "as before the resume"
+        wanted = self.cfg.train.precision
+        if wanted not in ("auto", state["precision"]):  # the weights are fp32 either way: a switch is safe
+            self.precision, self.precision_reason = wanted, f"set in the config ({state['precision']} before the resume)"
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         info(f"train: resuming from {self.last_path} at step {self.progress['step']:,}")
@@ -266,13 +270,16 @@ class Trainer:
         n_tgt = sum(b.n_tgt_tokens for b in group)
         total = sum(self._forward_backward(b, self.precision, 1.0 / n_tgt) for b in group)
         step = self.progress["step"] + 1
-        if not math.isfinite(total):
-            # A NaN/inf loss would poison the weights: skip the update, count it.
+        # A NaN/inf loss or gradient (bf16 can overflow in the backward pass while the loss looks
+        # fine) would poison the weights: skip the update, count it. The norm is needed anyway to clip.
+        finite = math.isfinite(total) and math.isfinite(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip if t.clip > 0 else math.inf))
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress["skipped_steps"] += 1
+            self.progress["nonfinite_in_row"] += 1
         else:
-            if t.clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
+            self.progress["nonfinite_in_row"] = 0
             lr = lr_at(step, lr=t.lr, schedule=t.schedule, warmup=t.warmup, d_model=self.model_config.d_model,
                        max_steps=t.max_steps)
             for g in self.optimizer.param_groups:
@@ -403,6 +410,8 @@ class Trainer:
                     break
                 step_start = time.perf_counter()
                 loss, n_tgt, n_src = self._step()
+                if p["nonfinite_in_row"] >= t.max_nonfinite:
+                    self._stop_nonfinite()
                 window["seconds"] += time.perf_counter() - step_start
                 self.session["tgt"] += n_tgt
                 self.session["seconds"] += time.perf_counter() - step_start
@@ -416,7 +425,9 @@ class Trainer:
                     window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
                 bar.update(task, completed=step, epoch=self.sampler.epoch + 1)
                 improved = step % t.eval_every == 0 and self._evaluate_and_keep_best()
-                self._save(step % t.save_every == 0, improved)
+                # No step checkpoint amid NaN/inf steps: if they come from weights already gone bad,
+                # it would replace good checkpoints with them.
+                self._save(step % t.save_every == 0 and p["nonfinite_in_row"] == 0, improved)
             # The end: validate unless that just happened, and save the final state (with why it
             # stopped: `mtkit run` skips a finished training and resumes an interrupted one).
             improved = stopped_by != "interrupted" and p["last_eval_step"] != p["step"] and self._evaluate_and_keep_best()
@@ -432,6 +443,21 @@ class Trainer:
         result = TrainResult(self.ckpt_dir, p["step"], p["seconds"], stopped_by, p["best_bleu"], p["best_step"])
         self._summary(result)
         return result
+
+    def _stop_nonfinite(self) -> None:
+        """Too many NaN/inf losses in a row: the run has diverged (or bf16 overflows). Stop without
+        saving, so that last.pt stays the last state known to be good."""
+        p, t = self.progress, self.cfg.train
+        self._log({"event": "stopped_nonfinite", "step": p["step"], "in_row": p["nonfinite_in_row"],
+                   "skipped_steps": p["skipped_steps"]})
+        bf16 = " In bf16 an overflow can cause it too: try train.precision=fp32." if self.precision == "bf16" else ""
+        raise MtkitError(
+            f"training stopped at step {p['step']:,}: the loss or its gradient was NaN or infinite for {p['nonfinite_in_row']} steps "
+            f"in a row ({p['skipped_steps']} in all; their updates were skipped). " + (
+                f"{self.last_path} (step {p['last_save_step']:,}) is the last checkpoint, kept as it was."
+                if self.last_path.exists() else "No checkpoint had been saved yet."),
+            hint=f"the learning rate is the usual cause: lower train.lr ({t.lr:g}) or lengthen train.warmup "
+                 f"({t.warmup}), then mtkit train CONFIG{' --resume' if self.last_path.exists() else ''}.{bf16}")
 
     def _log_window(self, window: dict, bar: Progress, task) -> None:
         p, t = self.progress, self.cfg.train

@@ -118,6 +118,7 @@ def test_unknown_key_from_override_says_so(tmp_path):
     ("model:\n  dropout: 1.5\n", "`model.dropout`: Input should be less than 1"),
     ("data:\n  src: de\n  tgt: en\n  max_len: 300\n", "model.max_positions (256) must hold data.max_len (300)"),
     ("tokenizer:\n  type: wordpiece\n", "`tokenizer.type`: Input should be 'bpe' or 'unigram'"),
+    ("eval:\n  checkpoint: averaged\n", "eval.checkpoint averaged needs train.average_last of 2 or more"),
 ])
 def test_bad_values_name_key_and_fix(tmp_path, yaml_text, expected):
     text = yaml_text if yaml_text.startswith("data:") else MINIMAL + yaml_text

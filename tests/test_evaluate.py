@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 
 SACREBLEU = Path(sys.executable).with_name("sacrebleu")
 HYP = ["The cat sat on the mat.", "A dog runs in the park.", "", "Two men are talking near a red car."]
@@ -53,6 +55,30 @@ def test_eval_config_translates_the_split_against_raw_references(trained, cli):
     assert len((trained / "eval" / "valid.hyp").read_text().splitlines()) == 1000
     code, _, err = cli("eval", config, "--split", "valid", "--beam", "2")
     assert code == 0 and "eval: up to date" in err
+
+
+def test_eval_config_scores_the_checkpoint_named_by_eval_checkpoint(trained, cli, tmp_path):
+    """eval.checkpoint picks best.pt or averaged.pt in the workdir; a missing one is named."""
+    import shutil
+
+    settings = yaml.safe_load((trained.parent / "config.yaml").read_text())
+    settings["experiment"]["workdir"] = str(tmp_path / "run")
+    settings["train"].update(keep_last=2, average_last=2)
+    settings["eval"] = {"checkpoint": "averaged", "split": "valid"}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained / "checkpoints" / "best.pt", tmp_path / "run" / "checkpoints" / "best.pt")
+
+    code, _, err = cli("eval", config, "--beam", "1")
+    assert code == 2 and "averaged.pt" in err and "eval.checkpoint: averaged" in err
+    shutil.copy(trained / "checkpoints" / "best.pt", tmp_path / "run" / "checkpoints" / "averaged.pt")
+    code, _, err = cli("eval", config, "--beam", "1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "eval" / "valid.json").read_text())["checkpoint"].endswith("averaged.pt")
+    code, _, err = cli("eval", config, "--beam", "1", "--set", "eval.checkpoint=best")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "eval" / "valid.json").read_text())["checkpoint"].endswith("best.pt")
 
 
 def _systems(tmp_path: Path) -> list[Path]:

@@ -261,3 +261,59 @@ def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, dem
     # eval reruns only if best.pt changed (a better validation BLEU at step 9).
     best_step = checkpoint.load(tmp_path / "run/checkpoints/best.pt")["step"]
     assert ("eval: up to date" in err) == (best_step == 6)
+
+
+def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_checkpoint(
+        tmp_path, demo_dir, cli, monkeypatch):
+    from mtkit.train import Trainer
+
+    real = Trainer._forward_backward
+
+    def poisoned(self, batch, precision, scale=1.0):
+        loss = real(self, batch, precision, scale)
+        step = self.progress["step"] + 1
+        return math.nan if step == 3 or step >= 7 else loss  # one stray NaN, then a diverged run
+
+    monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
+    config = tiny_config(tmp_path, demo_dir, save_every=2, eval_every=100, max_nonfinite=3)
+    code, _, err = cli("train", config)
+    assert code == 2 and "Traceback" not in err
+    assert "was NaN or infinite for 3 steps in a row (4 in all" in err and "(step 6)" in err and "train.lr" in err
+    last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
+    assert last["step"] == 6 and last["progress"]["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == {"event": "stopped_nonfinite", "step": 9, "in_row": 3, "skipped_steps": 4}
+
+    # Fixed (here: the fault removed), the run resumes from step 6; an explicit precision wins.
+    monkeypatch.setattr(Trainer, "_forward_backward", real)
+    code, _, err = cli("train", config, "--resume", "--set", "train.precision=bf16")
+    assert code == 0, err
+    assert "resuming from" in err and "at step 6" in err and "bf16 (set in the config (fp32 before the resume))" in err
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["step"] == 12
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(tmp_path, demo_dir, cli, monkeypatch):
+    import errno
+
+    real = torch.save
+
+    def disk_full_at_step_6(obj, f, *args, **kwargs):
+        if "step_0000006" in str(getattr(f, "name", f)):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_6)
+    config = tiny_config(tmp_path, demo_dir, save_every=2, eval_every=100)
+    code, _, err = cli("train", config)
+    assert code == 2 and "Traceback" not in err
+    assert "could not write the checkpoint" in err and "step_0000006.pt: No space left on device" in err
+    folder = tmp_path / "run/checkpoints"
+    assert not list(folder.glob(".*.tmp")) and not (folder / "step_0000006.pt").exists()
+    assert checkpoint.load(folder / "last.pt")["step"] == 4
+
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    code, _, err = cli("train", config, "--resume")
+    assert code == 0, err
+    assert "at step 4" in err and checkpoint.load(folder / "last.pt")["step"] == 12
