@@ -1,0 +1,102 @@
+"""The fault harness: `mtkit train` killed with SIGKILL again and again, at random moments and in
+the middle of checkpoint writes, then resumed. After every kill each checkpoint must load, at most
+`save_every` logged steps may be lost, and in fp32 the run must end with the very parameters of an
+uninterrupted one.
+
+CI runs a short version; the long one is `MTKIT_FAULT_KILLS=25 pytest tests/test_faults.py -s`.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mtkit import checkpoint
+from tests.conftest import tiny_config
+
+MTKIT = Path(sys.executable).with_name("mtkit")
+KILLS = int(os.environ.get("MTKIT_FAULT_KILLS", "6"))
+SAVE_EVERY = 3
+
+
+def _start(config: Path, log: Path, resume: bool) -> subprocess.Popen:
+    with open(log, "a") as err:  # a file, not a pipe: a killed reader could block the writer
+        return subprocess.Popen([str(MTKIT), "train", str(config), *(["--resume"] if resume else [])],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "MTKIT_QUIET": "1"},
+                                start_new_session=True)
+
+
+def _logged_step(workdir: Path) -> int:
+    """The newest step in metrics.jsonl (log_every 1: every finished step is logged)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def _wait(condition, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> bool:
+    """Poll `condition` (every 0.5 ms) until it holds; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.0005)
+    return True
+
+
+def test_sigkill_at_random_moments_and_during_writes(tmp_path, demo_dir):
+    rng = random.Random(int(os.environ.get("MTKIT_FAULT_SEED", "1")))
+    settings = dict(save_every=SAVE_EVERY, eval_every=10, log_every=1, max_steps=30 + 12 * KILLS, keep_last=2)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "whole").mkdir()
+    config = tiny_config(tmp_path / "killed", demo_dir, **settings)
+    workdir, log = tmp_path / "killed" / "run", tmp_path / "killed" / "train.log"
+    folder, last = workdir / "checkpoints", workdir / "checkpoints" / "last.pt"
+
+    kills, during_writes, most_lost = 0, 0, 0
+    while kills < KILLS:
+        start = last.exists() and checkpoint.load(last)["step"]
+        proc = _start(config, log, resume=last.exists())
+        # Kill only once this process has trained a step (or the loop could kill it forever at start-up),
+        # then either a random moment later or the instant a checkpoint write begins.
+        if not _wait(lambda: _logged_step(workdir) > (start or 0), proc, log):
+            break  # it finished before the kill
+        if kills % 2 == 0:
+            time.sleep(rng.uniform(0.0, 0.4))
+        elif not _wait(lambda: any(folder.glob(".*.tmp")), proc, log):
+            break
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        during_writes += any(folder.glob(".*.tmp"))  # a write was cut short
+        for path in sorted(folder.glob("*.pt")):
+            checkpoint.load(path)  # every checkpoint stays readable (raises if not)
+        lost = _logged_step(workdir) - checkpoint.load(last)["step"]
+        assert 0 <= lost <= SAVE_EVERY, f"kill {kills}: {lost} steps lost"
+        most_lost = max(most_lost, lost)
+
+    proc = _start(config, log, resume=True)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
+    assert not list(folder.glob(".*.tmp"))  # leftovers of cut writes are cleared on start
+
+    whole = tiny_config(tmp_path / "whole", demo_dir, **settings)
+    proc = _start(whole, tmp_path / "whole" / "train.log", resume=False)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "whole" / "train.log").read_text()[-2000:]
+    a = checkpoint.load(last)
+    b = checkpoint.load(tmp_path / "whole/run/checkpoints/last.pt")
+    assert a["step"] == b["step"] == settings["max_steps"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["progress"]["best_bleu"] == b["progress"]["best_bleu"]
+    print(f"\nfault harness: {kills} SIGKILLs survived ({during_writes} during a checkpoint write), "
+          f"at most {most_lost} steps lost (save_every {SAVE_EVERY}), final parameters equal to an "
+          f"uninterrupted run's after {a['step']} steps")
+    assert kills == KILLS, f"the run finished after {kills} kills; raise max_steps"
