@@ -28,7 +28,8 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
     if last.exists():
         state = checkpoint.load(last, mmap=True)
         finished = state["progress"].get("stopped_by") not in (None, "interrupted")
-        same = all(state["config"][k] == cfg.model_dump(mode="json")[k] for k in ("model", "train", "data", "tokenizer"))
+        before, now = _with_defaults(state["config"]), cfg.model_dump(mode="json")
+        same = before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer"))
         if finished and same:
             info(f"train: up to date ({last}, stopped by {state['progress']['stopped_by']} at step "
                  f"{state['step']:,})")
@@ -38,6 +39,15 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
     if result.stopped_by == "interrupted":
         raise KeyboardInterrupt
     return ("resumed" if resume else "done"), checkpoint.load(last, mmap=True)["progress"]
+
+
+def _with_defaults(saved: dict) -> dict | None:
+    """A checkpoint's config with today's defaults filled in, so that a key added to mtkit since
+    (at its default) does not count as a change; None if it no longer validates."""
+    try:
+        return Config.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # pydantic's ValidationError is one
+        return None
 
 
 def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,

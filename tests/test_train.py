@@ -217,15 +217,16 @@ def test_sigkill_never_leaves_an_unreadable_checkpoint_and_resume_goes_on(tmp_pa
     assert not list(last.parent.glob(".*.tmp"))  # temp files of killed writes are cleared on start
 
 
-def test_sigint_saves_and_exits_cleanly(tmp_path, demo_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_and_exit_cleanly(tmp_path, demo_dir, sig):
     config = tiny_config(tmp_path, demo_dir, save_every=1000, eval_every=1000, max_steps=100000, log_every=1)
     proc = _start(config)
     metrics = tmp_path / "run/metrics.jsonl"
     _wait_for(metrics, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "stopped by SIGINT" in err and "--resume" in err
+    assert "Traceback" not in err and f"stopped by {sig.name}" in err and "--resume" in err
     state = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
     assert state["step"] >= 1 and state["progress"]["step"] == state["step"]
     assert math.isfinite(losses(tmp_path / "run")[-1][1])
@@ -253,6 +254,13 @@ def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, dem
     assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["progress"]["stopped_by"] == "max_steps"
     code, _, err = cli("run", config, "--set", "decode.beam_size=2")
     assert code == 0 and "train: up to date" in err and "eval: up to date" in err
+    # A run saved before a config key existed is still up to date (the key at its default).
+    last = tmp_path / "run/checkpoints/last.pt"
+    state = checkpoint.load(last)
+    del state["config"]["train"]["max_nonfinite"]
+    checkpoint.save({k: v for k, v in state.items() if k not in ("format", "version")}, last)
+    code, _, err = cli("run", config, "--set", "decode.beam_size=2")
+    assert code == 0 and "train: up to date" in err
     # A longer budget: the finished run is continued (resumed), not restarted.
     code, _, err = cli("run", config, "--set", "decode.beam_size=2", "--set", "train.max_steps=9")
     assert code == 0, err
