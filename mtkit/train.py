@@ -34,6 +34,7 @@ from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
 from mtkit.search import search_sorted
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mtkit.translate import limit_kernel_caches
 
 
 @dataclass
@@ -131,6 +132,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool):
+        limit_kernel_caches()  # before the first bf16 product (the precision probe)
         self.cfg, t = cfg, cfg.train
         self.ckpt_dir = cfg.workdir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)

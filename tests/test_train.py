@@ -325,3 +325,11 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(tmp_path,
     code, _, err = cli("train", config, "--resume")
     assert code == 0, err
     assert "at step 4" in err and checkpoint.load(folder / "last.pt")["step"] == 12
+
+
+def test_training_caps_the_kernel_caches_unless_the_user_set_them(tmp_path, demo_dir, cli, monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "500")
+    code, _, err = cli("train", tiny_config(tmp_path, demo_dir, max_steps=2))
+    assert code == 0, err
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32" and os.environ["LRU_CACHE_CAPACITY"] == "500"
