@@ -1,10 +1,15 @@
-"""`mtkit translate`: one output line per input line, always; streaming; n-best; batch invariance."""
+"""`mtkit translate`: one output line per input line, always (also fuzzed); streaming; n-best; batch
+invariance."""
 
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -108,3 +113,47 @@ def test_kernel_caches_are_limited_unless_the_user_set_them(monkeypatch):
     limit_kernel_caches()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
     assert os.environ["LRU_CACHE_CAPACITY"] == "500"
+
+
+# Fuzzing (hypothesis): whatever the bytes, one output line per input line, in order.
+
+LINES = st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")) |
+                 st.text(max_size=200).map(lambda t: t.replace("\n", "").encode("utf-8")), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2000))
+def test_file_chunks_split_any_bytes_on_newlines_only(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("chunks") / "input"
+    path.write_bytes(data)
+    from mtkit.translate import file_chunks
+
+    with open(path, "rb") as f:
+        lines = [line for chunk in file_chunks(f) for line in chunk]
+    expected = data.split(b"\n")
+    if expected[-1] == b"":
+        expected.pop()  # a final "\n" ends the last line; it does not start another
+    assert lines == expected
+
+
+@pytest.fixture(scope="module")
+def trained_translator(trained):
+    from mtkit.translate import Translator
+
+    return Translator.load(trained)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=LINES, chunk=st.integers(min_value=1, max_value=5))
+def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lines, chunk):
+    import io
+
+    from mtkit.translate import translate_stream
+
+    out = io.StringIO()
+    opts = trained_translator.options(beam_size=2, max_len_b=5)
+    n = translate_stream(trained_translator, [lines[i:i + chunk] for i in range(0, len(lines), chunk)], out, opts)
+    written = out.getvalue().split("\n")
+    assert n == len(lines) and written[-1] == "" and len(written) - 1 == len(lines)
+    blank = [i for i, raw in enumerate(lines) if not raw.strip(b" \t\r") and not raw.startswith(b"\xef\xbb\xbf")]
+    assert all(written[i] == "" for i in blank)  # blank in, blank out: the order holds
