@@ -58,7 +58,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     split = split or cfg.eval.split
     ckpt = resolve_checkpoint(model) if model else cfg.eval_checkpoint
     if not ckpt.is_file():
-        raise MtkitError(f"no checkpoint {ckpt} to score (eval.checkpoint: {cfg.eval.checkpoint})",
+        raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     source = corpus.source_for(cfg.data, split)
     opts = cfg.decode.model_copy(update={"beam_size": beam} if beam else {})

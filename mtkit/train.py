@@ -183,7 +183,6 @@ class Trainer:
                          "skipped_steps": 0, "nonfinite_in_row": 0, "last_eval_step": 0, "last_save_step": 0}
         if state is not None:
             self._restore(state)
-            self.progress.setdefault("nonfinite_in_row", 0)  # checkpoints from before this counter
         else:
             self.precision, self.precision_reason = self._choose_precision()
         self.metrics_path = cfg.workdir / "metrics.jsonl"
@@ -214,7 +213,7 @@ class Trainer:
             self.ema_model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        self.progress = dict(state["progress"])
+        self.progress = {**self.progress, **state["progress"]}  # counters added since start at their defaults
         self.precision, self.precision_reason = state["precision"], "as before the resume"
         wanted = self.cfg.train.precision
         if wanted not in ("auto", state["precision"]):  # the weights are fp32 either way: a switch is safe
@@ -452,14 +451,15 @@ class Trainer:
         p, t = self.progress, self.cfg.train
         self._log({"event": "stopped_nonfinite", "step": p["step"], "in_row": p["nonfinite_in_row"],
                    "skipped_steps": p["skipped_steps"]})
+        saved = self.last_path.exists()
         bf16 = " In bf16 an overflow can cause it too: try train.precision=fp32." if self.precision == "bf16" else ""
         raise MtkitError(
-            f"training stopped at step {p['step']:,}: the loss or its gradient was NaN or infinite for {p['nonfinite_in_row']} steps "
-            f"in a row ({p['skipped_steps']} in all; their updates were skipped). " + (
-                f"{self.last_path} (step {p['last_save_step']:,}) is the last checkpoint, kept as it was."
-                if self.last_path.exists() else "No checkpoint had been saved yet."),
+            f"training stopped at step {p['step']:,}: the loss or its gradient was NaN or infinite for "
+            f"{p['nonfinite_in_row']} steps in a row ({p['skipped_steps']} in all; their updates were skipped). "
+            + (f"{self.last_path} (step {p['last_save_step']:,}) is the last checkpoint, kept as it was."
+               if saved else "No checkpoint had been saved yet."),
             hint=f"the learning rate is the usual cause: lower train.lr ({t.lr:g}) or lengthen train.warmup "
-                 f"({t.warmup}), then mtkit train CONFIG{' --resume' if self.last_path.exists() else ''}.{bf16}")
+                 f"({t.warmup}), then mtkit train CONFIG{' --resume' if saved else ''}.{bf16}")
 
     def _log_window(self, window: dict, bar: Progress, task) -> None:
         p, t = self.progress, self.cfg.train

@@ -46,8 +46,8 @@ def limit_kernel_caches() -> None:
     Decoding meets a new shape at nearly every step, as the prefix grows and the batch shrinks, so
     a translate process grew to 1.4 GB. 32 of each keep beam search on test_2016 under 0.6 GB at
     the same speed (measured). Training meets a new shape with nearly every batch: uncapped, a
-    45-minute Multi30k `mtkit run` peaked at 4.7 GB; capped, 4 minutes of training hold a steady
-    1.35 GB where uncapped they grew past 2.6 GB, at the same speed (5,123 vs 4,994 tok/s).
+    45-minute Multi30k `mtkit run` peaked at 4.7 GB; capped, bench_train peaks 22% lower at the
+    same speed (README: Results).
     Both are read at the first bf16 product, so this only acts if none has run yet in this
     process; the user's own settings win."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
