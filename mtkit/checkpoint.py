@@ -80,6 +80,10 @@ def load(path: Path, mmap: bool = False) -> dict:
     if state.get("version", 0) > VERSION:
         raise MtkitError(f"{path} has checkpoint format version {state['version']}; this mtkit reads "
                          f"up to {VERSION}", hint="upgrade mtkit")
+    missing = [key for key in ("model_config", "model") if key not in state]
+    if missing:
+        raise MtkitError(f"{path} is an incomplete mtkit checkpoint (it has no {' or '.join(missing)})",
+                         hint="use another checkpoint")
     return state
 
 

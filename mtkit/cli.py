@@ -5,6 +5,7 @@ answers at once. A user's mistake (MtkitError) is printed as one message with a 
 code 2, never as a traceback.
 """
 
+import errno
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,10 +29,16 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its output is up to date.")]
 
 
-def _load(config: Path, overrides: Optional[list[str]]):
+def _load(config: Path, overrides: Optional[list[str]], writes: bool = True):
+    """The validated config; for a stage that writes, also a workdir proven writable."""
     from mtkit.config import load_config
+    from mtkit.files import ensure_writable_dir
 
-    return load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])
+    if writes:
+        ensure_writable_dir(cfg.workdir, "the workdir", "set experiment.workdir to a folder you can write, "
+                                                         "e.g. --set experiment.workdir=runs/mine")
+    return cfg
 
 
 @tokenizer_app.command("train")
@@ -93,7 +100,8 @@ def translate(
         raise MtkitError("--greedy and --beam contradict each other", hint="use one of them")
     translator = Translator.load(checkpoint)
     overrides = _decode_overrides(set_)
-    overrides.update(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
+    options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
+    overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
     translate_file(translator, input, output, opts)
 
@@ -229,12 +237,15 @@ def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the resolved config: the file, the --set overrides and every default."""
     import yaml
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, writes=False)
     resolved = cfg.model_dump(mode="json")
     resolved["experiment"]["workdir"] = str(cfg.workdir)
     overrides = "".join(f" --set {o}" for o in set_ or [])
     typer.echo(f"# resolved from {config}{overrides}")
     typer.echo(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), nl=False)
+
+
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -247,6 +258,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except OSError as e:
+        # A full disk or a read-only place is the machine's state, not a bug: one message. The
+        # stages write atomically, so whatever was finished before is intact.
+        if e.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        from mtkit.console import print_error
+
+        print_error(MtkitError(f"cannot write {e.filename or 'the output'}: {e.strerror}",
+                               hint="free disk space or fix permissions, then run again (what was finished before "
+                                    "is kept, checkpoints included)"))
+        raise SystemExit(2) from None
     except BrokenPipeError:
         # The reader went away (`mtkit translate ... | head`): stop quietly, as `cat` would.
         import os

@@ -210,14 +210,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override and validate an experiment config; MtkitError on any mistake."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise MtkitError(f"config file not found: {path}", hint="check the path (see configs/)")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MtkitError(f"cannot read config file {path}: {e}")
+    except OSError as e:
+        raise MtkitError(f"cannot read config file {path}: {e.strerror}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise MtkitError(f"{path}:{line}: invalid UTF-8 (byte {data[e.start]:#04x}); a config is UTF-8 text",
+                         hint="save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text))
+    except MtkitError as e:
+        raise MtkitError(f"invalid config {path}: {e.message}", hint="delete one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -228,6 +236,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise MtkitError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
+    raw = {name: {} if section is None else section for name, section in raw.items()}  # `train:` alone: defaults
     set_by_override = {}
     for item in overrides:
         key = _apply_override(raw, item)
@@ -266,7 +275,10 @@ def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[str, int]:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = prefix + (str(key_node.value),)
-            lines[".".join(path)] = key_node.start_mark.line + 1
+            key, line = ".".join(path), key_node.start_mark.line + 1
+            if key in lines:  # YAML itself would keep the last one without a word
+                raise MtkitError(f"line {line}: `{key}` is given twice (first on line {lines[key]})")
+            lines[key] = line
             lines.update(_key_lines(value_node, path))
     return lines
 
@@ -297,6 +309,8 @@ def _config_error(path: Path, error: ValidationError, lines: dict[str, int],
             msg = f"unknown key `{key}`" + (f": did you mean `{close}`?" if close else "")
         elif err["type"] == "missing":
             msg = f"`{key}` is required"
+        elif err["type"] == "model_type":  # a section given as a value
+            msg = f"`{key}` must be a section (its keys indented below it), not {err.get('input')!r}"
         else:
             msg = f"`{key}`: {detail} (got {err.get('input')!r})"
         line, where = _where(key, lines, overrides)

@@ -9,8 +9,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from mtkit.errors import MtkitError
 
 
 @contextlib.contextmanager
@@ -32,6 +35,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_writable_dir(path: Path, what: str, hint: str) -> None:
+    """Create `path` if needed and prove it writable, so that a bad location is one message
+    before any work, not a traceback after an hour of it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except FileExistsError:
+        raise MtkitError(f"{what} {path} is a file, not a folder", hint=hint) from None
+    except NotADirectoryError:
+        blocker = next(p for p in path.parents if p.exists())
+        raise MtkitError(f"{what} {path} cannot be created: {blocker} is a file, not a folder", hint=hint) from None
+    except OSError as e:
+        raise MtkitError(f"{what} {path} is not writable: {e.strerror}", hint=hint) from None
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -354,8 +354,14 @@ class Trainer:
         return path
 
     def _log(self, event: dict) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event, ensure_ascii=False) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event, ensure_ascii=False) + "\n")
+        except OSError as e:
+            saved = f"{self.last_path} (step {self.progress['last_save_step']:,}) is intact" \
+                if self.last_path.exists() else "no checkpoint had been saved yet"
+            raise MtkitError(f"could not write {self.metrics_path}: {e.strerror or e}; {saved}",
+                             hint="free disk space or fix permissions, then continue with --resume") from None
 
     # -- the loop ---------------------------------------------------------------------------
     def _stop_reason(self, elapsed: float) -> str | None:
@@ -522,7 +528,7 @@ def _clock(seconds: float) -> str:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop events after the checkpoint's step (a killed run may have logged beyond it)."""
-    if not path.exists():
+    if not path.is_file():  # none yet (or not a regular file: nothing to cut)
         return
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):

@@ -63,7 +63,12 @@ class Translator:
         self.tokenizer = Tokenizer(*state["tokenizer"])
         if self.tokenizer.fingerprint != state.get("tokenizer_fingerprint"):
             raise MtkitError(f"{path}: its tokenizer does not match the one it was trained with")
-        self.model = checkpoint.build_model(state)
+        try:
+            self.model = checkpoint.build_model(state)
+        except (TypeError, RuntimeError) as e:  # unknown config keys; weights of another shape
+            raise MtkitError(f"{path}: its weights do not fit its model config ({' '.join(str(e).split())[:160]})",
+                             hint="the file was altered or comes from another program; use another checkpoint"
+                             ) from None
         self.precision = state.get("precision", "fp32")
         self.config = state.get("config", {})
         self.path = path
@@ -191,7 +196,11 @@ def _warn(message: str) -> None:
 def translate_file(translator: Translator, source: Path | None, target: Path | None, opts: DecodeOptions) -> int:
     """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
     under a temporary name and renamed when complete."""
+    if target is not None and target.is_dir():
+        raise MtkitError(f"--output {target} is a folder", hint="name a file to write, e.g. -o out.txt")
     if source is None:
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise MtkitError("no input: standard input is closed", hint="pipe text in, or give --input FILE")
         inp = sys.stdin.buffer
         total = None
     else:
@@ -206,7 +215,12 @@ def translate_file(translator: Translator, source: Path | None, target: Path | N
             return translate_stream(translator, file_chunks(inp), sys.stdout, opts)
         tmp = target.with_name(f".{target.name}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as out, progress() as bar:
+            out = open(tmp, "w", encoding="utf-8")
+        except OSError as e:
+            raise MtkitError(f"cannot write --output {target}: {e.strerror}",
+                             hint="check that its folder exists and is writable") from None
+        try:
+            with out, progress() as bar:
                 task = bar.add_task(f"translate -> {target}", total=total)
                 n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k))
             os.replace(tmp, target)

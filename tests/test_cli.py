@@ -1,11 +1,8 @@
-import gzip
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import REPO, write_config
 
@@ -41,58 +38,6 @@ def test_user_error_is_one_message_without_traceback(tmp_path):
 def test_usage_error_exits_2(cli):
     code, _, err = cli("prepare")
     assert code == 2 and "Missing argument" in err
-
-
-def corpus_files(folder: Path, src_lines, tgt_lines, *, name="train", raw=False) -> None:
-    for lang, lines in (("de", src_lines), ("en", tgt_lines)):
-        (folder / f"{name}.{lang}").write_bytes(lines if raw else "".join(f"{x}\n" for x in lines).encode())
-
-
-GOOD = [f"satz nummer {i}" for i in range(60)], [f"sentence number {i}" for i in range(60)]
-
-# name -> (how to spoil a good corpus/config, what the message must say)
-BAD_INPUTS = {
-    "mismatched line counts": (lambda d: corpus_files(d, GOOD[0], GOOD[1][:-1]), "has 60 lines but"),
-    "missing file": (lambda d: (d / "train.en").unlink(), "no train file: looked for"),
-    "empty corpus": (lambda d: corpus_files(d, [], []), "the train split is empty"),
-    "invalid utf-8": (lambda d: (d / "train.de").write_bytes(b"ok\n\xc3\x28\n" + b"x\n" * 58), "train.de:2: invalid UTF-8"),
-    "tsv without one tab": (lambda d: (d / "train.tsv").write_text("a\tb\nno tab\n"), "train.tsv:2: expected exactly one tab"),
-    "vocab size too high": (lambda d: None, "cannot be reached on the train split: this corpus supports at most"),
-    "unknown config key": (lambda d: None, "unknown key `train.warmpu`: did you mean `train.warmup`?"),
-    "wrong type": (lambda d: None, "`train.max_steps`: Input should be a valid integer"),
-    "heads do not divide d_model": (lambda d: None, "model.d_model (256) must be divisible by model.heads (5)"),
-    "damaged gzip": (lambda d: (d / "train.de.gz").write_bytes(gzip.compress(b"x\n" * 60)[:20]), "damaged gzip data"),
-}
-EXTRA_SETTINGS = {
-    "tsv without one tab": ["data.format=tsv"],
-    "vocab size too high": ["tokenizer.vocab_size=5000"],
-    "unknown config key": ["train.warmpu=10"],
-    "wrong type": ["train.max_steps=many"],
-    "heads do not divide d_model": ["model.heads=5"],
-    "damaged gzip": [],
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_gives_one_clear_error_and_no_output(cli, tmp_path, case):
-    spoil, expected = BAD_INPUTS[case]
-    corpus_dir = tmp_path / "corpus"
-    corpus_dir.mkdir()
-    for split in ("train", "valid", "test"):
-        corpus_files(corpus_dir, *GOOD, name=split)
-    if case == "damaged gzip":
-        (corpus_dir / "train.de").unlink()
-    spoil(corpus_dir)
-    config = write_config(tmp_path, data={"dir": str(corpus_dir), "src": "de", "tgt": "en"},
-                          tokenizer={"vocab_size": 60})
-    sets = [x for s in EXTRA_SETTINGS.get(case, []) for x in ("--set", s)]
-    code, out, err = cli("run", config, *sets)
-    assert code == 2, err
-    assert expected in err
-    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1
-    assert "Traceback" not in err
-    run_dir = tmp_path / "run"
-    assert not run_dir.exists() or sorted(p.name for p in run_dir.iterdir()) in ([], ["tokenizer"])
 
 
 def readme_commands() -> tuple[str, str]:
