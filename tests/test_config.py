@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtkit.config import Config, DataSection, _all_keys, load_config
 from mtkit.errors import MtkitError
@@ -123,3 +125,50 @@ def test_config_show_prints_resolved_yaml(cli, tmp_path):
     assert shown["model"]["d_model"] == 256  # defaults are shown too
     assert shown["experiment"]["workdir"] == "runs/experiment"
     assert load_config(write(tmp_path, out)).train.lr == 5e-4  # the output is itself a valid config
+
+
+# Fuzzing (hypothesis): whatever the file and the overrides, the loader returns a config or says
+# what is wrong (MtkitError); never another exception. A loaded config shows (`mtkit config show`)
+# as YAML that loads back to the same config.
+
+SECTIONS = [k for k in _all_keys() if "." not in k]
+LEAVES = sorted({k.rpartition(".")[2] for k in _all_keys() if "." in k})
+VALUES = (st.none() | st.booleans() | st.integers(-10, 100_000) | st.floats(allow_nan=True) | st.text(max_size=8)
+          | st.sampled_from(["de", "en", "fr", "bpe", "unigram", "auto", "fp32", "bf16", "best", "demo", "text"])
+          | st.lists(st.integers(-2, 5), max_size=3))
+SECTION = st.dictionaries(st.sampled_from(LEAVES) | st.text(max_size=6), VALUES, max_size=4)
+# Mostly the section's own keys, so that many documents are valid and the round trip is tested too.
+DEFAULTS = Config.model_validate({"data": {"src": "de", "tgt": "en"}}).model_dump(mode="json")
+OWN_KEYS = st.sampled_from(SECTIONS).flatmap(lambda section: st.tuples(st.just(section), st.dictionaries(
+    st.sampled_from(sorted(DEFAULTS[section])), VALUES, max_size=2).flatmap(lambda values: st.fixed_dictionaries(
+        {k: st.just(DEFAULTS[section][k]) | st.just(v) for k, v in values.items()}))))
+DOCUMENT = (st.lists(OWN_KEYS, max_size=4).map(dict) | st.dictionaries(
+    st.sampled_from(SECTIONS) | st.text(max_size=6), SECTION | VALUES, max_size=5)).map(
+    lambda doc: {**doc, "data": {"src": "de", "tgt": "en", **(doc.get("data") if isinstance(doc.get("data"), dict) else {})}})
+OVERRIDE = st.builds("{}={}".format, st.sampled_from(_all_keys()) | st.text(max_size=10), st.text(max_size=8))
+
+
+def loads_or_says_why(path: Path, overrides: list[str]) -> Config | None:
+    try:
+        return load_config(path, overrides)
+    except MtkitError as e:
+        assert e.message  # and it is one (the CLI prints it with exit code 2)
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=DOCUMENT, overrides=st.lists(OVERRIDE, max_size=3))
+def test_any_mapping_loads_or_says_why(tmp_path_factory, doc, overrides):
+    folder = tmp_path_factory.mktemp("config")
+    cfg = loads_or_says_why(write(folder, yaml.safe_dump(doc)), overrides)
+    if cfg is not None:
+        shown = yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True)
+        assert load_config(write(folder, shown)) == cfg
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=200) | st.binary(max_size=200))
+def test_any_text_loads_or_says_why(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("config") / "exp.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    loads_or_says_why(path, [])

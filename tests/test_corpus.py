@@ -1,9 +1,12 @@
 import gzip
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtkit import corpus
 from mtkit.errors import MtkitError
@@ -217,3 +220,51 @@ def test_pair_spec_only_for_text(tmp_path):
     with pytest.raises(MtkitError) as info:
         corpus.source_for(data(tmp_path, format="tsv", train=("a", "b")), "train")
     assert "only works with data.format: text" in info.value.message
+
+
+# Fuzzing (hypothesis): whatever the bytes, the reader keeps every line, in order, or names the
+# first line it cannot read.
+
+LINES = st.lists(st.binary(max_size=40) | st.text(max_size=30).map(str.encode), max_size=25).map(
+    lambda lines: [line.replace(b"\n", b"").rstrip(b"\r") for line in lines])
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=LINES, final_newline=st.booleans(), crlf=st.booleans(), bom=st.booleans(), packed=st.booleans())
+def test_the_reader_keeps_every_line_in_order(tmp_path_factory, lines, final_newline, crlf, bom, packed):
+    eol = b"\r\n" if crlf else b"\n"
+    if lines and not bom and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]  # without a BOM of its own, the file's would start here
+    while lines and lines[-1] == b"" and not final_newline:
+        lines.pop()  # an empty last line without its newline is no line at all
+    payload = (b"\xef\xbb\xbf" if bom and lines else b"") + b"".join(line + eol for line in lines)
+    if lines and not final_newline:
+        payload = payload[:-len(eol)]
+    path = tmp_path_factory.mktemp("reader") / "train.de"
+    path.write_bytes(gzip.compress(payload) if packed else payload)
+    if not packed and payload.startswith(b"\x1f\x8b"):  # gzip's magic: read as gzip, whatever the name
+        with pytest.raises(MtkitError, match="damaged gzip data"):
+            list(corpus.read_lines(path, "replace"))
+        return
+
+    assert list(corpus.read_lines(path, "replace")) == [line.decode("utf-8", "replace") for line in lines]
+    bad = next((n for n, line in enumerate(lines, 1) if line.decode("utf-8", "replace").encode() != line), None)
+    if bad is None:
+        assert list(corpus.read_lines(path)) == [line.decode() for line in lines]
+    else:
+        with pytest.raises(MtkitError, match=f"{re.escape(str(path))}:{bad}: invalid UTF-8"):
+            list(corpus.read_lines(path))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_src=st.integers(0, 30), n_tgt=st.integers(0, 30))
+def test_pairs_are_read_only_when_the_files_align(tmp_path_factory, n_src, n_tgt):
+    folder = tmp_path_factory.mktemp("pairs")
+    write_lines(folder / "train.de", [f"s{i}" for i in range(n_src)])
+    write_lines(folder / "train.en", [f"t{i}" for i in range(n_tgt)])
+    if n_src == n_tgt and n_src:
+        assert read(folder) == [(f"s{i}", f"t{i}") for i in range(n_src)]
+    elif n_src == n_tgt:
+        assert "the train split is empty" in error(folder)
+    else:
+        assert f"has {n_src} lines but {folder / 'train.en'} has {n_tgt}" in error(folder)

@@ -1,6 +1,10 @@
+from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtkit import corpus
 from mtkit.config import load_config
@@ -8,7 +12,7 @@ from mtkit.data import TokenArray
 from mtkit.errors import MtkitError
 from mtkit.files import read_json
 from mtkit.prepare import prepare
-from mtkit.tokenizer import Tokenizer
+from mtkit.tokenizer import Tokenizer, train_model
 from mtkit.vocab import train_tokenizer
 from tests.conftest import write_config
 
@@ -221,3 +225,81 @@ def test_unknown_tokens_are_counted_while_writing(tmp_path):
                                   ("train", "src", 0)):
         array = TokenArray(cfg.data_cache_dir, split, side, manifest["dtype"])
         assert manifest["splits"][split][side]["unk"] == int((array.tokens == 1).sum()) == expected
+
+
+# Fuzzing (hypothesis): for any train pairs, in any chunking, the filters keep exactly the pairs
+# the rules allow, in order, and count every other pair under one reason.
+
+WORDS = ["ein", "hund", "katze", "a", "dog", "cat", "  ", "\t", "\x00", "é", "e\u0301", "🐶", "\u2028"]
+SENTENCE = st.lists(st.sampled_from(WORDS), max_size=14).map(" ".join) | st.text(max_size=12)
+
+
+@pytest.fixture(scope="module")
+def fuzz_tokenizer() -> Tokenizer:
+    sentences = [corpus.normalize(" ".join(WORDS[i:] + WORDS[:i])) for i in range(len(WORDS))] * 4
+    return Tokenizer(train_model(sentences, model_type="bpe", vocab_size=40, character_coverage=1.0,
+                                 byte_fallback=False, threads=1))
+
+
+def by_the_rules(pairs, tok: Tokenizer, filters: dict) -> tuple[list, Counter]:
+    """The filters applied one pair at a time, as the module docstring states them."""
+    kept, counts, seen = [], Counter(), set()
+    for src, tgt in pairs:
+        src, tgt = corpus.normalize(src), corpus.normalize(tgt)
+        if not src or not tgt:
+            counts["empty"] += 1
+            continue
+        if filters["dedup"]:
+            if (src, tgt) in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add((src, tgt))
+        ids = tok.encode_src([src])[0], tok.encode_tgt([tgt])[0]
+        shorter, longer = sorted(map(len, ids))
+        if shorter < filters["min_len"]:
+            counts["too_short"] += 1
+        elif longer > filters["max_len"]:
+            counts["too_long"] += 1
+        elif longer > filters["max_ratio"] * shorter:
+            counts["ratio"] += 1
+        else:
+            kept.append(ids)
+    return kept, counts
+
+
+@settings(max_examples=80, deadline=None)
+@given(pairs=st.lists(st.tuples(SENTENCE, SENTENCE), max_size=40), chunk=st.integers(1, 12), dedup=st.booleans(),
+       min_len=st.integers(1, 3), max_len=st.integers(3, 12), max_ratio=st.sampled_from([1.0, 1.5, 3.0]))
+def test_the_train_filters_keep_exactly_what_the_rules_allow(tmp_path_factory, fuzz_tokenizer, pairs, chunk, dedup,
+                                                              min_len, max_len, max_ratio):
+    import numpy as np
+
+    from mtkit import prepare as stage
+    from mtkit.data import ArrayWriter
+
+    # One line each (a "\n" would start another line; a BOM is only ever at the start of a file).
+    pairs = [tuple(x.replace("\n", " ").replace("\ufeff", " ") for x in pair) for pair in pairs]
+    folder = tmp_path_factory.mktemp("filters")
+    write_split(folder, "train", pairs)
+    source = corpus.Source(split="train", kind="text", paths=(folder / "train.de", folder / "train.en"))
+    filters = {"min_len": min_len, "max_len": max_len, "max_ratio": max_ratio, "dedup": dedup}
+    writers = [ArrayWriter(folder / f"train.{side}", np.dtype("uint16")) for side in ("src", "tgt")]
+    seen = {"heldout": set(), "src": set(), "pair": set(), "dedup": set()}
+    kept, counts = by_the_rules(pairs, fuzz_tokenizer, filters)
+    with mock.patch.object(stage, "CHUNK", chunk):
+        try:
+            result = stage._prepare_split(source, fuzz_tokenizer, writers, filters, seen, lambda n: None)
+        except MtkitError as e:
+            result = e.message
+        finally:
+            for w in writers:
+                w.close()
+    if not pairs:
+        assert result.startswith("the train split is empty")
+    elif not kept:
+        assert result.startswith(f"every one of the {len(pairs)} train pairs was dropped")
+    else:
+        assert result["pairs_in"] == len(pairs) and result["kept"] == len(kept)
+        assert result["dropped"] == {reason: counts[reason] for reason in stage.DROP_REASONS}
+        arrays = [TokenArray(folder, "train", side, "uint16") for side in ("src", "tgt")]
+        assert [(a.tolist(), b.tolist()) for a, b in zip(*arrays)] == kept
