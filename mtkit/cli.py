@@ -260,7 +260,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(130) from None
     except OSError as e:
         # A full disk or a read-only place is the machine's state, not a bug: one message. The
-        # stages write atomically, so whatever was finished before is intact.
+        # stages write atomically, so whatever was finished before is intact. (A closed output
+        # pipe, `mtkit translate ... | head`, never gets here: click ends it quietly, exit code 1.)
         if e.errno not in _ENVIRONMENT_ERRORS:
             raise
         from mtkit.console import print_error
@@ -269,10 +270,3 @@ def main(argv: Optional[list[str]] = None) -> None:
                                hint="free disk space or fix permissions, then run again (what was finished before "
                                     "is kept, checkpoints included)"))
         raise SystemExit(2) from None
-    except BrokenPipeError:
-        # The reader went away (`mtkit translate ... | head`): stop quietly, as `cat` would.
-        import os
-        import sys
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(0) from None
