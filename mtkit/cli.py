@@ -235,14 +235,12 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the resolved config: the file, the --set overrides and every default."""
-    import yaml
+    from mtkit.config import to_yaml
 
     cfg = _load(config, set_, writes=False)
-    resolved = cfg.model_dump(mode="json")
-    resolved["experiment"]["workdir"] = str(cfg.workdir)
     overrides = "".join(f" --set {o}" for o in set_ or [])
     typer.echo(f"# resolved from {config}{overrides}")
-    typer.echo(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), nl=False)
+    typer.echo(to_yaml(cfg), nl=False)
 
 
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -206,6 +206,15 @@ def _divisors_near(n: int, k: int) -> list[int]:
     return below + above
 
 
+def to_yaml(cfg: Config) -> str:
+    """The resolved config (every default, the workdir spelled out) as YAML that loads back to it:
+    readable Unicode, or escaped where PyYAML would write a character it cannot read back (U+0085)."""
+    resolved = cfg.model_dump(mode="json")
+    resolved["experiment"]["workdir"] = str(cfg.workdir)
+    text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    return text if yaml.safe_load(text) == resolved else yaml.safe_dump(resolved, sort_keys=False)
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override and validate an experiment config; MtkitError on any mistake."""
     path = Path(path)

@@ -14,9 +14,16 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from mtkit import demo  # noqa: E402
 from mtkit.cli import main  # noqa: E402
+
+# The fuzz tests draw the same examples on every run, so that CI never fails by luck;
+# HYPOTHESIS_PROFILE=explore draws new ones each run (run it after changing what they test).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = Path(os.environ.get("MTKIT_MULTI30K", REPO.parent / "shared" / "data" / "multi30k"))
