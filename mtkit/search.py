@@ -10,6 +10,11 @@ penalty, because a sum of log-probabilities favours short outputs.
 Both only call model.encode and model.decode, and decode incrementally: the DecoderCache keeps
 each layer's keys/values, so each step feeds just the newest token. Beam search folds the K beams
 of each sentence into the batch (B*K rows) and does all of its bookkeeping with tensor ops.
+
+With attention=True both also keep, for every hypothesis, the cross-attention that chose each of
+its tokens: where the decoder looked in the source. It is collected as the search runs and moves
+with the beams (a surviving beam inherits its parent's), so it is exactly what produced that
+hypothesis (tested against a forced decode of it).
 """
 
 from collections.abc import Sequence
@@ -29,8 +34,15 @@ def max_lengths(src_lengths: Tensor, a: float, b: int, cap: int) -> Tensor:
     return (src_lengths.float() * a + b).long().clamp(min=1, max=cap)
 
 
+def step_attention(weights: list[Tensor]) -> Tensor:
+    """decode()'s per-layer cross-attention of the newest position, (N, H, 1, S) each ->
+    (N, L, H, S)."""
+    return torch.stack([w[:, :, -1] for w in weights], dim=1)
+
+
 @torch.no_grad()
-def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len: Tensor) -> list["Hypothesis"]:
+def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len: Tensor,
+           attention: bool = False) -> list["Hypothesis"]:
     """src (B, S) padded source ids (with EOS) -> for each sentence its output (no BOS/EOS).
 
     max_len (B,): the most tokens a sentence may get before EOS is forced."""
@@ -39,10 +51,13 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
     last = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(b, dtype=torch.bool, device=src.device)
     log_prob = torch.zeros(b, device=src.device)
-    outputs = []
+    outputs, looked = [], []
     cache = DecoderCache()
     for step in range(int(max_len.max()) + 1):
-        logits, cache = model.decode(last, memory, cache=cache)  # (B, 1, V): only the newest token
+        weights = [] if attention else None
+        logits, cache = model.decode(last, memory, cache=cache, attention=weights)  # (B, 1, V): the newest token
+        if attention:
+            looked.append(step_attention(weights))
         log_probs = logits[:, -1].float().log_softmax(dim=-1)
         best = log_probs.argmax(dim=-1)
         best = torch.where(step >= max_len, eos_id, best)  # out of room: end the sentence here
@@ -54,8 +69,11 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
             break
         last = best[:, None]
     result = []
-    for row, lp in zip(torch.stack(outputs, dim=1).tolist(), log_prob.tolist()):
-        result.append(Hypothesis(row[:row.index(eos_id)] if eos_id in row else row, lp, lp))
+    src_lengths = (~memory.src_pad).sum(dim=1).tolist()
+    for i, (row, lp) in enumerate(zip(torch.stack(outputs, dim=1).tolist(), log_prob.tolist())):
+        tokens = row[:row.index(eos_id)] if eos_id in row else row
+        attn = torch.stack(looked, dim=1)[i, :len(tokens) + 1, :, :, :src_lengths[i]] if attention else None
+        result.append(Hypothesis(tokens, lp, lp, attn))
     return result
 
 
@@ -71,11 +89,14 @@ class Hypothesis:
     tokens: list[int]  # output ids, without BOS and EOS
     score: float       # log-probability / length_penalty(len(tokens) + 1, alpha): what is ranked
     log_prob: float    # sum of the token log-probabilities (EOS included)
+    # With attention=True: the cross-attention that chose each output token and the final EOS,
+    # (len(tokens) + 1, layers, heads, source length + 1), over the source tokens and its EOS.
+    attention: Tensor | None = None
 
 
 @torch.no_grad()
 def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int, eos_id: int, max_len: Tensor,
-                alpha: float = 0.6, n_best: int = 1) -> list[list[Hypothesis]]:
+                alpha: float = 0.6, n_best: int = 1, attention: bool = False) -> list[list[Hypothesis]]:
     """src (B, S) -> for each sentence its n_best hypotheses, best first.
 
     Every step: add each beam's score to its next-token log-probabilities, (B, K, V); flatten to
@@ -98,9 +119,15 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
     history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (A*K, 1 + step)
     scores = torch.zeros(b, k, device=device)  # (A, K) log-probability of each live beam
     scores[:, 1:] = float("-inf")  # at the start all beams are the same prefix: let only one live
+    if attention:  # the same bookkeeping for what each beam looked at: (rows, steps, L, H, S)
+        shape = (len(model.decoder), model.cfg.heads, src.size(1))
+        looked = torch.zeros(b * k, 0, *shape, device=device)
+        fin_looked = torch.zeros(b, k, longest, *shape, device=device)
+        src_lengths = (~memory.src_pad).sum(dim=1).tolist()
     for step in range(longest):
         a = alive.numel()
-        logits, cache = model.decode(history[:, -1:], memory, cache=cache)
+        weights = [] if attention else None
+        logits, cache = model.decode(history[:, -1:], memory, cache=cache, attention=weights)
         log_probs = logits[:, -1].float().log_softmax(dim=-1).view(a, k, -1)  # (A, K, V)
         vocab = log_probs.size(-1)
         at_limit = step >= max_len[alive]  # (A,): out of room, only EOS may follow
@@ -124,6 +151,12 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
             1, keep[:, :, None].expand(-1, -1, longest))
         fin_scores[alive] = best
         fin_count[alive] += finishing.sum(dim=1)
+        if attention:  # each candidate: its parent's attention so far, then this step's
+            looked = torch.cat([looked, step_attention(weights)[:, None]], dim=1)  # (A*K, step + 1, L, H, S)
+            new_looked = torch.zeros(a, cand.size(1), longest, *shape, device=device)
+            new_looked[:, :, :step + 1] = looked[parent_rows.flatten()].view(a, cand.size(1), step + 1, *shape)
+            fin_looked[alive] = torch.cat([fin_looked[alive], new_looked], dim=1).gather(
+                1, keep[:, :, None, None, None, None].expand(-1, -1, longest, *shape))
         searching = (fin_count[alive] < k) & ~at_limit  # (A,)
         if not searching.any():
             break
@@ -133,6 +166,8 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
         live_scores, live = cand_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (A, K)
         chosen = parent_rows.gather(1, live)[searching].flatten()  # (A'*K,) parent row of each new beam
         history = torch.cat([history[chosen], token.gather(1, live)[searching].view(-1, 1)], dim=1)
+        if attention:
+            looked = looked[chosen]
         scores, alive = live_scores[searching], alive[searching]
         if searching.all():
             cache.reorder(chosen)
@@ -149,14 +184,15 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
                 break
             ids = fin_tokens[i, j].tolist()
             ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
-            hyps.append(Hypothesis(ids, fin_scores[i, j].item(), fin_log_probs[i, j].item()))
+            attn = fin_looked[i, j, :len(ids) + 1, :, :, :src_lengths[i]] if attention else None
+            hyps.append(Hypothesis(ids, fin_scores[i, j].item(), fin_log_probs[i, j].item(), attn))
         results.append(hyps)
     return results
 
 
 def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, beam_size: int, alpha: float,
                   n_best: int, max_len_a: float, max_len_b: int, max_tokens: int, pad_id: int, bos_id: int,
-                  eos_id: int) -> list[list[Hypothesis]]:
+                  eos_id: int, attention: bool = False) -> list[list[Hypothesis]]:
     """Search many sentences (source ids without EOS): sort them by length, cut token-budget
     batches (little padding, similar output lengths), search each batch, return results in the
     input order. A sentence longer than the model's positions is cut to fit (callers warn)."""
@@ -169,10 +205,11 @@ def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, bea
         src = pad_rows(rows, pad_id).to(device)
         limit = max_lengths(torch.as_tensor(lengths[ix], device=device), max_len_a, max_len_b, max_positions - 1)
         if beam_size == 1:
-            found = [[h] for h in greedy(model, src, bos_id=bos_id, eos_id=eos_id, max_len=limit)]
+            found = [[h] for h in greedy(model, src, bos_id=bos_id, eos_id=eos_id, max_len=limit,
+                                         attention=attention)]
         else:
             found = beam_search(model, src, beam_size=beam_size, bos_id=bos_id, eos_id=eos_id, max_len=limit,
-                                alpha=alpha, n_best=n_best)
+                                alpha=alpha, n_best=n_best, attention=attention)
         for i, hyps in zip(ix, found):
             results[i] = hyps
     return results

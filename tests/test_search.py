@@ -190,3 +190,35 @@ def test_batched_beam_equals_one_sentence_at_a_time(copier):
         assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
         for a, t in zip(alone[0], together[i]):
             assert a.score == pytest.approx(t.score, abs=1e-4)
+
+
+def forced_attention(model, src_row, tokens: list[int]) -> torch.Tensor:
+    """The cross-attention of teacher-forcing `tokens` (then EOS) on one source: (T + 1, L, H, S)."""
+    weights = []
+    with torch.no_grad():
+        model.decode(torch.tensor([[BOS] + tokens]), model.encode(src_row), attention=weights)
+    return torch.stack([w[0] for w in weights]).permute(2, 0, 1, 3)  # (L, H, T + 1, S) -> (T + 1, L, H, S)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_the_attention_returned_is_the_one_that_chose_each_hypothesis(copier, beam):
+    src, _ = batch(b=3, s=7)
+    limit = torch.tensor([10, 4, 10])
+
+    def search(attention):
+        if beam == 1:
+            return [[h] for h in greedy(copier, src, bos_id=BOS, eos_id=EOS, max_len=limit, attention=attention)]
+        return beam_search(copier, src, beam_size=beam, bos_id=BOS, eos_id=EOS, max_len=limit, n_best=beam,
+                           attention=attention)
+
+    found = search(attention=True)
+    assert [[h.tokens for h in hyps] for hyps in found] == [[h.tokens for h in hyps] for hyps in search(False)]
+    for i, hyps in enumerate(found):
+        row = src[i:i + 1, : int(src[i].ne(0).sum())]  # without the batch's padding
+        for h in hyps:  # every hypothesis of the n-best list, not only the best
+            forced = forced_attention(copier, row, h.tokens)
+            assert h.attention.shape == forced.shape == (len(h.tokens) + 1, 2, 4, row.size(1))
+            assert torch.allclose(h.attention, forced, atol=1e-5)
+    if beam > 1:  # the n-best hypotheses really differ in where they looked
+        first, second = found[0][0].attention, found[0][1].attention
+        assert first.shape != second.shape or not torch.equal(first, second)
