@@ -91,6 +91,7 @@ def translate(
     alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, help="Length penalty exponent.")] = None,
     nbest: Annotated[Optional[int], typer.Option("--nbest", min=1, help="Write N hypotheses per line as TSV: line, score, text.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Source tokens per batch.")] = None,
+    attention: Annotated[Optional[Path], typer.Option("--attention", help="Also draw each line's attention map into this folder (NNNNNN.png).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Translate text: one output line per input line, always (an empty line gives an empty line)."""
@@ -103,7 +104,47 @@ def translate(
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
-    translate_file(translator, input, output, opts)
+    translate_file(translator, input, output, opts, attention)
+
+
+@app.command("attention")
+def attention_(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or an experiment workdir (uses its best.pt).",
+                                               show_default=False)],
+    sentence: Annotated[str, typer.Argument(help="The source sentence to translate.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to draw.")] = Path("attention.png"),
+    beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: the experiment's decode.beam_size).")] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Only this decoder layer (1 = the first).")] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="Only this head (1 = the first).")] = None,
+) -> None:
+    """Translate one sentence and draw where each output subword looked in the source
+    (cross-attention: one heatmap per layer and head, and the heads' mean)."""
+    from mtkit.console import console, table
+    from mtkit.figures import attention_png
+    from mtkit.translate import Translator
+
+    translator = Translator.load(checkpoint)
+    amap = translator.attention(sentence, **({"beam_size": beam} if beam else {}))
+    attention_png(amap, output, layer, head)
+    last = amap.weights.shape[1] if layer is None else layer
+    t = table(f"{amap.translation}  (score {amap.score:.3f}); layer {last}, heads averaged",
+              ["target subword", "looks most at", "weight"])
+    for target, source, weight in amap.strongest(last - 1):
+        t.add_row(target, source, f"{weight:.2f} " + "█" * round(weight * 10))
+    console.print(t)
+    console.print(f"attention map -> {output}")
+
+
+@app.command()
+def plot(workdir: Annotated[Path, typer.Argument(help="An experiment workdir (or its metrics.jsonl); a run in progress too.",
+                                                 show_default=False)],
+         output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to draw.")] = Path("curves.png")) -> None:
+    """Draw a run's learning curves: train and valid loss, valid BLEU, learning rate, tokens/s."""
+    from mtkit.console import info
+    from mtkit.figures import curves_png
+
+    curves_png(workdir, output)
+    info(f"learning curves -> {output}")
 
 
 def _decode_overrides(items: Optional[list[str]]) -> dict:

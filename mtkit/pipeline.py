@@ -76,7 +76,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     translator = Translator.load(ckpt)
     start = time.perf_counter()
     with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
-        hypotheses = [hyps[0][1] for hyps in translator.translate(sources, opts)]
+        hypotheses = translator.translate(sources, **opts.model_dump())
     seconds = time.perf_counter() - start
     scores = evaluate.score(hypotheses, [references], cfg.eval.metrics)
     out.mkdir(parents=True, exist_ok=True)

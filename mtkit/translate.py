@@ -10,7 +10,8 @@ N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>transl
 import os
 import select
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -93,28 +94,74 @@ class Translator:
     def max_source_tokens(self) -> int:
         return self.model.cfg.max_positions - 1  # room for EOS
 
-    def encode(self, lines: list[str]) -> list[list[int]]:
+    def translate(self, lines: Sequence[str], **settings) -> list[str]:
+        """The best translation of each line, in order; a blank line gives "".
+
+        settings: decoding settings (beam_size, alpha, n_best, max_len_a, max_len_b, max_tokens),
+        by default the experiment's `decode` section, e.g. translate(lines, beam_size=1)."""
+        return [hyps[0][1] for hyps in self.translate_nbest(lines, **settings)]
+
+    def translate_nbest(self, lines: Sequence[str], **settings) -> list[list[tuple[float, str]]]:
+        """For each line up to n_best (score, translation), best first; a blank line gives
+        [(0.0, "")]. The score is the length-normalized log-probability (higher is better)."""
+        return self.translate_ids(self.encode(lines), self.options(**settings))
+
+    def attention(self, line: str, **settings) -> "AttentionMap":
+        """Translate one sentence and return the cross-attention that wrote its best translation
+        (the one the search itself used, collected while it ran)."""
+        ids = self.encode([line])[0][:self.max_source_tokens]
+        if not ids:
+            raise MtkitError("nothing to translate: the sentence is empty")
+        return self.attention_map(line, ids, self.search([ids], self.options(**settings), attention=True)[0][0])
+
+    def attention_map(self, line: str, ids: list[int], hyp: Hypothesis) -> "AttentionMap":
+        pieces = self.tokenizer.src.id_to_piece(ids) + ["</s>"]
+        out = self.tokenizer.tgt.id_to_piece(hyp.tokens) + ["</s>"]
+        return AttentionMap(line, self.tokenizer.decode_tgt([hyp.tokens])[0], hyp.score, pieces, out,
+                            hyp.attention.float())
+
+    def encode(self, lines: Sequence[str]) -> list[list[int]]:
         """Raw lines -> source ids (normalized first); a blank line -> []."""
         return self.tokenizer.encode_src([normalize(line) for line in lines])
 
-    def translate(self, lines: list[str], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
-        """Raw lines -> for each, up to n_best (score, text), best first; a blank line -> [(0, "")]."""
-        return self.translate_ids(self.encode(lines), opts)
-
-    def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
+    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
+        """Source ids -> for each sentence its hypotheses, best first (none for an empty one)."""
         todo = [i for i, x in enumerate(ids) if x]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
-                                  max_tokens=opts.max_tokens, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
-        results: list[list[tuple[float, str]]] = [[(0.0, "")] for _ in ids]
+                                  max_tokens=opts.max_tokens, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                                  attention=attention)
+        results: list[list[Hypothesis]] = [[] for _ in ids]
         for i, hyps in zip(todo, found):
-            results[i] = self._texts(hyps)
+            results[i] = hyps
         return results
+
+    def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
+        return [self._texts(hyps) for hyps in self.search(ids, opts)]
 
     def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
         texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
         return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
+
+
+@dataclass
+class AttentionMap:
+    """Where the decoder looked in the source while it wrote one translation."""
+
+    line: str            # the source sentence as given
+    translation: str     # its (best) translation, detokenized
+    score: float         # the translation's length-normalized log-probability
+    source: list[str]    # source subwords, then "</s>"
+    target: list[str]    # output subwords, then "</s>"
+    weights: torch.Tensor  # (len(target), layers, heads, len(source)): each row a distribution
+
+    def strongest(self, layer: int = -1) -> list[tuple[str, str, float]]:
+        """For each target subword, the source subword it attends to most (the heads of `layer`
+        averaged) and that weight."""
+        mean = self.weights[:, layer].mean(dim=1)  # (T, S)
+        best = mean.max(dim=1)
+        return [(t, self.source[j], w) for t, j, w in zip(self.target, best.indices.tolist(), best.values.tolist())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +204,9 @@ def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
 
 
 def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out: TextIO, opts: DecodeOptions,
-                     on_lines=None) -> int:
-    """Translate chunks of raw lines and write the results; returns the number of lines."""
+                     on_lines=None, attention_dir: Path | None = None) -> int:
+    """Translate chunks of raw lines and write the results; returns the number of lines.
+    attention_dir: also draw each line's attention map there (NNNNNN.png, the line number)."""
     number = 0
     warned_long = 0
     for chunk in chunks:
@@ -175,7 +223,15 @@ def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out:
             if warned_long <= 10:
                 _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
                       f"translating its beginning only")
-        for i, hyps in enumerate(translator.translate_ids(ids, opts)):
+        found = translator.search(ids, opts, attention=attention_dir is not None)
+        if attention_dir is not None:
+            from mtkit.figures import attention_png  # matplotlib: only when asked for
+
+            for i, hyps in enumerate(found):
+                if hyps:
+                    amap = translator.attention_map(lines[i], ids[i][:translator.max_source_tokens], hyps[0])
+                    attention_png(amap, attention_dir / f"{first + i:06d}.png")
+        for i, hyps in enumerate(map(translator._texts, found)):
             if opts.n_best > 1:
                 for score, text in hyps:
                     out.write(f"{first + i}\t{score:.4f}\t{text}\n")
@@ -193,9 +249,14 @@ def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
-def translate_file(translator: Translator, source: Path | None, target: Path | None, opts: DecodeOptions) -> int:
+def translate_file(translator: Translator, source: Path | None, target: Path | None, opts: DecodeOptions,
+                   attention_dir: Path | None = None) -> int:
     """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
     under a temporary name and renamed when complete."""
+    if attention_dir is not None:
+        from mtkit.files import ensure_writable_dir
+
+        ensure_writable_dir(attention_dir, "--attention", "name a folder to write the maps in")
     if target is not None and target.is_dir():
         raise MtkitError(f"--output {target} is a folder", hint="name a file to write, e.g. -o out.txt")
     if source is None:
@@ -212,7 +273,7 @@ def translate_file(translator: Translator, source: Path | None, target: Path | N
         inp.seek(0)
     try:
         if target is None:
-            return translate_stream(translator, file_chunks(inp), sys.stdout, opts)
+            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, attention_dir=attention_dir)
         tmp = target.with_name(f".{target.name}.tmp")
         try:
             out = open(tmp, "w", encoding="utf-8")
@@ -222,7 +283,8 @@ def translate_file(translator: Translator, source: Path | None, target: Path | N
         try:
             with out, progress() as bar:
                 task = bar.add_task(f"translate -> {target}", total=total)
-                n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k))
+                n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
+                                     attention_dir)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

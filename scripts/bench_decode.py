@@ -40,16 +40,15 @@ def main() -> None:
     translator = Translator.load(args.checkpoint)  # not timed
     figures = {"checkpoint": str(args.checkpoint), "sentences": len(sources), "threads": torch.get_num_threads(),
                "precision": translator.precision, "torch": torch.__version__, "machine": platform.machine()}
-    translator.translate(sources[:16], translator.options(beam_size=1))  # warm-up (allocator, kernels)
+    translator.translate(sources[:16], beam_size=1)  # warm-up (allocator, kernels)
     for name, beam in (("greedy", 1), ("beam5", 5)):
         opts = translator.options(beam_size=beam, n_best=1, max_tokens=args.max_tokens)
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            results = translator.translate(sources, opts)
+            hyps = translator.translate(sources, **opts.model_dump())
             times.append(time.perf_counter() - start)
         seconds = sorted(times)[len(times) // 2]
-        hyps = [r[0][1] for r in results]
         tokens = sum(len(ids) for ids in translator.tokenizer.encode_tgt(hyps))
         scores = evaluate.score(hyps, [references], ("bleu", "chrf"))
         figures[name] = {"seconds": round(seconds, 2), "sents_per_s": round(len(sources) / seconds, 1),

@@ -58,7 +58,7 @@ def demo_model(trained, demo_dir):
 def test_optimized_decoder_equals_the_reference(demo_model, beam):
     translator, lines = demo_model
     opts = translator.options(beam_size=beam, n_best=beam, max_tokens=150)  # several batches
-    fast = translator.translate(lines, opts)
+    fast = translator.translate_nbest(lines, **opts.model_dump())
     ids = translator.encode(lines)
     limits = max_lengths(torch.tensor([len(x) + 1 for x in ids]), opts.max_len_a, opts.max_len_b,
                          translator.max_source_tokens)

@@ -358,7 +358,6 @@ def test_training_caps_the_kernel_caches_unless_the_user_set_them(tmp_path, demo
 
 
 def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path, demo_dir):
-    from mtkit.config import DecodeSection
     from mtkit.translate import Translator
 
     config = tiny_config(tmp_path, demo_dir, save_every=1, eval_every=3, max_steps=100000, log_every=50)
@@ -371,7 +370,7 @@ def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path
         while len(steps) < 3 and time.monotonic() < deadline:
             for path in (folder / "last.pt", tmp_path / "run"):  # last.pt, and the workdir: its best.pt
                 translator = Translator.load(path)  # loads every time: a file replaced mid-read would fail here
-                found = translator.translate(["the dog follows the cat", ""], DecodeSection(beam_size=2))
+                found = translator.translate(["the dog follows the cat", ""], beam_size=2)
                 assert len(found) == 2
             steps.add(checkpoint.load(folder / "last.pt")["step"])
     finally:

@@ -1,0 +1,115 @@
+"""Pictures of a model and a run, as PNG files (matplotlib): attention maps and learning curves.
+
+matplotlib is imported here only, with its file-only backend (Agg): no display is needed, and
+`mtkit --help` does not pay for the import.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from mtkit.errors import MtkitError
+from mtkit.translate import AttentionMap
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def attention_png(amap: AttentionMap, path: Path, layer: int | None = None, head: int | None = None) -> Path:
+    """Draw the cross-attention of one translation: a grid with one heatmap per layer (rows) and
+    head (columns), plus each layer's head average in the last column. Rows of a heatmap are the
+    target subwords, columns the source subwords; dark = much attention."""
+    plt = _pyplot()
+    n_layers, n_heads = amap.weights.shape[1], amap.weights.shape[2]
+    layers = range(n_layers) if layer is None else [_pick(layer, n_layers, "--layer")]
+    heads = list(range(n_heads)) if head is None else [_pick(head, n_heads, "--head")]
+    columns = heads + ["mean"] if len(heads) > 1 else heads
+    cell = 0.28  # inches per subword: labels stay readable for sentences up to ~40 subwords
+    width = max(2.5, 1.2 + cell * len(amap.source))
+    height = max(2.0, 1.0 + cell * len(amap.target))
+    fig, axes = plt.subplots(len(layers), len(columns), figsize=(width * len(columns), height * len(layers) + 0.8),
+                             squeeze=False)
+    for r, l in enumerate(layers):
+        for c, h in enumerate(columns):
+            ax = axes[r][c]
+            w = amap.weights[:, l].mean(dim=1) if h == "mean" else amap.weights[:, l, h]
+            ax.imshow(w.numpy(), cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_xticks(range(len(amap.source)), amap.source, rotation=90, fontsize=8)
+            ax.set_yticks(range(len(amap.target)), amap.target, fontsize=8)
+            ax.set_title(f"layer {l + 1}, " + ("mean of heads" if h == "mean" else f"head {h + 1}"), fontsize=9)
+    fig.suptitle(f"{_short(amap.line)}\n→ {_short(amap.translation)}   (score {amap.score:.3f})", fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def _pick(index: int, count: int, option: str) -> int:
+    """A 1-based layer or head number (as the picture labels them) -> 0-based."""
+    if not 1 <= index <= count:
+        raise MtkitError(f"{option} {index}: the model has {count} (numbered 1 to {count})")
+    return index - 1
+
+
+def _short(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def read_metrics(workdir: Path) -> tuple[list[dict], list[dict]]:
+    """The train and valid events of a run's metrics.jsonl (a run in progress too: a line cut
+    short by the writer is skipped)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if Path(workdir).is_file():
+        path = Path(workdir)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MtkitError(f"cannot read {path}: {e.strerror}", hint="name an experiment workdir (it holds metrics.jsonl)")
+    train, valid = [], []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        {"train": train, "valid": valid}.get(event.get("event"), []).append(event)
+    if not train and not valid:
+        raise MtkitError(f"{path} has no train or valid events yet", hint="wait for the first log_every steps")
+    return train, valid
+
+
+def curves_png(workdir: Path, path: Path) -> Path:
+    """Learning curves of a run: loss (train and valid), valid BLEU, learning rate and target
+    tokens/s, each against the step."""
+    plt = _pyplot()
+    train, valid = read_metrics(workdir)
+    panels = [("loss", [("train", train, "loss"), ("valid", valid, "loss")]),
+              ("valid BLEU", [("valid", valid, "bleu")]),
+              ("learning rate", [("train", train, "lr")]),
+              ("target tokens/s", [("train", train, "tgt_tokens_per_s")])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True)
+    for ax, (title, series) in zip(axes, panels):
+        for label, events, key in series:
+            points = [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))
+                      and math.isfinite(e[key])]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=label)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    axes[-1].set_xlabel("step")
+    last = max([e["step"] for e in train + valid])
+    best = max(valid, key=lambda e: e["bleu"]) if valid else None
+    note = f", best valid BLEU {best['bleu']:.2f} at step {best['step']:,}" if best else ""
+    fig.suptitle(f"{Path(workdir)}: {last:,} steps{note}", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,77 @@
+"""Seeing inside: attention maps (mtkit attention, translate --attention) and learning curves
+(mtkit plot), drawn from the tiny demo model and its real training run."""
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.test_bad_input import assert_refused
+
+MTKIT = Path(sys.executable).with_name("mtkit")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file; fails if it is not one."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_attention_map_is_the_search_s_own_for_the_translation(trained):
+    from mtkit.translate import Translator
+
+    translator = Translator.load(trained)
+    amap = translator.attention("The dog follows the cat under the bridge.", beam_size=4)
+    ids = translator.encode([amap.line])[0]
+    assert amap.source == translator.tokenizer.src.id_to_piece(ids) + ["</s>"]
+    assert amap.translation == translator.translate([amap.line], beam_size=4)[0]
+    assert translator.tokenizer.tgt.decode(translator.tokenizer.tgt.piece_to_id(amap.target[:-1])) == amap.translation
+    layers, heads = translator.model.cfg.dec_layers, translator.model.cfg.heads
+    assert amap.weights.shape == (len(amap.target), layers, heads, len(amap.source))
+    assert torch.allclose(amap.weights.sum(dim=-1), torch.ones(len(amap.target), layers, heads), atol=1e-5)
+    strongest = amap.strongest()
+    assert [t for t, _, _ in strongest] == amap.target and all(s in amap.source for _, s, _ in strongest)
+
+
+def test_mtkit_attention_draws_every_layer_and_head(cli, trained, tmp_path):
+    code, _, err = cli("attention", trained, "The dog follows the cat.", "-o", tmp_path / "all.png", "--beam", "3")
+    assert code == 0, err
+    assert "looks most at" in err and "attention map ->" in err
+    code, _, err = cli("attention", trained, "The dog follows the cat.", "-o", tmp_path / "one.png",
+                       "--layer", "1", "--head", "2")
+    assert code == 0, err
+    assert png_size(tmp_path / "all.png")[0] > 2 * png_size(tmp_path / "one.png")[0]  # the tiny model has 2 heads: 2 maps and their mean side by side, against 1
+    code, _, err = cli("attention", trained, "The dog.", "-o", tmp_path / "x.png", "--head", "3")
+    assert_refused(code, err, "--head 3: the model has 2 (numbered 1 to 2)")
+    code, _, err = cli("attention", trained, "   ", "-o", tmp_path / "x.png")
+    assert_refused(code, err, "nothing to translate")
+
+
+def test_translate_with_attention_draws_one_map_per_line_and_writes_the_same(trained, tmp_path):
+    text = b"The dog follows the cat.\n\nA boy sees a river.\n"
+    env = {**os.environ, "MTKIT_QUIET": "1"}
+    plain = subprocess.run([MTKIT, "translate", trained, "--beam", "2"], input=text, capture_output=True, env=env)
+    drawn = subprocess.run([MTKIT, "translate", trained, "--beam", "2", "--attention", tmp_path / "maps"],
+                           input=text, capture_output=True, env=env)
+    assert drawn.returncode == 0, drawn.stderr
+    assert drawn.stdout == plain.stdout and drawn.stdout.count(b"\n") == 3
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["000001.png", "000003.png"]  # none for a blank
+    png_size(tmp_path / "maps/000003.png")
+
+
+def test_plot_draws_the_curves_of_a_run_also_while_it_runs(cli, trained, tmp_path):
+    code, _, err = cli("plot", trained, "-o", tmp_path / "curves.png")
+    assert code == 0, err
+    png_size(tmp_path / "curves.png")
+    # A run in progress: its last line cut short by the writer.
+    events = (trained / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(events[:5]) + "\n" + events[5][:20])
+    code, _, err = cli("plot", tmp_path, "-o", tmp_path / "partial.png")
+    assert code == 0, err
+    png_size(tmp_path / "partial.png")
+    code, _, err = cli("plot", tmp_path / "nowhere", "-o", tmp_path / "x.png")
+    assert_refused(code, err, "cannot read")
