@@ -92,6 +92,8 @@ def translate(
     nbest: Annotated[Optional[int], typer.Option("--nbest", min=1, help="Write N hypotheses per line as TSV: line, score, text.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Source tokens per batch.")] = None,
     attention: Annotated[Optional[Path], typer.Option("--attention", help="Also draw each line's attention map into this folder (NNNNNN.png).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="mtkit, or ctranslate2 (CHECKPOINT is then a folder from mtkit export).")] = "mtkit",
+    compute_type: Annotated[str, typer.Option("--compute-type", help="With --engine ctranslate2: int8, float32, ... (default: as exported).")] = "default",
     set_: SetOpt = None,
 ) -> None:
     """Translate text: one output line per input line, always (an empty line gives an empty line)."""
@@ -99,12 +101,40 @@ def translate(
 
     if greedy and beam not in (None, 1):
         raise MtkitError("--greedy and --beam contradict each other", hint="use one of them")
-    translator = Translator.load(checkpoint)
+    if engine not in ("mtkit", "ctranslate2"):
+        raise MtkitError(f"--engine {engine!r}: mtkit or ctranslate2")
+    if engine == "ctranslate2":
+        from mtkit.export import CT2Translator
+
+        if attention:
+            raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
+
+        translator = CT2Translator.load(checkpoint, compute_type)
+    else:
+        translator = Translator.load(checkpoint)
     overrides = _decode_overrides(set_)
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
     translate_file(translator, input, output, opts, attention)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or an experiment workdir (uses its best.pt).",
+                                               show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The folder to write.", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="ctranslate2 (the only one so far).")] = "ctranslate2",
+    quantization: Annotated[Optional[str], typer.Option("--quantization", help="Store the weights as int8, float16, ... (default: float32; int8 can also be chosen when translating).")] = None,
+) -> None:
+    """Export a model for another inference engine (CTranslate2: pip install 'mtkit[ct2]')."""
+    from mtkit.console import info
+    from mtkit.export import export_ctranslate2
+
+    if format != "ctranslate2":
+        raise MtkitError(f"--format {format!r}: only ctranslate2 is supported")
+    export_ctranslate2(checkpoint, output, quantization)
+    info(f"exported -> {output} (translate with: mtkit translate --engine ctranslate2 {output})")
 
 
 @app.command("attention")

@@ -2,6 +2,7 @@
 test_2016_flickr (de->en by default), model load excluded, with the BLEU/chrF of the same output.
 
     python3 scripts/bench_decode.py --data-dir ../shared/data/multi30k --checkpoint runs/x/checkpoints/best.pt
+    python3 scripts/bench_decode.py ... --engine ctranslate2 --checkpoint EXPORT_DIR --compute-type int8
 
 Prints a table, then as its last line one JSON object with the figures.
 """
@@ -31,14 +32,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="source tokens per batch (default: the config's)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--repeats", type=int, default=1, help="time each search this many times; report the median")
+    ap.add_argument("--engine", default="mtkit", choices=["mtkit", "ctranslate2"],
+                    help="ctranslate2: --checkpoint is a folder from mtkit export")
+    ap.add_argument("--compute-type", default="default", help="with --engine ctranslate2: int8, float32, ...")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     sources = list(read_lines(_find(args.data_dir, f"{args.split}.{args.src}")))
     references = list(read_lines(_find(args.data_dir, f"{args.split}.{args.tgt}")))
-    translator = Translator.load(args.checkpoint)  # not timed
-    figures = {"checkpoint": str(args.checkpoint), "sentences": len(sources), "threads": torch.get_num_threads(),
+    if args.engine == "ctranslate2":
+        from mtkit.export import CT2Translator
+
+        translator = CT2Translator.load(args.checkpoint, args.compute_type)  # not timed
+    else:
+        translator = Translator.load(args.checkpoint)
+    figures = {"checkpoint": str(args.checkpoint), "engine": args.engine, "sentences": len(sources),
+               "threads": torch.get_num_threads(),
                "precision": translator.precision, "torch": torch.__version__, "machine": platform.machine()}
     translator.translate(sources[:16], beam_size=1)  # warm-up (allocator, kernels)
     for name, beam in (("greedy", 1), ("beam5", 5)):

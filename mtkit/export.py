@@ -1,0 +1,160 @@
+"""CTranslate2: export a checkpoint for fast deployment, and translate with the export.
+
+CTranslate2 (an optional extra: pip install 'mtkit[ct2]') is a C++ inference engine for
+Transformers. Its TransformerSpec describes the same model as model.py, weight by weight, so the
+export only hands each tensor to its place: the fused Q/K/V and K/V projections are laid out the
+same way ([q; k; v] rows), embeddings are scaled by sqrt(D) in both, and the position table goes
+over as it is (sinusoidal or learned). The folder also keeps the SentencePiece model(s) and the
+experiment's decoding settings, so it translates on its own.
+
+What differs from mtkit's own search: CTranslate2 normalizes beam scores by length^alpha, not by
+GNMT's ((5 + length) / 6)^alpha, so beam outputs can differ where two hypotheses are close.
+Greedy search does the same computation, in float32 up to rounding.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtkit import checkpoint
+from mtkit.config import DecodeSection as DecodeOptions
+from mtkit.errors import MtkitError
+from mtkit.model import ModelConfig, sinusoidal_positions
+from mtkit.search import Hypothesis
+from mtkit.tokenizer import Tokenizer
+from mtkit.translate import Translator, resolve_checkpoint
+
+SETTINGS = "mtkit.json"
+
+
+def _ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError:
+        raise MtkitError("CTranslate2 is not installed", hint="pip install 'mtkit[ct2]' (or: pip install ctranslate2)"
+                         ) from None
+    return ctranslate2
+
+
+def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -> Path:
+    """Write the checkpoint (or a workdir's best.pt) as a CTranslate2 model folder."""
+    ctranslate2 = _ctranslate2()
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    path = resolve_checkpoint(path)
+    state = checkpoint.load(path)
+    cfg = ModelConfig(**state["model_config"])
+    w = {name: t.float().numpy() for name, t in checkpoint.weights(state).items()}
+    pre = cfg.norm == "pre"
+    spec = transformer_spec.TransformerSpec.from_config(
+        (cfg.enc_layers, cfg.dec_layers), cfg.heads, pre_norm=pre, no_final_norm=not pre,
+        activation=common_spec.Activation.GELU if cfg.activation == "gelu" else common_spec.Activation.RELU)
+
+    def linear(target, name: str) -> None:
+        target.weight = w[f"{name}.weight"]
+        if f"{name}.bias" in w:
+            target.bias = w[f"{name}.bias"]
+
+    def norm(target, name: str) -> None:
+        target.gamma, target.beta = w[f"{name}.weight"], w[f"{name}.bias"]
+
+    def positions(side: str) -> np.ndarray:
+        if cfg.positions == "learned":
+            return w[f"{side}_embed.learned.weight"]
+        return sinusoidal_positions(cfg.max_positions, cfg.d_model).numpy()
+
+    def sublayer(target, linears: list[str], norm_name: str) -> None:
+        """An attention block (linear = [fused projections..., out]) or a feed-forward block."""
+        for spot, name in zip(target.linear if hasattr(target, "linear") else [target.linear_0, target.linear_1],
+                              linears):
+            linear(spot, name)
+        norm(target.layer_norm, norm_name)
+
+    enc, dec = spec.encoder, spec.decoder
+    enc.embeddings[0].weight = w["src_embed.tokens.weight"]
+    enc.position_encodings.encodings = positions("src")
+    for i, layer in enumerate(enc.layer):
+        p = f"encoder.{i}"
+        sublayer(layer.self_attention, [f"{p}.attention.qkv", f"{p}.attention.out"], f"{p}.res1.norm")
+        sublayer(layer.ffn, [f"{p}.feed_forward.inner", f"{p}.feed_forward.outer"], f"{p}.res2.norm")
+    dec.embeddings.weight = w["tgt_embed.tokens.weight"]
+    dec.position_encodings.encodings = positions("tgt")
+    for i, layer in enumerate(dec.layer):
+        p = f"decoder.{i}"
+        sublayer(layer.self_attention, [f"{p}.self_attention.qkv", f"{p}.self_attention.out"], f"{p}.res1.norm")
+        sublayer(layer.attention, [f"{p}.cross_attention.{x}" for x in ("q", "kv", "out")], f"{p}.res2.norm")
+        sublayer(layer.ffn, [f"{p}.feed_forward.inner", f"{p}.feed_forward.outer"], f"{p}.res3.norm")
+    if pre:
+        norm(enc.layer_norm, "enc_norm")
+        norm(dec.layer_norm, "dec_norm")
+    dec.projection.weight = w["tgt_embed.tokens.weight"] if cfg.tie_embeddings else w["generator.weight"]
+
+    tok = Tokenizer(*state["tokenizer"])
+    spec.register_source_vocabulary([tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)])
+    spec.register_target_vocabulary([tok.tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)])
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec.save(str(out))
+    tok.save(out)
+    (out / SETTINGS).write_text(json.dumps({
+        "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
+        "ctranslate2": ctranslate2.__version__}, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+class CT2Translator(Translator):
+    """A Translator whose search runs in CTranslate2: the same reading, batching and writing."""
+
+    def __init__(self, folder: Path, compute_type: str = "default"):
+        ctranslate2 = _ctranslate2()
+        folder = Path(folder)
+        settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
+        self.tokenizer = Tokenizer.load(folder)
+        # As many threads as torch uses (the cores): CTranslate2's default of 4 oversubscribes 2 cores.
+        self.engine = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type,
+                                             intra_threads=torch.get_num_threads())
+        self.positions = settings["max_positions"]
+        self.config = settings.get("config", {})
+        self.precision = compute_type
+        self.path = folder
+
+    @classmethod
+    def load(cls, path: Path, compute_type: str = "default") -> "CT2Translator":
+        if not (Path(path) / SETTINGS).is_file():
+            raise MtkitError(f"{path} is not a CTranslate2 export of mtkit (no {SETTINGS})",
+                             hint="export one: mtkit export CHECKPOINT --format ctranslate2 -o DIR")
+        return cls(Path(path), compute_type)
+
+    @property
+    def max_source_tokens(self) -> int:
+        return self.positions - 1
+
+    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
+        if attention:
+            raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
+        results: list[list[Hypothesis]] = [[] for _ in ids]
+        # mtkit's output limit depends on each source's length; CTranslate2 takes one limit per
+        # call, so sentences are grouped by their limit (a handful of calls).
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(ids):
+            if x:
+                n = min(len(x), self.max_source_tokens) + 1  # with EOS, as search_sorted counts
+                limit = max(1, min(int(n * opts.max_len_a + opts.max_len_b), self.max_source_tokens))
+                groups.setdefault(limit, []).append(i)
+        for limit, rows in groups.items():
+            sources = [self.tokenizer.src.id_to_piece(ids[i][:self.max_source_tokens]) + ["</s>"] for i in rows]
+            found = self.engine.translate_batch(
+                sources, beam_size=opts.beam_size, num_hypotheses=opts.n_best, length_penalty=opts.alpha,
+                max_decoding_length=limit, return_scores=True, max_batch_size=opts.max_tokens,
+                batch_type="tokens")
+            for i, result in zip(rows, found):
+                results[i] = [Hypothesis(self.tokenizer.tgt.piece_to_id(tokens), score, score)
+                              for tokens, score in zip(result.hypotheses, result.scores)]
+        return results
+
+    def attention(self, line: str, **settings):
+        raise MtkitError("attention maps need mtkit's own engine", hint="use the checkpoint, not the export")

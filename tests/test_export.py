@@ -1,0 +1,47 @@
+"""CTranslate2 export: the exported model translates as mtkit's own does (greedy), through the
+same line-keeping reader and writer."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_bad_input import assert_refused
+
+pytest.importorskip("ctranslate2")  # the optional extra (installed with the dev extras, so in CI)
+MTKIT = Path(sys.executable).with_name("mtkit")
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    from mtkit.export import export_ctranslate2
+
+    return export_ctranslate2(trained, tmp_path_factory.mktemp("ct2") / "model")
+
+
+def test_greedy_output_of_the_float32_export_equals_mtkit_s(trained, exported, demo_dir):
+    from mtkit.export import CT2Translator
+    from mtkit.translate import Translator
+
+    lines = (demo_dir / "test.en").read_text().splitlines()[:300]
+    ours = Translator.load(trained).translate(lines, beam_size=1)
+    theirs = CT2Translator.load(exported, "float32").translate(lines, beam_size=1)
+    assert theirs == ours
+    assert len(set(ours)) > 100  # varied sentences, many of them ending at the length limit (a tiny model)
+
+
+def test_translate_with_the_ctranslate2_engine(exported, cli):
+    text = b"The dog follows the cat.\n\n\xff broken bytes\nA boy sees a river.\n"
+    for compute_type in ("float32", "int8"):
+        result = subprocess.run([MTKIT, "translate", "--engine", "ctranslate2", exported, "--compute-type",
+                                 compute_type, "--beam", "3"], input=text, capture_output=True,
+                                env={**os.environ, "MTKIT_QUIET": "1"})
+        assert result.returncode == 0, result.stderr
+        out = result.stdout.decode().split("\n")
+        assert len(out) == 5 and out[1] == "" and out[0] and out[3]  # one line per line, blank for blank
+    code, _, err = cli("translate", "--engine", "ctranslate2", exported, "--attention", exported.parent / "maps")
+    assert_refused(code, err, "attention maps need mtkit's own engine")
+    code, _, err = cli("translate", "--engine", "ctranslate2", exported.parent)
+    assert_refused(code, err, "is not a CTranslate2 export of mtkit")
