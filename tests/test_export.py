@@ -45,3 +45,28 @@ def test_translate_with_the_ctranslate2_engine(exported, cli):
     assert_refused(code, err, "attention maps need mtkit's own engine")
     code, _, err = cli("translate", "--engine", "ctranslate2", exported.parent)
     assert_refused(code, err, "is not a CTranslate2 export of mtkit")
+
+
+@pytest.mark.parametrize("variant", [{"norm": "post"}, {"activation": "gelu"}, {"positions": "learned"},
+                                     {"tie_embeddings": False, "share_src_tgt": False}])
+def test_every_model_variant_exports_faithfully(trained, demo_dir, tmp_path, variant):
+    """Untrained models of each architecture option: greedy outputs (which run to the length limit
+    and so compare many steps) agree."""
+    from dataclasses import asdict, replace
+
+    import torch
+
+    from mtkit import checkpoint
+    from mtkit.export import CT2Translator, export_ctranslate2
+    from mtkit.model import ModelConfig, Transformer
+    from mtkit.translate import Translator
+
+    state = checkpoint.load(trained / "checkpoints/best.pt")
+    torch.manual_seed(0)
+    cfg = replace(ModelConfig(**state["model_config"]), **variant)
+    state.update(model_config=asdict(cfg), model=Transformer(cfg).state_dict(), precision="fp32")
+    checkpoint.save(state, tmp_path / "variant.pt")
+    lines = (demo_dir / "test.en").read_text().splitlines()[:40]
+    ours = Translator.load(tmp_path / "variant.pt").translate(lines, beam_size=1)
+    exported = export_ctranslate2(tmp_path / "variant.pt", tmp_path / "ct2")
+    assert CT2Translator.load(exported, "float32").translate(lines, beam_size=1) == ours
