@@ -44,12 +44,9 @@ def train(config: Config | str | Path, resume: bool = False):
     """Train the Transformer, building the tokenizer and the prepared data first when missing
     or stale; returns a TrainResult (checkpoints folder, step, seconds, stopped_by, best_bleu,
     best_step). resume: continue from <workdir>/checkpoints/last.pt."""
-    from mtkit.pipeline import prepare_data
-    from mtkit.train import train as stage
+    from mtkit.pipeline import prepare_and_train
 
-    cfg = _config(config)
-    prepare_data(cfg)
-    return stage(cfg, resume=resume)
+    return prepare_and_train(_config(config), resume=resume)
 
 
 def evaluate(config: Config | str | Path, split: str | None = None, beam: int | None = None,

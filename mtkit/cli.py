@@ -70,12 +70,9 @@ def train(config: ConfigArg, set_: SetOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue from <workdir>/checkpoints/last.pt.")] = False
           ) -> None:
     """Train the Transformer (building the tokenizer and prepared data first when missing or stale)."""
-    from mtkit.pipeline import prepare_data
-    from mtkit.train import train as train_stage
+    from mtkit.pipeline import prepare_and_train
 
-    cfg = _load(config, set_)
-    prepare_data(cfg)
-    result = train_stage(cfg, resume=resume)
+    result = prepare_and_train(_load(config, set_), resume=resume)
     if result.stopped_by == "interrupted":
         raise typer.Exit(code=130)
 

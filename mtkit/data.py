@@ -88,6 +88,10 @@ class Batch:
     n_src_tokens: int
     n_tgt_tokens: int     # non-padding positions of tgt_out (the loss is averaged over these)
 
+    def to(self, device) -> "Batch":
+        return Batch(self.indices, self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device),
+                     self.n_src_tokens, self.n_tgt_tokens)
+
 
 def pad_rows(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:
     import torch

@@ -5,7 +5,7 @@ score it). Each stage is skipped when its output is current for the config."""
 import time
 from pathlib import Path
 
-from mtkit import checkpoint, corpus, evaluate
+from mtkit import checkpoint, corpus, distributed, evaluate
 from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
@@ -19,6 +19,23 @@ from mtkit.vocab import train_tokenizer
 def prepare_data(cfg: Config) -> tuple:
     """Tokenizer, then prepared data: each is rebuilt only when missing or stale for `cfg`."""
     return train_tokenizer(cfg), prepare(cfg)
+
+
+def prepare_and_train(cfg: Config, resume: bool = False):
+    """`mtkit train`: the tokenizer and data when missing or stale, then training. Under torchrun
+    the first process builds them while the others wait, then all train together."""
+    world = distributed.start(cfg.train.device)
+    try:
+        if world.main:
+            prepare_data(cfg)
+        world.barrier()
+        result = train(cfg, resume=resume, world=world)
+        # Leave together, once rank 0 has validated and saved: a process that tears down its
+        # connections while another still holds them is aborted by gloo.
+        world.barrier()
+        return result
+    finally:
+        distributed.finish()
 
 
 def train_if_needed(cfg: Config) -> tuple[str, dict]:

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mtkit import checkpoint, corpus
+from mtkit import checkpoint, corpus, distributed
 from mtkit.config import Config
 from mtkit.console import console, info, table
+from mtkit.distributed import World
 from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch
 from mtkit.errors import MtkitError
 from mtkit.evaluate import bleu
@@ -125,15 +126,19 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def train(cfg: Config, resume: bool = False) -> TrainResult:
-    with workdir_lock(cfg.workdir):
-        return Trainer(cfg, resume).run()
+def train(cfg: Config, resume: bool = False, world: World | None = None) -> TrainResult:
+    """Train (world: the processes torchrun started; one when None)."""
+    world = world or distributed.start(cfg.train.device)
+    # One training per workdir: rank 0 holds the lock for the processes of its run.
+    with workdir_lock(cfg.workdir) if world.main else contextlib.nullcontext():
+        return Trainer(cfg, resume, world).run()
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool):
+    def __init__(self, cfg: Config, resume: bool, world: World | None = None):
         limit_kernel_caches()  # before the first bf16 product (the precision probe)
         self.cfg, t = cfg, cfg.train
+        self.world = world or distributed.start(t.device)
         self.ckpt_dir = cfg.workdir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.ckpt_dir.glob(".*.tmp"):  # a write cut short by a kill; never read
@@ -168,7 +173,9 @@ class Trainer:
         random.seed(cfg.experiment.seed)
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
-        self.model = Transformer(self.model_config)
+        self.model = Transformer(self.model_config).to(self.world.device)
+        # Several processes: DDP averages the gradients of their copies in every backward pass.
+        self.net = self.model if self.world.size == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.
         self.ema_model = copy.deepcopy(self.model).eval() if t.ema else None
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -186,7 +193,8 @@ class Trainer:
         else:
             self.precision, self.precision_reason = self._choose_precision()
         self.metrics_path = cfg.workdir / "metrics.jsonl"
-        _truncate_metrics(self.metrics_path, self.progress["step"])
+        if self.world.main:
+            _truncate_metrics(self.metrics_path, self.progress["step"])
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
@@ -220,13 +228,17 @@ class Trainer:
             self.precision, self.precision_reason = wanted, f"set in the config ({state['precision']} before the resume)"
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
-        info(f"train: resuming from {self.last_path} at step {self.progress['step']:,}")
+        if self.world.main:
+            info(f"train: resuming from {self.last_path} at step {self.progress['step']:,}")
 
     # -- precision --------------------------------------------------------------------------
     def _choose_precision(self) -> tuple[str, str]:
         wanted = self.cfg.train.precision
         if wanted != "auto":
             return wanted, "set in the config"
+        if self.world.device.type == "cuda":  # GPUs since Ampere have bf16 tensor cores: no need to measure
+            return ("bf16", "auto: this GPU has bf16") if torch.cuda.is_bf16_supported() else \
+                ("fp32", "auto: this GPU has no bf16")
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return "fp32", "this CPU has no fast bf16"
         # The measured rule: time forward+backward of real batches in both precisions and take
@@ -243,20 +255,23 @@ class Trainer:
                 times[precision] = time.perf_counter() - start
         self.optimizer.zero_grad(set_to_none=True)
         choice = "bf16" if times["bf16"] < 0.9 * times["fp32"] else "fp32"
-        return choice, f"auto: forward+backward {times['fp32'] * 1000 / 3:.0f} ms fp32, {times['bf16'] * 1000 / 3:.0f} ms bf16"
+        # Processes time differently: all take rank 0's choice.
+        return self.world.from_main((choice, f"auto: forward+backward {times['fp32'] * 1000 / 3:.0f} ms fp32, "
+                                             f"{times['bf16'] * 1000 / 3:.0f} ms bf16"))
 
     def _autocast(self, precision: str):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, indices: np.ndarray, split: str = "train"):
         src, tgt = (self.train_src, self.train_tgt) if split == "train" else (self.valid_src, self.valid_tgt)
         return make_batch(src, tgt, indices, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                          max_positions=self.model_config.max_positions)
+                          max_positions=self.model_config.max_positions).to(self.world.device)
 
-    def _forward_backward(self, batch, precision: str, scale: float = 1.0) -> float:
-        with self._autocast(precision):
-            logits = self.model(batch.src, batch.tgt_in)
+    def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> float:
+        # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
+        with self._autocast(precision), contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync():
+            logits = self.net(batch.src, batch.tgt_in)
         # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                                label_smoothing=self.cfg.train.label_smoothing, reduction="sum")
@@ -266,10 +281,18 @@ class Trainer:
     def _step(self) -> tuple[float, int, int]:
         """One optimizer update over `accum` batches; returns (loss per target token, target
         tokens, source tokens)."""
-        t = self.cfg.train
-        group = [self._batch(next(self.sampler)) for _ in range(t.accum)]
-        n_tgt = sum(b.n_tgt_tokens for b in group)
-        total = sum(self._forward_backward(b, self.precision, 1.0 / n_tgt) for b in group)
+        t, w = self.cfg.train, self.world
+        # Every process draws the same accum x world batches and trains on its share of them: the
+        # sampler's position stays the same everywhere, so any process's checkpoint resumes it.
+        drawn = [next(self.sampler) for _ in range(t.accum * w.size)]
+        group = [self._batch(ix) for ix in drawn[w.rank::w.size]]
+        n_tgt, n_src = w.sum([sum(b.n_tgt_tokens for b in group), sum(b.n_src_tokens for b in group)])
+        # DDP averages the processes' gradients; scaling by size / all tokens makes that the
+        # gradient of the loss per target token over the whole step.
+        scale = w.size / n_tgt
+        total = sum(self._forward_backward(b, self.precision, scale, sync=i == len(group) - 1)
+                    for i, b in enumerate(group))
+        total = w.sum([total])[0]
         step = self.progress["step"] + 1
         # A NaN/inf loss or gradient (bf16 can overflow in the backward pass while the loss looks
         # fine) would poison the weights: skip the update, count it. The norm is needed anyway to clip.
@@ -290,7 +313,7 @@ class Trainer:
             if self.ema_model is not None:
                 ema_update(self.ema_model, self.model, t.ema, step)
         self.progress["step"] = step
-        return total / n_tgt, n_tgt, sum(b.n_src_tokens for b in group)
+        return total / n_tgt, int(n_tgt), int(n_src)
 
     # -- validation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,7 +358,9 @@ class Trainer:
 
     def _save(self, periodic: bool, best: bool) -> None:
         """A step checkpoint (becomes last.pt) when `periodic`; best.pt when `best` (a link to the
-        step checkpoint when there is one, else its own file)."""
+        step checkpoint when there is one, else its own file). Rank 0 saves for all processes."""
+        if not self.world.main:
+            return
         if periodic:
             path = self.save()
             if best:
@@ -354,6 +379,8 @@ class Trainer:
         return path
 
     def _log(self, event: dict) -> None:
+        if not self.world.main:
+            return
         try:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event, ensure_ascii=False) + "\n")
@@ -377,7 +404,9 @@ class Trainer:
         return None
 
     def _evaluate_and_keep_best(self) -> bool:
-        """Validate; True when this is the best BLEU so far."""
+        """Validate (rank 0; the others wait at the next step); True when this is the best BLEU so far."""
+        if not self.world.main:
+            return False
         p = self.progress
         result = self.validate(self.ema_model)  # None: the trained weights
         p["last_eval_step"] = p["step"]
@@ -395,25 +424,26 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t, p = self.cfg.train, self.progress
-        info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
-             f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src):,} train pairs")
+        w = self.world
+        if w.main:
+            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
+                 f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src):,} train pairs"
+                 + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else ""))
         self.model.train()
         clock = time.perf_counter()
         session_start_seconds = p["seconds"]
         window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
         self.session = {"tgt": 0, "seconds": 0.0}  # this process's training steps, for the summary
         stopped_by = None
-        bar = _progress_bar()
+        bar = _progress_bar(quiet=not w.main)
         with StopRequest() as stop, bar:
             task = bar.add_task("train", total=t.max_steps, completed=p["step"], loss="-", lr="-", tps="-",
                                 eta="-", epoch=self.sampler.epoch + 1)
             while True:
                 p["seconds"] = session_start_seconds + time.perf_counter() - clock
-                stopped_by = self._stop_reason(p["seconds"])
+                stopped_by = self._stop_reason(p["seconds"]) or ("interrupted" if stop.signal else None)
+                stopped_by = w.from_main(stopped_by)  # one decision (clocks, Ctrl-C) for every process
                 if stopped_by:
-                    break
-                if stop.signal:
-                    stopped_by = "interrupted"
                     break
                 step_start = time.perf_counter()
                 loss, n_tgt, n_src = self._step()
@@ -441,13 +471,15 @@ class Trainer:
             p["stopped_by"] = stopped_by
             self._save(True, improved)
         p["seconds"] = session_start_seconds + time.perf_counter() - clock
+        result = TrainResult(self.ckpt_dir, p["step"], p["seconds"], stopped_by, p["best_bleu"], p["best_step"])
+        if not w.main:  # rank 0 validates, logs and saves for all
+            return result
         if stopped_by == "interrupted":
             info(f"train: stopped by {stop.signal} at step {p['step']:,}; saved {self.last_path}; "
                  f"continue with: mtkit train CONFIG --resume")
         elif t.average_last > 1:
             self._average_last()
         self._log({"event": "end", "step": p["step"], "stopped_by": stopped_by, "seconds": round(p["seconds"], 1)})
-        result = TrainResult(self.ckpt_dir, p["step"], p["seconds"], stopped_by, p["best_bleu"], p["best_step"])
         self._summary(result)
         return result
 
@@ -468,6 +500,8 @@ class Trainer:
                  f"({t.warmup}), then mtkit train CONFIG{' --resume' if saved else ''}.{bf16}")
 
     def _log_window(self, window: dict, bar: Progress, task) -> None:
+        if not self.world.main:
+            return
         p, t = self.progress, self.cfg.train
         lr = self.optimizer.param_groups[0]["lr"]
         loss = window["loss"] / window["steps"]
@@ -511,13 +545,13 @@ class Trainer:
         console.print(s)
 
 
-def _progress_bar() -> Progress:
+def _progress_bar(quiet: bool = False) -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"),
         TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
         TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tgt tok/s"), TimeElapsedColumn(),
         TextColumn("ETA {task.fields[eta]}"),
-        console=console, disable=not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")),
+        console=console, disable=quiet or not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")),
     )
 
 

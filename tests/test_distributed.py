@@ -1,0 +1,46 @@
+"""Multi-process training with torchrun and DistributedDataParallel (gloo on this CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mtkit import checkpoint
+from tests.conftest import tiny_config
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def test_two_processes_train_as_one_with_their_batches_together_and_resume_in_one(tmp_path, demo_dir, cli):
+    # No dropout, so that the two runs differ only in where the gradients were summed.
+    settings = dict(max_steps=30, eval_every=15, save_every=15, log_every=5, lr=5e-3, warmup=10)
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    ddp = tiny_config(tmp_path / "ddp", demo_dir, **settings)
+    one = tiny_config(tmp_path / "one", demo_dir, accum=2, **settings)
+    env = {**os.environ, "MTKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "mtkit", "train", ddp,
+                             "--set", "model.dropout=0"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes (cpu)" in result.stderr
+    assert result.stderr.count("valid step 30:") == 1  # rank 0 alone validates and logs
+    code, _, err = cli("train", one, "--set", "model.dropout=0")
+    assert code == 0, err
+
+    a = checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")
+    b = checkpoint.load(tmp_path / "one/run/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 30 and a["sampler"] == b["sampler"]  # the same 60 batches
+    for name, tensor in a["model"].items():  # two halves of a step summed by DDP = one step of both
+        assert torch.allclose(tensor, b["model"][name], atol=1e-5), name
+    events = [json.loads(line) for line in (tmp_path / "ddp/run/metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0  # it learns
+
+    # The checkpoint of the 2-process run resumes in a single process.
+    code, _, err = cli("train", ddp, "--resume", "--set", "train.max_steps=40", "--set", "model.dropout=0")
+    assert code == 0, err
+    assert "resuming from" in err and "at step 30" in err
+    assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 40
