@@ -40,6 +40,7 @@ class DataSection(Section):
     test: SplitSpec = "test"
     hf_dataset: str | None = None
     hf_config: str | None = None
+    streaming: bool = False
     src_field: str | None = None
     tgt_field: str | None = None
     encoding_errors: Literal["strict", "replace"] = "strict"
@@ -54,6 +55,8 @@ class DataSection(Section):
             raise ValueError(f"data.src and data.tgt are both {self.src!r}; they must differ")
         if self.min_len > self.max_len:
             raise ValueError(f"data.min_len ({self.min_len}) is above data.max_len ({self.max_len})")
+        if self.streaming and self.format != "hf":
+            raise ValueError("data.streaming reads HF datasets: it needs data.format: hf")
         if self.format == "demo" and {self.src, self.tgt} != {"en", "vs"}:
             raise ValueError("the demo corpus has languages 'en' and 'vs': set data.src/data.tgt to them")
         return self

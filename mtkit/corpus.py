@@ -6,6 +6,7 @@ Every problem with the data is an MtkitError naming the file and line, never a s
 """
 
 import gzip
+import hashlib
 import itertools
 import re
 import unicodedata
@@ -47,6 +48,7 @@ class Source:
     hf_config: str | None = None
     hf_split: str | None = None
     hf_file: Path | None = None
+    streaming: bool = False
     src_field: str | None = None
     tgt_field: str | None = None
 
@@ -78,7 +80,7 @@ def source_for(data: Any, split: str) -> Source:
         found = next((root / c for c in candidates if (root / c).is_file()), None)
         return Source(kind="tsv", paths=(found or _existing(root / spec, split),), **common)
     # data.format == "hf": a data file (json/jsonl/parquet/csv) or a split of data.hf_dataset.
-    fields = dict(src_field=data.src_field, tgt_field=data.tgt_field)
+    fields = dict(src_field=data.src_field, tgt_field=data.tgt_field, streaming=data.streaming)
     if Path(spec).suffix in HF_FILE_BUILDERS:
         return Source(kind="hf", hf_file=_existing(root / spec, split), **fields, **common)
     if not data.hf_dataset:
@@ -183,18 +185,25 @@ def _read_tsv(path: Path, encoding_errors: str) -> Iterator[tuple[str, str]]:
 
 
 def _load_hf(source: Source):
+    """A datasets.Dataset, or with data.streaming an IterableDataset: examples read as they are
+    needed, without downloading and converting the whole dataset to Arrow files first."""
     # No memo here: datasets caches the Arrow table on disk, and a memo would hide edited files.
     import datasets  # heavy (pyarrow, pandas): imported only when an HF source is read
 
+    stream = dict(streaming=True) if source.streaming else {}
     try:
         if source.hf_file:
             builder = HF_FILE_BUILDERS[source.hf_file.suffix]
-            return datasets.load_dataset(builder, data_files=str(source.hf_file), split="train")
+            return datasets.load_dataset(builder, data_files=str(source.hf_file), split="train", **stream)
         if (Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
                 Path(source.hf_dataset) / "state.json").is_file():
-            loaded = datasets.load_from_disk(source.hf_dataset)  # a folder from save_to_disk()
-            return loaded[source.hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split)
+            loaded = datasets.load_from_disk(source.hf_dataset)  # a folder from save_to_disk(): memory-mapped
+            loaded = loaded[source.hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return loaded.to_iterable_dataset() if source.streaming else loaded
+        return datasets.load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split, **stream)
+    except StopIteration:  # datasets' feature inference on a file without a single example
+        raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
+                         hint="check the files, or data.dir and the split names") from None
     except Exception as e:  # datasets raises many types (network, missing split, bad file)
         raise MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
                          hint="check data.hf_dataset / data.hf_config / the split name; hub datasets "
@@ -226,14 +235,26 @@ def _field_getter(columns: list[str], field: str | None, lang: str, source: Sour
 
 def _read_hf(source: Source) -> Iterator[tuple[str, str]]:
     ds = _load_hf(source)
-    get_src = _field_getter(ds.column_names, source.src_field, source.src, source)
-    get_tgt = _field_getter(ds.column_names, source.tgt_field, source.tgt, source)
-    for batch in ds.iter(batch_size=1000):
+    batches = ds.iter(batch_size=1000)
+    first = next(batches, None)
+    if first is None:
+        return
+    # A stream may not know its columns before it is read: take them from the first batch.
+    columns = ds.column_names or list(first)
+    get_src = _field_getter(columns, source.src_field, source.src, source)
+    get_tgt = _field_getter(columns, source.tgt_field, source.tgt, source)
+    for batch in itertools.chain([first], batches):
         yield from zip(get_src(batch), get_tgt(batch))
 
 
 def fingerprint(source: Source) -> str:
     """SHA-256 of the split's raw content, so that any change to the data is noticed."""
+    if source.kind == "hf" and source.streaming:
+        # A stream has no fingerprint of its own: hash what it yields (one more pass, memory flat).
+        digest = hashlib.sha256()
+        for src, tgt in read_pairs(source):
+            digest.update(f"{src}\t{tgt}\n".encode())
+        return sha256_json(["hf-stream", digest.hexdigest()])
     if source.kind == "hf":
         # datasets fingerprints every Dataset from its source files and transforms.
         return sha256_json(["hf", _load_hf(source)._fingerprint, source.src_field, source.tgt_field])

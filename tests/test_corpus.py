@@ -17,7 +17,7 @@ PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Katzen.", "Two cats."), ("H
 def data(tmp_path: Path, **kw) -> SimpleNamespace:
     """A stand-in for the config's data section (corpus only reads attributes)."""
     base = dict(format="text", dir=tmp_path, src="de", tgt="en", train="train", valid="valid",
-                test="test", encoding_errors="strict", hf_dataset=None, hf_config=None,
+                test="test", encoding_errors="strict", hf_dataset=None, hf_config=None, streaming=False,
                 src_field=None, tgt_field=None)
     return SimpleNamespace(**{**base, **kw})
 
@@ -268,3 +268,30 @@ def test_pairs_are_read_only_when_the_files_align(tmp_path_factory, n_src, n_tgt
         assert "the train split is empty" in error(folder)
     else:
         assert f"has {n_src} lines but {folder / 'train.en'} has {n_tgt}" in error(folder)
+
+
+def test_hf_streaming_reads_the_same_pairs_from_files_folders_and_saved_datasets(tmp_path):
+    import datasets
+
+    write_jsonl(tmp_path / "train.jsonl", TRANSLATION_ROWS)
+    assert read(tmp_path, format="hf", train="train.jsonl", streaming=True) == PAIRS
+    write_jsonl(tmp_path / "folder" / "train.jsonl", TRANSLATION_ROWS)
+    assert read(tmp_path, format="hf", hf_dataset=str(tmp_path / "folder"), streaming=True) == PAIRS
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"german": [s for s, _ in PAIRS], "english": [t for _, t in PAIRS]})}).save_to_disk(tmp_path / "saved")
+    kw = dict(format="hf", hf_dataset=str(tmp_path / "saved"), streaming=True)
+    assert read(tmp_path, src_field="german", tgt_field="english", **kw) == PAIRS
+    assert "no column 'de'" in error(tmp_path, **kw)  # columns known from the first batch
+    write_jsonl(tmp_path / "empty.jsonl", [])
+    assert "the train split is empty" in error(tmp_path, format="hf", train="empty.jsonl", streaming=True)
+
+
+def test_hf_streaming_fingerprint_follows_the_content(tmp_path):
+    def fingerprint(name):
+        return corpus.fingerprint(corpus.source_for(data(tmp_path, format="hf", train=name, streaming=True), "train"))
+
+    write_jsonl(tmp_path / "a.jsonl", TRANSLATION_ROWS)
+    write_jsonl(tmp_path / "b.jsonl", TRANSLATION_ROWS)
+    assert fingerprint("a.jsonl") == fingerprint("b.jsonl")
+    write_jsonl(tmp_path / "b.jsonl", TRANSLATION_ROWS[:2])
+    assert fingerprint("a.jsonl") != fingerprint("b.jsonl")

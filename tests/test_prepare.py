@@ -303,3 +303,27 @@ def test_the_train_filters_keep_exactly_what_the_rules_allow(tmp_path_factory, f
         assert result["dropped"] == {reason: counts[reason] for reason in stage.DROP_REASONS}
         arrays = [TokenArray(folder, "train", side, "uint16") for side in ("src", "tgt")]
         assert [(a.tolist(), b.tolist()) for a, b in zip(*arrays)] == kept
+
+
+def test_streaming_prepares_the_same_data_without_converting_the_dataset(tmp_path):
+    """data.streaming: the examples are read as they come; datasets writes no Arrow copy."""
+    import json
+    import os
+
+    corpus_dir = tmp_path / "corpus"
+    for split, pairs in (("train", FILLER), ("validation", VALID), ("test", TEST)):
+        rows = [{"translation": {"de": p[0], "en": p[1]}} for p in pairs]
+        (corpus_dir / split).mkdir(parents=True)
+        (corpus_dir / split / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arrays = {}
+    for streaming in (True, False):
+        arrow_before = set(Path(os.environ["HF_HOME"]).rglob("*.arrow"))
+        (tmp_path / str(streaming)).mkdir()
+        config = write_config(tmp_path / str(streaming), data={
+            "format": "hf", "dir": str(corpus_dir), "src": "de", "tgt": "en", "valid": "validation",
+            "hf_dataset": str(corpus_dir), "streaming": streaming}, tokenizer={"vocab_size": 120})
+        cfg, result = run_stages(config)
+        arrays[streaming] = {p.name: p.read_bytes() for p in result.folder.iterdir() if p.suffix in (".bin", ".idx")}
+        arrow_new = set(Path(os.environ["HF_HOME"]).rglob("*.arrow")) - arrow_before
+        assert not arrow_new if streaming else arrow_new  # without streaming, datasets converts to Arrow first
+    assert arrays[True] == arrays[False] and len(arrays[True]) == 12
