@@ -123,6 +123,7 @@ class TrainSection(Section):
     average_last: Annotated[int, Field(ge=0)] = 0
     ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     max_nonfinite: PositiveInt = 10
+    tensorboard: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSection":

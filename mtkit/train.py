@@ -195,6 +195,7 @@ class Trainer:
         self.metrics_path = cfg.workdir / "metrics.jsonl"
         if self.world.main:
             _truncate_metrics(self.metrics_path, self.progress["step"])
+        self.tensorboard = _tensorboard(cfg.workdir / "tensorboard") if t.tensorboard and self.world.main else None
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
@@ -384,6 +385,11 @@ class Trainer:
         try:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event, ensure_ascii=False) + "\n")
+            if self.tensorboard is not None and event["event"] in ("train", "valid"):
+                for key in ("loss", "ppl", "bleu", "lr", "tgt_tokens_per_s"):
+                    if key in event:
+                        self.tensorboard.add_scalar(f"{event['event']}/{key}", event[key], event["step"])
+                self.tensorboard.flush()
         except OSError as e:
             saved = f"{self.last_path} (step {self.progress['last_save_step']:,}) is intact" \
                 if self.last_path.exists() else "no checkpoint had been saved yet"
@@ -480,6 +486,8 @@ class Trainer:
         elif t.average_last > 1:
             self._average_last()
         self._log({"event": "end", "step": p["step"], "stopped_by": stopped_by, "seconds": round(p["seconds"], 1)})
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self._summary(result)
         return result
 
@@ -553,6 +561,16 @@ def _progress_bar(quiet: bool = False) -> Progress:
         TextColumn("ETA {task.fields[eta]}"),
         console=console, disable=quiet or not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")),
     )
+
+
+def _tensorboard(folder: Path):
+    """train.tensorboard: a SummaryWriter beside metrics.jsonl (TensorBoard is an optional extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MtkitError("train.tensorboard needs TensorBoard", hint="pip install 'mtkit[tb]' (or: pip install "
+                                                                       "tensorboard), or mtkit plot WORKDIR") from None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def _clock(seconds: float) -> str:

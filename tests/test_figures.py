@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.test_bad_input import assert_refused
@@ -75,3 +76,23 @@ def test_plot_draws_the_curves_of_a_run_also_while_it_runs(cli, trained, tmp_pat
     png_size(tmp_path / "partial.png")
     code, _, err = cli("plot", tmp_path / "nowhere", "-o", tmp_path / "x.png")
     assert_refused(code, err, "cannot read")
+
+
+def test_tensorboard_gets_the_same_curves_as_metrics_jsonl(cli, tmp_path, demo_dir):
+    import json
+
+    from tests.conftest import tiny_config
+
+    pytest.importorskip("tensorboard")  # the optional extra (installed with the dev extras, so in CI)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, _, err = cli("train", tiny_config(tmp_path, demo_dir), "--set", "train.tensorboard=true")
+    assert code == 0, err
+    events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    board = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    board.Reload()
+    for kind, key in (("train", "loss"), ("train", "lr"), ("valid", "bleu"), ("valid", "loss")):
+        logged = [(e["step"], e[key]) for e in events if e["event"] == kind]
+        shown = [(s.step, s.value) for s in board.Scalars(f"{kind}/{key}")]
+        assert len(shown) == len(logged) > 0 and all(a == b and abs(x - y) < 1e-6 * max(1, abs(x))
+                                                     for (a, x), (b, y) in zip(logged, shown)), (kind, key)
