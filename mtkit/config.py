@@ -108,7 +108,7 @@ class TrainSection(Section):
     warmup: Annotated[int, Field(ge=0)] = 1000
     label_smoothing: Fraction = 0.1
     clip: Annotated[float, Field(ge=0.0)] = 1.0
-    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Annotated[int, Field(ge=0)] = 0
     max_steps: PositiveInt = 100_000

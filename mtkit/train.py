@@ -188,10 +188,17 @@ class Trainer:
         # What the loop has done so far: all of it goes into checkpoints.
         self.progress = {"step": 0, "seconds": 0.0, "best_bleu": None, "best_step": None, "bad_evals": 0,
                          "skipped_steps": 0, "nonfinite_in_row": 0, "last_eval_step": 0, "last_save_step": 0}
+        # fp16 needs its loss scaled, so that small gradients do not round to zero; the scaler
+        # lowers the scale after an overflow (that step is skipped) and raises it again later.
+        self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=False)
         if state is not None:
             self._restore(state)
         else:
             self.precision, self.precision_reason = self._choose_precision()
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.world.device.type)
+            if state is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
         self.metrics_path = cfg.workdir / "metrics.jsonl"
         if self.world.main:
             _truncate_metrics(self.metrics_path, self.progress["step"])
@@ -261,7 +268,8 @@ class Trainer:
                                              f"{times['bf16'] * 1000 / 3:.0f} ms bf16"))
 
     def _autocast(self, precision: str):
-        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.world.device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, indices: np.ndarray, split: str = "train"):
@@ -276,7 +284,7 @@ class Trainer:
         # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                                label_smoothing=self.cfg.train.label_smoothing, reduction="sum")
-        (loss * scale).backward()
+        self.scaler.scale(loss * scale).backward()
         return loss.item()
 
     def _step(self) -> tuple[float, int, int]:
@@ -297,19 +305,26 @@ class Trainer:
         step = self.progress["step"] + 1
         # A NaN/inf loss or gradient (bf16 can overflow in the backward pass while the loss looks
         # fine) would poison the weights: skip the update, count it. The norm is needed anyway to clip.
-        finite = math.isfinite(total) and math.isfinite(
+        self.scaler.unscale_(self.optimizer)  # fp16: clip and check the true gradients (else nothing)
+        loss_ok = math.isfinite(total)
+        finite = loss_ok and math.isfinite(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip if t.clip > 0 else math.inf))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress["skipped_steps"] += 1
-            self.progress["nonfinite_in_row"] += 1
+            # In fp16 an overflow of the scaled gradients is the scaler's to handle (it lowers the
+            # scale); a non-finite loss, or a non-finite gradient without a scaler, is divergence.
+            if not (loss_ok and self.scaler.is_enabled()):
+                self.progress["nonfinite_in_row"] += 1
+            self.scaler.update()
         else:
             self.progress["nonfinite_in_row"] = 0
             lr = lr_at(step, lr=t.lr, schedule=t.schedule, warmup=t.warmup, d_model=self.model_config.d_model,
                        max_steps=t.max_steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # the optimizer's step (and, in fp16, the scaler's bookkeeping)
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema_model is not None:
                 ema_update(self.ema_model, self.model, t.ema, step)
@@ -349,6 +364,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict:
         ema = {"ema": self.ema_model.state_dict()} if self.ema_model is not None else {}
+        if self.scaler.is_enabled():
+            ema["scaler"] = self.scaler.state_dict()
         return ema | {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                 "progress": dict(self.progress), "precision": self.precision,

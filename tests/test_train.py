@@ -41,15 +41,16 @@ def test_lr_at_known_steps():
     assert lr_at(400, schedule="noam", **noam) == pytest.approx(lr_at(100, schedule="noam", **noam) / 2)
 
 
-def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the loss scaler's state resumes too
+def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli, precision):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole = tiny_config(tmp_path / "a", demo_dir)
+    whole = tiny_config(tmp_path / "a", demo_dir, precision=precision)
     code, _, err = cli("train", whole)
     assert code == 0, err
     assert "stopped by max_steps" in err and "best valid BLEU" in err
 
-    halves = tiny_config(tmp_path / "b", demo_dir)
+    halves = tiny_config(tmp_path / "b", demo_dir, precision=precision)
     code, _, err = cli("train", halves, "--set", "train.max_steps=6")
     assert code == 0, err
     code, _, err = cli("train", halves, "--resume")
@@ -64,6 +65,8 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli):
     assert losses(tmp_path / "a/run") == losses(tmp_path / "b/run")
     assert len(losses(tmp_path / "a/run")) == 6
     assert a["sampler"] == b["sampler"]
+    if precision == "fp16":  # the loss scaler went on counting its good steps across the resume
+        assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 12
 
 
 def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_path, demo_dir):
@@ -241,8 +244,8 @@ def test_sigint_and_sigterm_save_and_exit_cleanly(tmp_path, demo_dir, sig):
     assert load_config(config).train.max_steps == 100000
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_both_precisions_learn_the_demo_corpus(tmp_path, demo_dir, cli, precision):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_every_precision_learns_the_demo_corpus(tmp_path, demo_dir, cli, precision):
     config = tiny_config(tmp_path, demo_dir, precision=precision, max_steps=150, eval_every=150, save_every=150,
                          log_every=50, warmup=30, lr=3e-3, max_tokens=2000, eval_sample=200)
     code, _, err = cli("train", config)
@@ -252,7 +255,8 @@ def test_both_precisions_learn_the_demo_corpus(tmp_path, demo_dir, cli, precisio
     valid = [e for e in events if e["event"] == "valid"][-1]
     # Untrained: ln(300) = 5.7 per token. Measured after 150 steps: 2.99 in both precisions.
     assert train_losses[-1] < train_losses[0] - 1.0 and valid["loss"] < 3.4, events
-    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["precision"] == precision
+    last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
+    assert last["precision"] == precision and ("scaler" in last) == (precision == "fp16")  # fp16's loss scale
 
 
 def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, demo_dir, cli):
