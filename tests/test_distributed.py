@@ -39,8 +39,14 @@ def test_two_processes_train_as_one_with_their_batches_together_and_resume_in_on
     losses = [e["loss"] for e in events if e["event"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0] - 1.0  # it learns
 
-    # The checkpoint of the 2-process run resumes in a single process.
+    # The checkpoint of the 2-process run resumes in a single process, and that one under torchrun.
     code, _, err = cli("train", ddp, "--resume", "--set", "train.max_steps=40", "--set", "model.dropout=0")
     assert code == 0, err
     assert "resuming from" in err and "at step 30" in err
     assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 40
+    result = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "mtkit", "train", ddp, "--resume",
+                             "--set", "train.max_steps=50", "--set", "model.dropout=0"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("resuming from") == 1 and "at step 40" in result.stderr
+    assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 50
