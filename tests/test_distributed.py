@@ -50,3 +50,24 @@ def test_two_processes_train_as_one_with_their_batches_together_and_resume_in_on
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("resuming from") == 1 and "at step 40" in result.stderr
     assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 50
+
+
+def test_ctrl_c_on_torchrun_saves_the_run(tmp_path, demo_dir, cli):
+    import signal
+    import time
+
+    config = tiny_config(tmp_path, demo_dir, max_steps=100_000, save_every=100_000, eval_every=100_000, log_every=5)
+    env = {**os.environ, "MTKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([TORCHRUN, "--nproc_per_node", "2", "-m", "mtkit", "train", config], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: torchrun and its workers
+    proc.communicate(timeout=120)
+    last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
+    assert last["progress"]["stopped_by"] == "interrupted" and last["step"] >= 10
+    code, _, err = cli("train", config, "--resume", "--set", f"train.max_steps={last['step'] + 5}")
+    assert code == 0 and f"at step {last['step']:,}" in err, err
