@@ -70,9 +70,10 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
         last = best[:, None]
     result = []
     src_lengths = (~memory.src_pad).sum(dim=1).tolist()
+    looked = torch.stack(looked, dim=1) if attention else None  # (B, steps, L, H, S)
     for i, (row, lp) in enumerate(zip(torch.stack(outputs, dim=1).tolist(), log_prob.tolist())):
         tokens = row[:row.index(eos_id)] if eos_id in row else row
-        attn = torch.stack(looked, dim=1)[i, :len(tokens) + 1, :, :, :src_lengths[i]] if attention else None
+        attn = looked[i, :len(tokens) + 1, :, :, :src_lengths[i]] if attention else None
         result.append(Hypothesis(tokens, lp, lp, attn))
     return result
 

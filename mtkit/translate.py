@@ -109,13 +109,14 @@ class Translator:
     def attention(self, line: str, **settings) -> "AttentionMap":
         """Translate one sentence and return the cross-attention that wrote its best translation
         (the one the search itself used, collected while it ran)."""
-        ids = self.encode([line])[0][:self.max_source_tokens]
+        ids = self.encode([line])[0]
         if not ids:
             raise MtkitError("nothing to translate: the sentence is empty")
         return self.attention_map(line, ids, self.search([ids], self.options(**settings), attention=True)[0][0])
 
     def attention_map(self, line: str, ids: list[int], hyp: Hypothesis) -> "AttentionMap":
-        pieces = self.tokenizer.src.id_to_piece(ids) + ["</s>"]
+        """The map of hypothesis `hyp` of source `ids` (cut, as the search cuts it, to the positions)."""
+        pieces = self.tokenizer.src.id_to_piece(ids[:self.max_source_tokens]) + ["</s>"]
         out = self.tokenizer.tgt.id_to_piece(hyp.tokens) + ["</s>"]
         return AttentionMap(line, self.tokenizer.decode_tgt([hyp.tokens])[0], hyp.score, pieces, out,
                             hyp.attention.float())
@@ -229,7 +230,7 @@ def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out:
 
             for i, hyps in enumerate(found):
                 if hyps:
-                    amap = translator.attention_map(lines[i], ids[i][:translator.max_source_tokens], hyps[0])
+                    amap = translator.attention_map(lines[i], ids[i], hyps[0])
                     attention_png(amap, attention_dir / f"{first + i:06d}.png")
         for i, hyps in enumerate(map(translator._texts, found)):
             if opts.n_best > 1:
