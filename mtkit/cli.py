@@ -205,22 +205,35 @@ def eval_(
                                                      "samples (1000 is usual): 95% confidence intervals, and p-values "
                                                      "against the first --hyp.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter) to stdout.")] = False,
+    tokenize: Annotated[Optional[str], typer.Option("--tokenize", help="BLEU's tokenizer: 13a, intl, zh, ja-mecab, "
+                                                    "ko-mecab, char or none (default: files 13a, an experiment its "
+                                                    "eval.tokenize, auto: from the target language).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER, with signatures): files, or an experiment."""
     import json
+    import typing
 
+    from mtkit.config import BleuTokenizer
     from mtkit.pipeline import print_scores
 
+    choices = typing.get_args(BleuTokenizer)
+    if tokenize is not None and tokenize not in choices:
+        raise MtkitError(f"--tokenize {tokenize!r}: one of {', '.join(choices)}")
     if hyp:
         from mtkit import evaluate
 
         if config is not None or not ref:
             raise MtkitError("--hyp needs --ref and no CONFIG", hint="mtkit eval --hyp out.txt --ref ref.txt")
+        if tokenize == "auto":
+            raise MtkitError("--tokenize auto takes the target language from an experiment's config",
+                             hint="with --hyp, name the tokenizer, e.g. --tokenize zh")
+        tokenize = tokenize or "13a"
+        evaluate.check_tokenizer(tokenize)
         systems, references = _read_aligned(hyp, ref)
         metrics = ("bleu", "chrf", "ter")
         if bootstrap:
-            result = evaluate.paired_bootstrap(systems, references, bootstrap, metrics)
+            result = evaluate.paired_bootstrap(systems, references, bootstrap, metrics, tokenize)
             if as_json:
                 typer.echo(json.dumps(result))
             else:
@@ -230,7 +243,7 @@ def eval_(
             raise MtkitError("several --hyp files are compared with --bootstrap N",
                              hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
         result = {"split": systems[0][0], "sentences": len(systems[0][1]), "beam_size": "-", "checkpoint": "-",
-                  **evaluate.score(systems[0][1], references, metrics)}
+                  **evaluate.score(systems[0][1], references, metrics, tokenize)}
     else:
         from mtkit.pipeline import evaluate_split
 
@@ -242,7 +255,7 @@ def eval_(
                              hint="mtkit eval configs/demo.yaml  or  mtkit eval --hyp out.txt --ref ref.txt")
         if split not in (None, "valid", "test"):
             raise MtkitError(f"--split must be valid or test, not {split!r}")
-        cfg = _load(config, set_)
+        cfg = _load(config, [*(set_ or []), *([f"eval.tokenize={tokenize}"] if tokenize else [])])
         metrics = cfg.eval.metrics
         result = evaluate_split(cfg, split, beam, checkpoint)
     if as_json:

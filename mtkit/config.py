@@ -150,10 +150,15 @@ class DecodeSection(Section):
         return self
 
 
+# sacreBLEU's BLEU tokenizers that need nothing downloaded (spm and flores fetch a model at run time).
+BleuTokenizer = Literal["auto", "13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none"]
+
+
 class EvalSection(Section):
     split: Literal["valid", "test"] = "test"
     checkpoint: Literal["best", "averaged"] = "best"
     metrics: tuple[Literal["bleu", "chrf", "ter"], ...] = ("bleu", "chrf", "ter")
+    tokenize: BleuTokenizer = "auto"  # auto: from data.tgt, as sacreBLEU's command line chooses
 
     @field_validator("metrics")
     @classmethod

@@ -11,9 +11,16 @@ from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
 from mtkit.prepare import prepare
-from mtkit.train import train
+from mtkit.train import stop_reason, train
 from mtkit.translate import Translator, resolve_checkpoint
 from mtkit.vocab import train_tokenizer
+
+
+def bleu_tokenizer(cfg: Config) -> str:
+    """BLEU's tokenizer for this experiment, proven usable (a missing MeCab is said before any work)."""
+    tokenize = evaluate.bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt)
+    evaluate.check_tokenizer(tokenize)
+    return tokenize
 
 
 def prepare_data(cfg: Config) -> tuple:
@@ -24,6 +31,7 @@ def prepare_data(cfg: Config) -> tuple:
 def prepare_and_train(cfg: Config, resume: bool = False):
     """`mtkit train`: the tokenizer and data when missing or stale, then training. Under torchrun
     the first process builds them while the others wait, then all train together."""
+    bleu_tokenizer(cfg)
     world = distributed.start(cfg.train.device)
     try:
         if world.main:
@@ -44,11 +52,15 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
     last = cfg.workdir / "checkpoints" / "last.pt"
     if last.exists():
         state = checkpoint.load(last, mmap=True)
-        finished = state["progress"].get("stopped_by") not in (None, "interrupted")
+        # Finished: the run ended itself (a final save records why; a kill leaves none) and the
+        # settings of *this* run agree (an older mtkit carried a stopped_by into resumed runs).
+        finished = state["progress"].get("stopped_by") not in (None, "interrupted") and \
+            stop_reason(cfg.train, state["progress"], state["sampler"]["epoch"]) is not None
         before, now = _with_defaults(state["config"]), cfg.model_dump(mode="json")
         same = before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer"))
         if finished and same:
-            info(f"train: up to date ({last}, stopped by {state['progress']['stopped_by']} at step "
+            info(f"train: up to date ({last}, stopped by "
+                 f"{stop_reason(cfg.train, state['progress'], state['sampler']['epoch'])} at step "
                  f"{state['step']:,})")
             return "up to date", state["progress"]
     resume = last.exists()
@@ -81,8 +93,9 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     opts = cfg.decode.model_copy(update={"beam_size": beam} if beam else {})
     if opts.n_best > opts.beam_size:
         opts = opts.model_copy(update={"n_best": 1})
+    tokenize = bleu_tokenizer(cfg)
     key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
-                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics)})
+                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize})
     out = cfg.workdir / "eval"
     previous = read_json(out / f"{split}.json")
     if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
@@ -95,7 +108,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
         hypotheses = translator.translate(sources, **opts.model_dump())
     seconds = time.perf_counter() - start
-    scores = evaluate.score(hypotheses, [references], cfg.eval.metrics)
+    scores = evaluate.score(hypotheses, [references], cfg.eval.metrics, tokenize)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{split}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     result = {"split": split, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
@@ -114,6 +127,7 @@ def print_scores(result: dict, metrics) -> None:
 
 
 def run(cfg: Config) -> None:
+    bleu_tokenizer(cfg)
     tok, data = prepare_data(cfg)
     trained, progress = train_if_needed(cfg)
     result = evaluate_split(cfg, "test")

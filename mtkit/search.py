@@ -42,10 +42,12 @@ def step_attention(weights: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len: Tensor,
-           attention: bool = False) -> list["Hypothesis"]:
+           alpha: float = 0.0, attention: bool = False) -> list["Hypothesis"]:
     """src (B, S) padded source ids (with EOS) -> for each sentence its output (no BOS/EOS).
 
-    max_len (B,): the most tokens a sentence may get before EOS is forced."""
+    max_len (B,): the most tokens a sentence may get before EOS is forced. alpha only sets the
+    score (scored as beam search scores, so that greedy and beam scores compare); greedy never
+    weighs lengths."""
     memory = model.encode(src)
     b = src.size(0)
     last = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
@@ -74,7 +76,7 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
     for i, (row, lp) in enumerate(zip(torch.stack(outputs, dim=1).tolist(), log_prob.tolist())):
         tokens = row[:row.index(eos_id)] if eos_id in row else row
         attn = looked[i, :len(tokens) + 1, :, :, :src_lengths[i]] if attention else None
-        result.append(Hypothesis(tokens, lp, lp, attn))
+        result.append(Hypothesis(tokens, lp / length_penalty(len(tokens) + 1.0, alpha), lp, attn))
     return result
 
 
@@ -88,7 +90,7 @@ def length_penalty(length: Tensor | float, alpha: float) -> Tensor | float:
 @dataclass
 class Hypothesis:
     tokens: list[int]  # output ids, without BOS and EOS
-    score: float       # log-probability / length_penalty(len(tokens) + 1, alpha): what is ranked
+    score: float       # log_prob / length_penalty(len(tokens) + 1, alpha): what beam search ranks
     log_prob: float    # sum of the token log-probabilities (EOS included)
     # With attention=True: the cross-attention that chose each output token and the final EOS,
     # (len(tokens) + 1, layers, heads, source length + 1), over the source tokens and its EOS.
@@ -206,7 +208,7 @@ def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, bea
         src = pad_rows(rows, pad_id).to(device)
         limit = max_lengths(torch.as_tensor(lengths[ix], device=device), max_len_a, max_len_b, max_positions - 1)
         if beam_size == 1:
-            found = [[h] for h in greedy(model, src, bos_id=bos_id, eos_id=eos_id, max_len=limit,
+            found = [[h] for h in greedy(model, src, bos_id=bos_id, eos_id=eos_id, max_len=limit, alpha=alpha,
                                          attention=attention)]
         else:
             found = beam_search(model, src, beam_size=beam_size, bos_id=bos_id, eos_id=eos_id, max_len=limit,

@@ -17,6 +17,9 @@ import sentencepiece as spm
 from mtkit.errors import MtkitError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Tab, line breaks (those str.splitlines knows: \n \r \v \f \x1c-\x1e \x85 U+2028 U+2029) and
+# the other C0/C1 controls, with any spaces around them: what may not appear inside an output line.
+_BREAKS = re.compile(r" *[\x00-\x1f\x7f-\x9f\u2028\u2029][\x00-\x20\x7f-\x9f\u2028\u2029]*")
 
 
 def train_model(sentences: Iterable[str], *, model_type: str, vocab_size: int, character_coverage: float,
@@ -94,5 +97,10 @@ class Tokenizer:
         return self.tgt.encode(list(lines), out_type=int, num_threads=threads)
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Output ids -> one line of text each. A model with byte_fallback can emit the pieces of
+        any byte, <0x0A> (a newline) and <0x09> (a tab) among them; they would split an output
+        line or a TSV row, so every line break, tab and control character becomes a space (the
+        training text had none: corpus.normalize made them spaces)."""
+        texts = self.tgt.decode([list(map(int, seq)) for seq in ids])
         # strip: a model may end on a lone word-boundary piece, which decodes to a trailing space.
-        return [text.strip() for text in self.tgt.decode([list(map(int, seq)) for seq in ids])]
+        return [_BREAKS.sub(" ", text).strip() for text in texts]

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mtkit import checkpoint, corpus, distributed
-from mtkit.config import Config
+from mtkit.config import Config, TrainSection
 from mtkit.console import console, info, table
 from mtkit.distributed import World
 from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch
 from mtkit.errors import MtkitError
-from mtkit.evaluate import bleu
+from mtkit.evaluate import bleu, bleu_tokenizer, check_tokenizer
 from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
 from mtkit.search import search_sorted
@@ -85,6 +85,22 @@ def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
     """The model section plus what the data decides (vocabulary sizes, padding id)."""
     return ModelConfig(**cfg.model.model_dump(), src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size,
                        share_src_tgt=cfg.model.tie_embeddings and tok.joint, pad_id=PAD_ID)
+
+
+def stop_reason(t: TrainSection, progress: dict, epoch: int) -> str | None:
+    """Which stop rule of the train section `t` a run with this progress has met (None: it goes
+    on). The one judge of "finished": the loop asks it after every step, and `mtkit run` asks it
+    of last.pt, so a run is finished only when its *current* settings say so (a run extended from
+    max_steps 40 to 400 and killed at step 180 is not finished, whatever stopped it before)."""
+    if progress["step"] >= t.max_steps:
+        return "max_steps"
+    if t.max_epochs and epoch >= t.max_epochs:
+        return "max_epochs"
+    if t.max_time and progress["seconds"] >= t.max_time:
+        return "max_time"
+    if t.patience and progress["bad_evals"] >= t.patience:
+        return "patience"
+    return None
 
 
 @contextlib.contextmanager
@@ -162,6 +178,10 @@ class Trainer:
         if 0 < t.eval_sample < n_valid:  # a fixed sample: every validation scores the same sentences
             sample = np.sort(np.random.default_rng(cfg.experiment.seed).choice(n_valid, t.eval_sample, replace=False))
         self.bleu_sample = sample
+        # BLEU's tokenizer follows the target language (13a would score Chinese as one word a line);
+        # checked now, so that a missing MeCab is said before training, not at its first validation.
+        self.bleu_tokenizer = bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt)
+        check_tokenizer(self.bleu_tokenizer)
         cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
         self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
 
@@ -230,6 +250,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.progress = {**self.progress, **state["progress"]}  # counters added since start at their defaults
+        # Why the last session stopped is history: this session's checkpoints must not carry it
+        # (a later `mtkit run` would take a half-trained run for a finished one).
+        self.progress.pop("stopped_by", None)
         self.precision, self.precision_reason = state["precision"], "as before the resume"
         wanted = self.cfg.train.precision
         if wanted not in ("auto", state["precision"]):  # the weights are fp32 either way: a switch is safe
@@ -348,7 +371,7 @@ class Trainer:
                 n_tokens += b.n_tgt_tokens
             hyps = self._greedy(model, self.bleu_sample)
         model.train(was_training)
-        score, signature = bleu(hyps, [self.references[i] for i in self.bleu_sample])
+        score, signature = bleu(hyps, [self.references[i] for i in self.bleu_sample], self.bleu_tokenizer)
         loss = loss_sum / n_tokens
         return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2), "bleu": round(score, 2),
                 "sentences": len(self.bleu_sample), "seconds": round(time.perf_counter() - start, 1),
@@ -414,17 +437,6 @@ class Trainer:
                              hint="free disk space or fix permissions, then continue with --resume") from None
 
     # -- the loop ---------------------------------------------------------------------------
-    def _stop_reason(self, elapsed: float) -> str | None:
-        t, p = self.cfg.train, self.progress
-        if p["step"] >= t.max_steps:
-            return "max_steps"
-        if t.max_epochs and self.sampler.epoch >= t.max_epochs:
-            return "max_epochs"
-        if t.max_time and elapsed >= t.max_time:
-            return "max_time"
-        if t.patience and p["bad_evals"] >= t.patience:
-            return "patience"
-        return None
 
     def _evaluate_and_keep_best(self) -> bool:
         """Validate (rank 0; the others wait at the next step); True when this is the best BLEU so far."""
@@ -464,7 +476,7 @@ class Trainer:
                                 eta="-", epoch=self.sampler.epoch + 1)
             while True:
                 p["seconds"] = session_start_seconds + time.perf_counter() - clock
-                stopped_by = self._stop_reason(p["seconds"]) or ("interrupted" if stop.signal else None)
+                stopped_by = stop_reason(t, p, self.sampler.epoch) or ("interrupted" if stop.signal else None)
                 stopped_by = w.from_main(stopped_by)  # one decision (clocks, Ctrl-C) for every process
                 if stopped_by:
                     break

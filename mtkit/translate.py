@@ -103,7 +103,9 @@ class Translator:
 
     def translate_nbest(self, lines: Sequence[str], **settings) -> list[list[tuple[float, str]]]:
         """For each line up to n_best (score, translation), best first; a blank line gives
-        [(0.0, "")]. The score is the length-normalized log-probability (higher is better)."""
+        [(0.0, "")]. The score, higher is better, is the log-probability divided by GNMT's length
+        penalty ((5 + length) / 6) ** alpha (length counting EOS), for greedy and beam search alike:
+        with alpha 0 it is the plain log-probability."""
         return self.translate_ids(self.encode(lines), self.options(**settings))
 
     def attention(self, line: str, **settings) -> "AttentionMap":
@@ -152,7 +154,7 @@ class AttentionMap:
 
     line: str            # the source sentence as given
     translation: str     # its (best) translation, detokenized
-    score: float         # the translation's length-normalized log-probability
+    score: float         # its log-probability / the length penalty (Translator.translate_nbest)
     source: list[str]    # source subwords, then "</s>"
     target: list[str]    # output subwords, then "</s>"
     weights: torch.Tensor  # (len(target), layers, heads, len(source)): each row a distribution

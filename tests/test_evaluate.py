@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -133,3 +135,93 @@ def test_bootstrap_mistakes_are_one_clear_message(tmp_path, cli, trained):
     assert code == 2 and "short has 1 lines" in err
     code, _, err = cli("eval", trained.parent / "config.yaml", "--bootstrap", "10")
     assert code == 2 and "--hyp" in err and "Traceback" not in err
+
+
+# BLEU's tokenizer follows the target language, as sacreBLEU's own command line chooses it.
+
+ZH_REF = ["一只黑猫坐在红色的垫子上。", "两个男人在公园里跑步。", "女孩在河边读书。"]
+ZH_HYP = ["一只黑猫坐在红色垫子上。", "两个男人在公园跑步。", "女孩在河边看书。"]  # close, not equal
+
+
+def test_bleu_tokenizer_follows_the_target_language_unless_set():
+    from mtkit.evaluate import bleu_tokenizer
+
+    assert [bleu_tokenizer("auto", lang) for lang in ("zh", "zh-Hans", "ZH_tw", "cmn", "ja", "jpn", "ko", "en",
+                                                      "de", "vs")] == \
+        ["zh", "zh", "zh", "zh", "ja-mecab", "ja-mecab", "ko-mecab", "13a", "13a", "13a"]
+    assert bleu_tokenizer("char", "zh") == "char" and bleu_tokenizer("13a", "zh") == "13a"
+
+
+def test_chinese_is_scored_by_character_not_as_one_word_a_line():
+    from sacrebleu.metrics import BLEU
+
+    from mtkit.evaluate import score
+
+    zh = score(ZH_HYP, [ZH_REF], ("bleu", "ter"), tokenize="zh")
+    plain = score(ZH_HYP, [ZH_REF], ("bleu", "ter"))
+    assert zh["bleu"]["score"] == BLEU(tokenize="zh").corpus_score(ZH_HYP, [ZH_REF]).score > 50
+    assert plain["bleu"]["score"] == 0.0  # 13a: each sentence one word, and none equal
+    assert "tok:zh" in zh["bleu"]["signature"] and "asian:yes" in zh["ter"]["signature"]
+
+
+def zh_corpus(demo_dir: Path, folder: Path) -> Path:
+    """English -> a written-without-spaces target: each Veshi word of the demo corpus becomes one
+    of 200 CJK characters, "." the ideographic full stop."""
+    for split, n in (("train", 2000), ("valid", 60), ("test", 60)):
+        english = (demo_dir / f"{split}.en").read_text(encoding="utf-8").splitlines()[:n]
+        veshi = (demo_dir / f"{split}.vs").read_text(encoding="utf-8").splitlines()[:n]
+        zh = ["".join(chr(0x4E00 + zlib.crc32(w.encode()) % 200) for w in line.rstrip(".").split()) + "。"
+              for line in veshi]
+        (folder / f"{split}.en").write_text("\n".join(english) + "\n", encoding="utf-8")
+        (folder / f"{split}.zh").write_text("\n".join(zh) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_an_experiment_into_chinese_validates_and_evaluates_with_the_zh_tokenizer(tmp_path, demo_dir, cli):
+    from sacrebleu.metrics import BLEU
+
+    from tests.conftest import TINY_MODEL, write_config
+
+    corpus = zh_corpus(demo_dir, (tmp_path / "corpus").mkdir() or tmp_path / "corpus")
+    config = write_config(tmp_path, data={"dir": str(corpus), "src": "en", "tgt": "zh"},
+                          tokenizer={"vocab_size": 400}, model=TINY_MODEL, decode={"beam_size": 2},
+                          train={"precision": "fp32", "threads": 1, "max_tokens": 1500, "lr": 5e-3, "warmup": 10,
+                                 "max_steps": 150, "eval_every": 75, "save_every": 75, "log_every": 25})
+    code, _, err = cli("run", config)
+    assert code == 0, err
+    valid = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+             if '"valid"' in line]
+    assert valid and all("tok:zh" in v["signature"] for v in valid)
+    result = json.loads((tmp_path / "run/eval/test.json").read_text())
+    assert "tok:zh" in result["bleu"]["signature"] and "asian:yes" in result["ter"]["signature"]
+    hyps = (tmp_path / "run/eval/test.hyp").read_text(encoding="utf-8").splitlines()
+    refs = (corpus / "test.zh").read_text(encoding="utf-8").splitlines()
+    assert result["bleu"]["score"] == BLEU(tokenize="zh").corpus_score(hyps, [refs]).score > 0
+    assert BLEU().corpus_score(hyps, [refs]).score < result["bleu"]["score"]  # what 13a would have said
+    # eval.tokenize overrides the choice, and is a new result, not the cached one.
+    code, out, err = cli("eval", config, "--tokenize", "char", "--json")
+    assert code == 0, err
+    assert "tok:char" in json.loads(out)["bleu"]["signature"] and "eval: up to date" not in err
+
+
+def test_a_japanese_target_without_mecab_is_refused_before_training(tmp_path, demo_dir, cli):
+    pytest.importorskip("sacrebleu")
+    try:
+        import MeCab  # noqa: F401
+        pytest.skip("MeCab is installed here")
+    except ImportError:
+        pass
+    from tests.conftest import TINY_MODEL, write_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.en").write_text("a dog\nthe cat\n" * 20)
+        (corpus / f"{split}.ja").write_text("犬\n猫\n" * 20)
+    config = write_config(tmp_path, data={"dir": str(corpus), "src": "en", "tgt": "ja"}, tokenizer={"vocab_size": 30},
+                          model=TINY_MODEL, train={"max_steps": 5})
+    code, _, err = cli("train", config)
+    assert code == 2 and "needs MeCab" in err and "sacrebleu[ja]" in err and "eval.tokenize" in err, err
+    assert "Traceback" not in err and not (tmp_path / "run/tokenizer").exists()  # before any work
+    code, _, err = cli("train", config, "--set", "eval.tokenize=char")  # the way out the message names
+    assert code == 0, err

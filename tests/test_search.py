@@ -175,6 +175,11 @@ def test_beam_of_one_is_greedy(copier):
     assert [h[0].tokens for h in b1] == g
     g_scores = [h.log_prob for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)]
     assert [h[0].log_prob for h in b1] == pytest.approx(g_scores, abs=1e-4)
+    # Scores mean one thing: with a length penalty, greedy's are normalized as beam search's are.
+    normalized = greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.6)
+    b1 = beam_search(model, src, beam_size=1, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.6)
+    assert [h[0].score for h in b1] == pytest.approx([h.score for h in normalized], abs=1e-4)
+    assert all(h.score == pytest.approx(h.log_prob / ((5 + len(h.tokens) + 1) / 6) ** 0.6) for h in normalized)
     assert len({tuple(x) for x in g}) == 3 and all(len(set(x)) > 2 for x in g)  # varied outputs
     assert any(len(x) < limit[i] for i, x in enumerate(g))  # and some end by EOS
 

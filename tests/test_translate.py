@@ -129,3 +129,65 @@ def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lin
     assert n == len(lines) and written[-1] == "" and len(written) - 1 == len(lines)
     blank = [i for i, raw in enumerate(lines) if not raw.strip(b" \t\r") and not raw.startswith(b"\xef\xbb\xbf")]
     assert all(written[i] == "" for i in blank)  # blank in, blank out: the order holds
+
+
+# A model that emits line breaks and tabs: a byte_fallback tokenizer has the pieces <0x0A> (\n),
+# <0x09> (\t) and <0x0D> (\r), and this decoder is wired to write them.
+
+@pytest.fixture(scope="module")
+def breaking_model(demo_dir, tmp_path_factory) -> tuple[Path, str]:
+    """A checkpoint whose decoder writes, after BOS, the script w1 \\n w2 \\t w3 \\r w4 EOS
+    whatever the source; and that script decoded raw, as SentencePiece gives it."""
+    from dataclasses import asdict
+
+    import torch
+
+    from mtkit import checkpoint
+    from mtkit.model import ModelConfig, Transformer
+    from mtkit.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_model
+
+    lines = (demo_dir / "train.vs").read_text(encoding="utf-8").splitlines()[:3000]
+    tok = Tokenizer(train_model(lines, model_type="bpe", vocab_size=400, character_coverage=1.0,
+                                byte_fallback=True, threads=1))
+    words = [tok.tgt.piece_to_id(p) for p in ("▁la", "▁ko", "▁le", "▁na")]
+    breaks = [tok.tgt.piece_to_id(p) for p in ("<0x0A>", "<0x09>", "<0x0D>")]
+    assert len(set(words)) == 4 and 1 not in words + breaks  # all real pieces (1 is <unk>)
+    script = [BOS_ID, words[0], breaks[0], words[1], breaks[1], words[2], breaks[2], words[3], EOS_ID]
+    cfg = ModelConfig(src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size, d_model=32, heads=2,
+                      enc_layers=1, dec_layers=1, ff_dim=64, positions="learned", tie_embeddings=False,
+                      max_positions=64)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        # Every decoder sublayer adds nothing and positions are zero, so the decoder's output is
+        # LayerNorm(embedding of the previous token): the next token is a function of the last.
+        for layer in model.decoder:
+            for linear in (layer.self_attention.out, layer.cross_attention.out, layer.feed_forward.outer):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        model.tgt_embed.learned.weight.zero_()
+        model.tgt_embed.tokens.weight.zero_()
+        model.generator.weight.zero_()
+        for i, (token, following) in enumerate(zip(script, script[1:])):
+            model.tgt_embed.tokens.weight[token, i] = 1.0  # token i of the script: direction i ...
+            model.generator.weight[following, i] = 10.0  # ... which makes the next token most likely
+    path = tmp_path_factory.mktemp("breaking") / "model.pt"
+    checkpoint.save({"model_config": asdict(cfg), "model": model.state_dict(), "tokenizer": list(tok.protos),
+                     "tokenizer_fingerprint": tok.fingerprint, "precision": "fp32",
+                     "config": {"decode": {"beam_size": 3, "alpha": 0.6}}}, path)
+    return path, tok.tgt.decode(script[1:-1])
+
+
+def test_a_model_that_emits_line_breaks_and_tabs_still_writes_one_line_per_line(breaking_model):
+    path, raw = breaking_model
+    assert "\n" in raw and "\t" in raw and "\r" in raw  # the model really writes them
+    expected = " ".join(raw.split())
+    for mode in (["--greedy"], ["--beam", "3"]):
+        result = run([path, *mode], b"the dog\n\na cat sees a bird\n")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().split("\n") == [expected, "", expected, ""]
+    result = run([path, "--beam", "3", "--nbest", "3"], b"the dog\n\na cat\n")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.decode().split("\n")
+    assert rows[-1] == "" and [r.split("\t")[0] for r in rows[:-1]] == ["1"] * 3 + ["2"] + ["3"] * 3
+    assert all(len(r.split("\t")) == 3 and "\r" not in r for r in rows[:-1])
+    assert rows[0].split("\t")[2] == expected
