@@ -33,11 +33,12 @@ def train_tokenizer(config: Config | str | Path, force: bool = False):
 
 
 def prepare(config: Config | str | Path, force: bool = False):
-    """Normalize, filter and encode every split (skipped when up to date); returns a
-    PrepareResult whose manifest holds the counts of every split."""
-    from mtkit.prepare import prepare as stage
+    """Normalize, filter and encode every split (skipped when up to date), training the
+    tokenizer first when it is missing or stale; returns a PrepareResult whose manifest holds the
+    counts of every split."""
+    from mtkit.pipeline import prepare_data
 
-    return stage(_config(config), force=force)
+    return prepare_data(_config(config), force=force)[1]
 
 
 def train(config: Config | str | Path, resume: bool = False):
@@ -50,12 +51,13 @@ def train(config: Config | str | Path, resume: bool = False):
 
 
 def evaluate(config: Config | str | Path, split: str | None = None, beam: int | None = None,
-             checkpoint: str | Path | None = None) -> dict:
+             checkpoint: str | Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
     """Translate a split with the experiment's eval.checkpoint (or `checkpoint`) and score it:
-    {"bleu": {"score", "signature"}, "chrf": ..., "ter": ..., "sentences", ...}."""
+    {"bleu": {"score", "signature"}, "chrf": ..., "ter": ..., "sentences", ...}. device and
+    precision as for Translator.load."""
     from mtkit.pipeline import evaluate_split
 
-    return evaluate_split(_config(config), split, beam, Path(checkpoint) if checkpoint else None)
+    return evaluate_split(_config(config), split, beam, Path(checkpoint) if checkpoint else None, device, precision)
 
 
 def run(config: Config | str | Path) -> None:

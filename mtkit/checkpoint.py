@@ -8,6 +8,7 @@ old file or the new one, never half of one.
 """
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -68,6 +69,9 @@ def load(path: Path, mmap: bool = False) -> dict:
     if path.is_dir():
         raise MtkitError(f"{path} is a folder, not a checkpoint file",
                          hint=f"name a file in it, e.g. {path / 'checkpoints' / 'best.pt'}")
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise MtkitError(f"{path} is not a readable checkpoint (not a PyTorch file)",
+                         hint="it may be truncated or from another program; use another checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:

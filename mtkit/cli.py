@@ -27,6 +27,9 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=5e-4 (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its output is up to date.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="Decode in auto (the training precision where the "
+                                           "device computes it natively, else fp32), fp32, bf16 or fp16 (GPU).")]
 
 
 def _load(config: Path, overrides: Optional[list[str]], writes: bool = True):
@@ -51,10 +54,11 @@ def tokenizer_train(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = Fa
 
 @app.command()
 def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Normalize, filter and encode every split into a memory-mapped cache (<workdir>/data)."""
-    from mtkit.prepare import prepare as prepare_stage
+    """Normalize, filter and encode every split into a memory-mapped cache (<workdir>/data),
+    training the tokenizer first when it is missing or stale."""
+    from mtkit.pipeline import prepare_data
 
-    prepare_stage(_load(config, set_), force=force)
+    prepare_data(_load(config, set_), force=force)
 
 
 @app.command()
@@ -91,6 +95,8 @@ def translate(
     attention: Annotated[Optional[Path], typer.Option("--attention", help="Also draw each line's attention map into this folder (NNNNNN.png).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="mtkit, or ctranslate2 (CHECKPOINT is then a folder from mtkit export).")] = "mtkit",
     compute_type: Annotated[str, typer.Option("--compute-type", help="With --engine ctranslate2: int8, float32, ... (default: as exported).")] = "default",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     set_: SetOpt = None,
 ) -> None:
     """Translate text: one output line per input line, always (an empty line gives an empty line)."""
@@ -105,10 +111,16 @@ def translate(
 
         if attention:
             raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
+        if device != "auto" or precision != "auto":
+            raise MtkitError("--device and --precision are mtkit's engine's settings",
+                             hint="CTranslate2's is --compute-type (its export decodes on the CPU)")
 
         translator = CT2Translator.load(checkpoint, compute_type)
     else:
-        translator = Translator.load(checkpoint)
+        if compute_type != "default":
+            raise MtkitError(f"--compute-type {compute_type} is CTranslate2's setting",
+                             hint="add --engine ctranslate2 (with a folder from mtkit export), or drop it")
+        translator = Translator.load(checkpoint, device, precision)
     overrides = _decode_overrides(set_)
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
@@ -147,9 +159,10 @@ def attention_(
     """Translate one sentence and draw where each output subword looked in the source
     (cross-attention: one heatmap per layer and head, and the heads' mean)."""
     from mtkit.console import console, table
-    from mtkit.figures import attention_png
+    from mtkit.figures import attention_png, check_picture_path
     from mtkit.translate import Translator
 
+    check_picture_path(output)
     translator = Translator.load(checkpoint)
     amap = translator.attention(sentence, **({"beam_size": beam} if beam else {}))
     attention_png(amap, output, layer, head)
@@ -168,9 +181,9 @@ def plot(workdir: Annotated[Path, typer.Argument(help="An experiment workdir (or
          output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to draw.")] = Path("curves.png")) -> None:
     """Draw a run's learning curves: train and valid loss, valid BLEU, learning rate, tokens/s."""
     from mtkit.console import info
-    from mtkit.figures import curves_png
+    from mtkit.figures import check_picture_path, curves_png
 
-    curves_png(workdir, output)
+    curves_png(workdir, check_picture_path(output))
     info(f"learning curves -> {output}")
 
 
@@ -205,6 +218,8 @@ def eval_(
                                                      "samples (1000 is usual): 95% confidence intervals, and p-values "
                                                      "against the first --hyp.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter) to stdout.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     tokenize: Annotated[Optional[str], typer.Option("--tokenize", help="BLEU's tokenizer: 13a, intl, zh, ja-mecab, "
                                                     "ko-mecab, char or none (default: files 13a, an experiment its "
                                                     "eval.tokenize, auto: from the target language).")] = None,
@@ -225,6 +240,12 @@ def eval_(
 
         if config is not None or not ref:
             raise MtkitError("--hyp needs --ref and no CONFIG", hint="mtkit eval --hyp out.txt --ref ref.txt")
+        given = [name for name, value in (("--split", split), ("--beam", beam), ("--checkpoint", checkpoint),
+                                           ("--set", set_), ("--device", device != "auto"),
+                                           ("--precision", precision != "auto")) if value]
+        if given:  # they choose what an experiment translates: files are already translated
+            raise MtkitError(f"{', '.join(given)} apply to an experiment CONFIG, not to --hyp files",
+                             hint="drop " + ", ".join(given))
         if tokenize == "auto":
             raise MtkitError("--tokenize auto takes the target language from an experiment's config",
                              hint="with --hyp, name the tokenizer, e.g. --tokenize zh")
@@ -253,11 +274,14 @@ def eval_(
         if config is None:
             raise MtkitError("name an experiment CONFIG, or files with --hyp and --ref",
                              hint="mtkit eval configs/demo.yaml  or  mtkit eval --hyp out.txt --ref ref.txt")
+        if ref:
+            raise MtkitError("--ref goes with --hyp: an experiment CONFIG scores against its own references",
+                             hint="drop --ref, or score files: mtkit eval --hyp out.txt --ref ref.txt")
         if split not in (None, "valid", "test"):
             raise MtkitError(f"--split must be valid or test, not {split!r}")
         cfg = _load(config, [*(set_ or []), *([f"eval.tokenize={tokenize}"] if tokenize else [])])
         metrics = cfg.eval.metrics
-        result = evaluate_split(cfg, split, beam, checkpoint)
+        result = evaluate_split(cfg, split, beam, checkpoint, device, precision)
     if as_json:
         typer.echo(json.dumps({m: result[m] for m in metrics} | {"sentences": result["sentences"]}))
     else:
@@ -309,6 +333,10 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
     from mtkit import checkpoint
     from mtkit.console import info
 
+    if output.is_dir():
+        raise MtkitError(f"--output {output} is a folder", hint=f"name the file to write, e.g. {output / 'averaged.pt'}")
+    if not output.parent.is_dir():
+        raise MtkitError(f"--output {output}: the folder {output.parent} does not exist", hint="create it first")
     checkpoint.save(checkpoint.average(checkpoints), output)
     info(f"averaged {len(checkpoints)} checkpoints -> {output}")
 
@@ -327,9 +355,29 @@ def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def _usage_error(e: typer.TyperException) -> MtkitError:
+    """click's own refusals (an unknown option, a value out of range, a missing argument) in
+    mtkit's words: one `error:` line naming the option and the value, a hint to the command's help."""
+    context = getattr(e, "ctx", None)
+    return MtkitError(e.format_message(), hint=f"see {context.command_path if context else 'mtkit'} --help")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        app(args=argv, prog_name="mtkit")
+        # standalone_mode=False: click's usage errors come here, to be told like every other error.
+        code = app(args=argv, prog_name="mtkit", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) comes back as a code
+            raise SystemExit(code)
+    except typer.Abort:  # Ctrl-C or the end of input at a prompt
+        raise SystemExit(130) from None
+    except typer.TyperException as e:  # typer's copy of click's exceptions (typer >= 0.29)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `mtkit` alone: the help, as click shows it
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        from mtkit.console import print_error
+
+        print_error(_usage_error(e))
+        raise SystemExit(2) from None
     except MtkitError as e:
         from mtkit.console import print_error
 

@@ -227,6 +227,8 @@ def to_yaml(cfg: Config) -> str:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override and validate an experiment config; MtkitError on any mistake."""
+    if isinstance(overrides, str):  # it would be taken for a list of one-character overrides
+        raise TypeError(f"overrides is a list of 'key=value' strings, not one string: [{overrides!r}]")
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -28,6 +28,12 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    def place(self, x):
+        """The one place tensors and models move to the device: every model that is trained,
+        validated or averaged and every batch goes through here, so a CPU run exercises the very
+        placement a GPU run does (a model built elsewhere and left on the CPU would crash on a GPU)."""
+        return x.to(self.device)
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
@@ -49,13 +55,62 @@ class World:
         return box[0]
 
 
-def choose_device(setting: str, local_rank: int = 0) -> torch.device:
-    """train.device: auto (a GPU when there is one), cpu or cuda."""
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise MtkitError("train.device is cuda but PyTorch sees no GPU", hint="set train.device=cpu (or auto)")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+# -- device decisions: small pure functions of what the machine has, tested with every input ---
+# (no GPU has ever run this code: the tests feed them the facts a GPU would report).
+
+def device_for(setting: str, gpus: int, local_rank: int = 0, option: str = "train.device") -> str:
+    """auto (a GPU when there is one), cpu or cuda -> "cpu" or "cuda:N" (process local_rank of
+    a machine takes GPU local_rank, round robin)."""
+    if setting == "cuda" or (setting == "auto" and gpus > 0):
+        if gpus == 0:
+            raise MtkitError(f"{option} is cuda but PyTorch sees no GPU", hint=f"set {option} to cpu (or auto)")
+        return f"cuda:{local_rank % gpus}"
+    return "cpu"
+
+
+def train_precision(wanted: str, device: str, gpu_capability: tuple[int, int] | None, cpu_bf16: bool) -> str | None:
+    """train.precision -> fp32, bf16 or fp16; None: auto on a CPU with bf16, where only timing
+    both tells (bf16 wins on big matrices, loses on small ones). On a GPU, auto takes what its
+    tensor cores do natively: bf16 from Ampere (compute capability 8.0), fp16 (with loss scaling)
+    on Volta and Turing (7.x: V100, T4, where bf16 is emulated and slow), fp32 before."""
+    if wanted != "auto":
+        return wanted
+    if device.startswith("cuda"):
+        major = gpu_capability[0] if gpu_capability else 0
+        return "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
+    return None if cpu_bf16 else "fp32"
+
+
+def decode_precision(wanted: str, device: str, trained: str, gpu_capability: tuple[int, int] | None,
+                     cpu_bf16: bool) -> str:
+    """translate/eval --precision -> fp32, bf16 or fp16. auto: the precision the model was
+    trained in where this device computes it natively, else fp32 (a bf16 model on a CPU without
+    bf16 would be emulated: slower than fp32, and no more exact)."""
+    if wanted == "fp16" and device == "cpu":
+        raise MtkitError("--precision fp16 needs a GPU (CPUs compute float16 slowly, by conversion)",
+                         hint="use bf16 or fp32 on a CPU")
+    if wanted != "auto":
+        return wanted
+    if trained not in ("bf16", "fp16"):
+        return "fp32"
+    if device.startswith("cuda"):
+        major = gpu_capability[0] if gpu_capability else 0
+        native = {"bf16": major >= 8, "fp16": major >= 7}
+        return trained if native[trained] else "fp32"
+    return "bf16" if trained == "bf16" and cpu_bf16 else "fp32"
+
+
+def machine_facts(device: str) -> tuple[tuple[int, int] | None, bool]:
+    """What the decisions above need from this machine: the GPU's compute capability (None on a
+    CPU) and whether the CPU does bf16 natively (AVX-512 BF16, AMX: oneDNN's own check)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_capability(torch.device(device)), False
+    return None, bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_device(setting: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(device_for(setting, gpus, local_rank, option))
 
 
 def start(device_setting: str) -> World:

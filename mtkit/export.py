@@ -13,6 +13,7 @@ Greedy search does the same computation, in float32 up to rounding.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,10 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     ctranslate2 = _ctranslate2()
     from ctranslate2.specs import common_spec, transformer_spec
 
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SETTINGS).is_file())):
+        raise MtkitError(f"--output {out} is " + ("a file" if not out.is_dir() else "a folder that holds other files"),
+                         hint="name a new folder (or an earlier export, which is replaced)")
     path = resolve_checkpoint(path)
     state = checkpoint.load(path)
     cfg = ModelConfig(**state["model_config"])
@@ -95,14 +100,26 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     spec.register_source_vocabulary([tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)])
     spec.register_target_vocabulary([tok.tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)])
     spec.validate()
-    spec.optimize(quantization=quantization)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec.save(str(out))
-    tok.save(out)
-    (out / SETTINGS).write_text(json.dumps({
-        "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
-        "ctranslate2": ctranslate2.__version__}, indent=2) + "\n", encoding="utf-8")
+    try:
+        spec.optimize(quantization=quantization)
+    except ValueError as e:  # CTranslate2 lists the types it accepts
+        raise MtkitError(f"--quantization {quantization}: {e}") from None
+    # Written beside the target and renamed when whole: no half-written export is left behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        spec.save(str(tmp))
+        tok.save(tmp)
+        (tmp / SETTINGS).write_text(json.dumps({
+            "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
+            "ctranslate2": ctranslate2.__version__}, indent=2) + "\n", encoding="utf-8")
+        if out.exists():  # an earlier export (checked above)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -115,8 +132,11 @@ class CT2Translator(Translator):
         settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
         self.tokenizer = Tokenizer.load(folder)
         # As many threads as torch uses (the cores): CTranslate2's default of 4 oversubscribes 2 cores.
-        self.engine = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type,
-                                             intra_threads=torch.get_num_threads())
+        try:
+            self.engine = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type,
+                                                 intra_threads=torch.get_num_threads())
+        except ValueError as e:  # an unknown compute type
+            raise MtkitError(f"--compute-type {compute_type}: {e}", hint="e.g. int8, float32 or default") from None
         self.positions = settings["max_positions"]
         self.config = settings.get("config", {})
         self.precision = compute_type

@@ -47,11 +47,38 @@ def attention_png(amap: AttentionMap, path: Path, layer: int | None = None, head
     return _save(fig, path)
 
 
+FORMATS = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
+def check_picture_path(path: Path, option: str = "--output") -> Path:
+    """A picture is written where it is named, or refused before any work: matplotlib would take
+    a name without a known ending for a folder-less PNG name (`-o maps` writes maps.png) and fail
+    on an unknown one after the work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise MtkitError(f"{option} {path} is a folder", hint=f"name the picture, e.g. {path / 'picture.png'}")
+    if path.suffix.lower() not in FORMATS:
+        raise MtkitError(f"{option} {path}: the picture's format comes from its ending, one of "
+                         f"{', '.join(FORMATS)}", hint=f"e.g. {option} {path.with_suffix('.png')}")
+    if not path.parent.is_dir():
+        raise MtkitError(f"{option} {path}: the folder {path.parent} does not exist", hint="create it first")
+    return path
+
+
 def _save(fig, path: Path) -> Path:
+    """Write the figure under a temporary name, then rename: no half-written picture is left."""
+    path = check_picture_path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return Path(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    except OSError as e:
+        raise MtkitError(f"cannot write {path}: {e.strerror}", hint="check that its folder is writable") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        _pyplot().close(fig)
+    return path
 
 
 def _pick(index: int, count: int, option: str) -> int:
@@ -75,6 +102,9 @@ def read_metrics(workdir: Path) -> tuple[list[dict], list[dict]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise MtkitError(f"cannot read {path}: {e.strerror}", hint="name an experiment workdir (it holds metrics.jsonl)")
+    except UnicodeDecodeError:
+        raise MtkitError(f"{path} is not a metrics log (not UTF-8 text)",
+                         hint="name an experiment workdir, or its metrics.jsonl") from None
     train, valid = [], []
     for line in lines:
         try:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from mtkit import checkpoint, corpus, distributed, evaluate
-from mtkit.config import Config
+from mtkit.config import Config, DecodeSection
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
@@ -23,20 +23,25 @@ def bleu_tokenizer(cfg: Config) -> str:
     return tokenize
 
 
-def prepare_data(cfg: Config) -> tuple:
-    """Tokenizer, then prepared data: each is rebuilt only when missing or stale for `cfg`."""
-    return train_tokenizer(cfg), prepare(cfg)
+def prepare_data(cfg: Config, force: bool = False) -> tuple:
+    """Tokenizer, then prepared data: each is rebuilt only when missing or stale for `cfg` (the
+    same rule for mtkit prepare, train and run); force: prepare the data again all the same."""
+    return train_tokenizer(cfg), prepare(cfg, force=force)
 
 
 def prepare_and_train(cfg: Config, resume: bool = False):
     """`mtkit train`: the tokenizer and data when missing or stale, then training. Under torchrun
     the first process builds them while the others wait, then all train together."""
     bleu_tokenizer(cfg)
+    last = cfg.workdir / "checkpoints" / "last.pt"
+    if resume and not last.exists():  # said before the tokenizer and data are built for nothing
+        raise MtkitError(f"nothing to resume: {last} does not exist", hint="start training without --resume")
     world = distributed.start(cfg.train.device)
     try:
         if world.main:
             prepare_data(cfg)
         world.barrier()
+        check_shared_workdir(cfg, world)
         result = train(cfg, resume=resume, world=world)
         # Leave together, once rank 0 has validated and saved: a process that tears down its
         # connections while another still holds them is aborted by gloo.
@@ -44,6 +49,15 @@ def prepare_and_train(cfg: Config, resume: bool = False):
         return result
     finally:
         distributed.finish()
+
+
+def check_shared_workdir(cfg: Config, world: distributed.World) -> None:
+    """Rank 0 alone prepares the data and saves checkpoints; a process on another machine sees
+    them only if the workdir is on a filesystem all machines share."""
+    if not world.main and not (cfg.data_cache_dir / "manifest.json").is_file():
+        raise MtkitError(f"process {world.rank} sees no prepared data in {cfg.data_cache_dir}, which process 0 has "
+                         f"just written: training on several machines needs the workdir on a filesystem they all "
+                         f"share", hint="set experiment.workdir to a shared folder (NFS, Lustre, ...) on every machine")
 
 
 def train_if_needed(cfg: Config) -> tuple[str, dict]:
@@ -80,22 +94,28 @@ def _with_defaults(saved: dict) -> dict | None:
 
 
 def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,
-                   model: Path | None = None) -> dict:
+                   model: Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
     """Translate a split's raw source with the experiment's eval.checkpoint (or `model`) and
     score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json; a
-    rerun with the same checkpoint, data and decoding settings reuses them."""
+    rerun with the same checkpoint, data and decoding settings (precision included) reuses them."""
     split = split or cfg.eval.split
+    if split not in ("valid", "test"):
+        raise MtkitError(f"the split to score is valid or test, not {split!r}")
     ckpt = resolve_checkpoint(model) if model else cfg.eval_checkpoint
     if not ckpt.is_file():
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     source = corpus.source_for(cfg.data, split)
-    opts = cfg.decode.model_copy(update={"beam_size": beam} if beam else {})
-    if opts.n_best > opts.beam_size:
-        opts = opts.model_copy(update={"n_best": 1})
+    settings = cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1})
+    try:
+        opts = DecodeSection(**settings)  # validated: a beam of 0 is an error, not the default
+    except ValueError as e:  # pydantic's ValidationError is one
+        raise MtkitError(f"bad decoding settings: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     tokenize = bleu_tokenizer(cfg)
+    translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
     key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
-                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize})
+                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize,
+                       "precision": translator.precision})
     out = cfg.workdir / "eval"
     previous = read_json(out / f"{split}.json")
     if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
@@ -103,7 +123,6 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
         return previous
     pairs = list(corpus.read_pairs(source))
     sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
-    translator = Translator.load(ckpt)
     start = time.perf_counter()
     with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
         hypotheses = translator.translate(sources, **opts.model_dump())
@@ -112,6 +131,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{split}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     result = {"split": split, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
+              "precision": translator.precision, "device": str(translator.device),
               "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
               "samples": [{"src": s, "hyp": h, "ref": r} for s, h, r in zip(sources[:3], hypotheses, references)]}
     write_json(out / f"{split}.json", result)

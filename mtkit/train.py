@@ -193,7 +193,7 @@ class Trainer:
         random.seed(cfg.experiment.seed)
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
-        self.model = Transformer(self.model_config).to(self.world.device)
+        self.model = self.world.place(Transformer(self.model_config))
         # Several processes: DDP averages the gradients of their copies in every backward pass.
         self.net = self.model if self.world.size == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.
@@ -259,19 +259,21 @@ class Trainer:
             self.precision, self.precision_reason = wanted, f"set in the config ({state['precision']} before the resume)"
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.world.device.type == "cuda":  # dropout on a GPU draws from its own
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.world.device)
         if self.world.main:
             info(f"train: resuming from {self.last_path} at step {self.progress['step']:,}")
 
     # -- precision --------------------------------------------------------------------------
     def _choose_precision(self) -> tuple[str, str]:
-        wanted = self.cfg.train.precision
+        wanted, device = self.cfg.train.precision, str(self.world.device)
+        capability, cpu_bf16 = distributed.machine_facts(device)
+        chosen = distributed.train_precision(wanted, device, capability, cpu_bf16)
         if wanted != "auto":
             return wanted, "set in the config"
-        if self.world.device.type == "cuda":  # GPUs since Ampere have bf16 tensor cores: no need to measure
-            return ("bf16", "auto: this GPU has bf16") if torch.cuda.is_bf16_supported() else \
-                ("fp32", "auto: this GPU has no bf16")
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return "fp32", "this CPU has no fast bf16"
+        if chosen is not None:
+            return chosen, (f"auto: GPU compute capability {capability[0]}.{capability[1]}" if capability
+                            else "auto: this CPU has no fast bf16")
         # The measured rule: time forward+backward of real batches in both precisions and take
         # bf16 only if it is clearly (10%) faster here. bf16 wins on big matrices and loses on
         # small ones, so the answer depends on the model and the machine, not on a guess.
@@ -297,8 +299,8 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, indices: np.ndarray, split: str = "train"):
         src, tgt = (self.train_src, self.train_tgt) if split == "train" else (self.valid_src, self.valid_tgt)
-        return make_batch(src, tgt, indices, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                          max_positions=self.model_config.max_positions).to(self.world.device)
+        return self.world.place(make_batch(src, tgt, indices, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                                           max_positions=self.model_config.max_positions))
 
     def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> float:
         # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
@@ -392,10 +394,17 @@ class Trainer:
         return ema | {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                 "progress": dict(self.progress), "precision": self.precision,
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                "rng": self._rng_state(),
                 "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
                 "tokenizer": list(self.tok.protos),  # the checkpoint translates on its own
                 "data_fingerprint": self.manifest["fingerprint"], "step": self.progress["step"]}
+
+    def _rng_state(self) -> dict:
+        """Every random generator the run draws from: a resumed run continues their sequences."""
+        state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if self.world.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.world.device)
+        return state
 
     def _save(self, periodic: bool, best: bool) -> None:
         """A step checkpoint (becomes last.pt) when `periodic`; best.pt when `best` (a link to the
@@ -563,7 +572,7 @@ class Trainer:
         averaged = checkpoint.average(paths)
         out = self.ckpt_dir / "averaged.pt"
         checkpoint.save(averaged, out)
-        result = self.validate(checkpoint.build_model(averaged))
+        result = self.validate(self.world.place(checkpoint.build_model(averaged)))  # on the training device
         self._log({"event": "valid_averaged", "step": self.progress["step"], "from": len(paths),
                    **{k: v for k, v in result.items() if k != "sample"}})
         console.print(f"averaged the last {len(paths)} checkpoints -> {out}: valid BLEU {result['bleu']:.2f}")

@@ -7,9 +7,13 @@ never dropped; invalid UTF-8 is replaced by U+FFFD (with a warning naming the li
 N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>translation`.
 """
 
+import functools
+import gzip
 import os
 import select
+import stat
 import sys
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import BinaryIO, TextIO
 import torch
 from pydantic import ValidationError
 
-from mtkit import checkpoint
+from mtkit import checkpoint, distributed
 from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, progress
 from mtkit.corpus import normalize
@@ -58,7 +62,8 @@ def limit_kernel_caches() -> None:
 class Translator:
     """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
 
-    def __init__(self, state: dict, path: Path):
+    def __init__(self, state: dict, path: Path, device: str = "cpu", precision: str = "auto"):
+        """device: "cpu" or "cuda:N"; precision: auto, fp32, bf16 or fp16 (distributed.decode_precision)."""
         if "tokenizer" not in state:
             raise MtkitError(f"{path} holds no tokenizer (written by an older mtkit)", hint="retrain it")
         self.tokenizer = Tokenizer(*state["tokenizer"])
@@ -70,15 +75,27 @@ class Translator:
             raise MtkitError(f"{path}: its weights do not fit its model config ({' '.join(str(e).split())[:160]})",
                              hint="the file was altered or comes from another program; use another checkpoint"
                              ) from None
-        self.precision = state.get("precision", "fp32")
+        self.trained_precision = state.get("precision", "fp32")
+        self.precision = distributed.decode_precision(precision, device, self.trained_precision,
+                                                      *distributed.machine_facts(device))
+        self.device = torch.device(device)
+        self.model = self.model.to(self.device)  # the one place the model moves
         self.config = state.get("config", {})
         self.path = path
 
     @classmethod
-    def load(cls, path: Path) -> "Translator":
+    def load(cls, path: Path, device: str = "auto", precision: str = "auto") -> "Translator":
+        """A checkpoint file or a workdir (its best.pt). device: auto (a GPU when there is one),
+        cpu or cuda. precision: auto (the training precision where the device does it natively,
+        else fp32), fp32, bf16 or fp16 (GPU only)."""
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise MtkitError(f"--precision {precision!r}: auto, fp32, bf16 or fp16")
+        if device not in ("auto", "cpu", "cuda"):
+            raise MtkitError(f"--device {device!r}: auto, cpu or cuda")
         path = resolve_checkpoint(path)
         limit_kernel_caches()
-        return cls(checkpoint.load(path, mmap=True), path)
+        return cls(checkpoint.load(path, mmap=True), path, str(distributed.choose_device(device, option="--device")),
+                   precision)
 
     def options(self, **overrides) -> DecodeOptions:
         """Decoding settings: the experiment's decode section, then the given overrides."""
@@ -111,6 +128,8 @@ class Translator:
     def attention(self, line: str, **settings) -> "AttentionMap":
         """Translate one sentence and return the cross-attention that wrote its best translation
         (the one the search itself used, collected while it ran)."""
+        if not isinstance(line, str):
+            raise TypeError(f"attention() takes one sentence (str), not {type(line).__name__}")
         ids = self.encode([line])[0]
         if not ids:
             raise MtkitError("nothing to translate: the sentence is empty")
@@ -118,19 +137,30 @@ class Translator:
 
     def attention_map(self, line: str, ids: list[int], hyp: Hypothesis) -> "AttentionMap":
         """The map of hypothesis `hyp` of source `ids` (cut, as the search cuts it, to the positions)."""
+        if not isinstance(hyp, Hypothesis) or hyp.attention is None:
+            raise TypeError("attention_map needs a Hypothesis found by search(..., attention=True)")
         pieces = self.tokenizer.src.id_to_piece(ids[:self.max_source_tokens]) + ["</s>"]
         out = self.tokenizer.tgt.id_to_piece(hyp.tokens) + ["</s>"]
         return AttentionMap(line, self.tokenizer.decode_tgt([hyp.tokens])[0], hyp.score, pieces, out,
-                            hyp.attention.float())
+                            hyp.attention.float().cpu())
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         """Raw lines -> source ids (normalized first); a blank line -> []."""
+        if isinstance(lines, (str, bytes)):  # it would be taken for a list of characters
+            raise TypeError(f"expected a list of lines, got one {type(lines).__name__}: write translate([line])")
+        lines = list(lines)
+        for i, line in enumerate(lines):
+            if not isinstance(line, str):
+                raise TypeError(f"line {i} is {type(line).__name__}, not str" +
+                                (" (decode the bytes first)" if isinstance(line, bytes) else ""))
         return self.tokenizer.encode_src([normalize(line) for line in lines])
 
     def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
         """Source ids -> for each sentence its hypotheses, best first (none for an empty one)."""
+        _check_options(opts)
         todo = [i for i, x in enumerate(ids) if x]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
                                   max_tokens=opts.max_tokens, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
@@ -141,11 +171,17 @@ class Translator:
         return results
 
     def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
+        _check_options(opts)
         return [self._texts(hyps) for hyps in self.search(ids, opts)]
 
     def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
         texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
         return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
+
+
+def _check_options(opts) -> None:
+    if not isinstance(opts, DecodeOptions):  # a dict would fail deep inside the search
+        raise TypeError(f"opts: decoding settings from Translator.options(...), not {type(opts).__name__}")
 
 
 @dataclass
@@ -181,17 +217,27 @@ def decode_line(raw: bytes, number: int, warn) -> str:
 
 
 def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
-    """Lines of a file (or piped stdin) in chunks, without waiting for the end of the input: a
-    chunk is handed over as soon as the input pauses, so an interactive user gets each line's
-    translation at once."""
-    fd = f.fileno()
+    """Lines of a file, a gzip file or a pipe in chunks, without waiting for the end of the input:
+    from a pipe or a terminal a chunk is handed over as soon as the input pauses, so an
+    interactive user gets each line's translation at once."""
+    if isinstance(f, gzip.GzipFile):  # decompressed bytes: no file descriptor to wait on
+        fd, read = None, f.read1
+    else:
+        fd = f.fileno()
+        read = functools.partial(os.read, fd)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            fd = None  # a regular file never makes us wait
     buffer, pending = b"", []
     while True:
-        if pending and len(pending) < CHUNK_LINES and not select.select([fd], [], [], 0.05)[0]:
+        if fd is not None and pending and len(pending) < CHUNK_LINES and not select.select([fd], [], [], 0.05)[0]:
             yield pending  # the input paused: translate what has arrived
             pending = []
             continue
-        data = os.read(fd, 1 << 16)
+        try:
+            data = read(1 << 16)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise MtkitError(f"{f.name}: damaged gzip data after line {len(pending) + 1} ({e})",
+                             hint="the lines before it were translated; check the file with gzip -t") from None
         if not data:
             break
         lines = (buffer + data).split(b"\n")
@@ -252,6 +298,29 @@ def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
+def open_input(source: Path) -> tuple[BinaryIO, int | None]:
+    """--input: a text file, a gzip file (by its first bytes, as the corpus reader), or what only
+    reads once: a pipe or FIFO (`-i <(zcat f.gz)`), /dev/stdin. Returns the open file and, for a
+    regular file, its number of lines (for the progress bar; None where counting would consume it)."""
+    try:
+        inp = open(source, "rb")
+    except OSError as e:
+        raise MtkitError(f"cannot read {source}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
+        return inp, None
+    if inp.read(2) == b"\x1f\x8b":
+        inp.close()
+        inp = gzip.open(source, "rb")
+    inp.seek(0)
+    try:
+        total = sum(block.count(b"\n") for block in iter(lambda: inp.read(1 << 20), b""))
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        inp.close()
+        raise MtkitError(f"{source}: damaged gzip data ({e})", hint="check the file with gzip -t") from None
+    inp.seek(0)
+    return inp, total
+
+
 def translate_file(translator: Translator, source: Path | None, target: Path | None, opts: DecodeOptions,
                    attention_dir: Path | None = None) -> int:
     """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
@@ -265,15 +334,9 @@ def translate_file(translator: Translator, source: Path | None, target: Path | N
     if source is None:
         if sys.stdin is None:  # started with stdin closed (`<&-`)
             raise MtkitError("no input: standard input is closed", hint="pipe text in, or give --input FILE")
-        inp = sys.stdin.buffer
-        total = None
+        inp, total = sys.stdin.buffer, None
     else:
-        try:
-            inp = open(source, "rb")
-        except OSError as e:
-            raise MtkitError(f"cannot read {source}: {e.strerror}") from None
-        total = sum(block.count(b"\n") for block in iter(lambda: inp.read(1 << 20), b""))
-        inp.seek(0)
+        inp, total = open_input(source)
     try:
         if target is None:
             return translate_stream(translator, file_chunks(inp), sys.stdout, opts, attention_dir=attention_dir)

@@ -358,6 +358,7 @@ TRANSLATE = {  # name: (args after the model, stdin, what the shell adds, outcom
     "a BOM and CRLF line ends": ([], b"\xef\xbb\xbfThe dog sees a cat.\r\nThe dog sees a cat.\n", "",
                                  Handled(first_two_equal)),
     "a last line without newline": ([], b"A cat.\nA dog.", "", Handled(lines_out(2))),
+    "--input /dev/stdin": (["-i", "/dev/stdin"], b"A cat.\n\nA dog.\n", "", Handled(lines_out(3, blank=(2,)))),
     "control characters, emoji, right-to-left": (
         [], "A \x00cat\x07.\nThe dog 🐶 sees שָׁלוֹם and مرحبا.\n".encode(), "", Handled(lines_out(2, blank=None))),
     "a closed output pipe (| head -n 2)": (["--greedy"], b"The dog sees a cat.\n" * 3000, " | head -n 2",
@@ -380,13 +381,27 @@ TRANSLATE = {  # name: (args after the model, stdin, what the shell adds, outcom
 }
 
 
+def translate_in_process(cli, monkeypatch, tmp_path: Path, args: list, stdin: bytes) -> tuple[int, bytes, str]:
+    """`mtkit translate ARGS` through the same main(), without a process's start-up (torch alone
+    takes seconds): standard input is a file holding `stdin`, as a redirection would make it."""
+    (tmp_path / "stdin").write_bytes(stdin)
+    with open(tmp_path / "stdin", encoding="utf-8") as f:
+        monkeypatch.setattr("sys.stdin", f)
+        code, out, err = cli("translate", *args)
+    return code, out.encode("utf-8"), err
+
+
 @pytest.mark.parametrize("row", sorted(TRANSLATE))
-def test_translate(trained, tmp_path, row):
+def test_translate(cli, monkeypatch, trained, tmp_path, row):
     args, stdin, shell_tail, outcome = TRANSLATE[row]
     places = {"tmp": tmp_path}
     if any("{unwritable}" in a for a in args):
         places["unwritable"] = unwritable_dir(tmp_path)
-    code, out, err = translate([trained, *(a.format(**places) for a in args)], stdin, shell_tail)
+    args = [trained, *(a.format(**places) for a in args)]
+    if shell_tail or stdin is None or "/dev/stdin" in args:  # what only a process and its shell show
+        code, out, err = translate(args, stdin, shell_tail)
+    else:
+        code, out, err = translate_in_process(cli, monkeypatch, tmp_path, args, stdin)
     if isinstance(outcome, Refused):
         assert_refused(code, err, outcome.message)
     else:

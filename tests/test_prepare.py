@@ -154,6 +154,19 @@ def test_prepare_without_tokenizer(crafted):
     assert "mtkit tokenizer train" in info.value.hint
 
 
+def test_mtkit_prepare_builds_a_missing_or_stale_tokenizer_first(crafted, cli):
+    """One rule for every stage: prepare, like train and run, trains the tokenizer it needs."""
+    code, _, err = cli("prepare", crafted)
+    assert code == 0, err
+    assert "tokenizer: training" in err and "prepare: done" in err
+    code, _, err = cli("prepare", crafted, "--set", "tokenizer.vocab_size=100")
+    assert code == 0, err
+    assert "tokenizer: training" in err and "prepare: done" in err
+    assert Tokenizer.load(crafted.parent / "run" / "tokenizer").src_vocab_size == 100
+    code, _, err = cli("prepare", crafted, "--set", "tokenizer.vocab_size=100")
+    assert code == 0 and "tokenizer: up to date" in err and "prepare: up to date" in err, err
+
+
 def test_failure_keeps_the_previous_output_and_leaves_no_partial_files(crafted):
     cfg, first = run_stages(crafted)
     before = {p.name: p.read_bytes() for p in first.folder.iterdir()}

@@ -169,8 +169,7 @@ def test_refuses_to_overwrite_or_resume_nothing(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, max_steps=2)
     code, _, err = cli("train", config, "--resume")
     assert code == 2 and "nothing to resume" in err
-    assert (tmp_path / "run/tokenizer/spm.model").exists()  # train built the tokenizer and data first
-    assert (tmp_path / "run/data/manifest.json").exists()
+    assert not (tmp_path / "run/tokenizer").exists()  # said before building a tokenizer and data for nothing
     assert cli("train", config)[0] == 0
     code, _, err = cli("train", config)
     assert code == 2 and "already holds a training run" in err and "--resume" in err

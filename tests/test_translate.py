@@ -177,17 +177,18 @@ def breaking_model(demo_dir, tmp_path_factory) -> tuple[Path, str]:
     return path, tok.tgt.decode(script[1:-1])
 
 
-def test_a_model_that_emits_line_breaks_and_tabs_still_writes_one_line_per_line(breaking_model):
+def test_a_model_that_emits_line_breaks_and_tabs_still_writes_one_line_per_line(breaking_model, cli, tmp_path):
     path, raw = breaking_model
     assert "\n" in raw and "\t" in raw and "\r" in raw  # the model really writes them
     expected = " ".join(raw.split())
+    (tmp_path / "in.txt").write_text("the dog\n\na cat sees a bird\n")
     for mode in (["--greedy"], ["--beam", "3"]):
-        result = run([path, *mode], b"the dog\n\na cat sees a bird\n")
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.decode().split("\n") == [expected, "", expected, ""]
-    result = run([path, "--beam", "3", "--nbest", "3"], b"the dog\n\na cat\n")
-    assert result.returncode == 0, result.stderr
-    rows = result.stdout.decode().split("\n")
+        code, out, err = cli("translate", path, "-i", tmp_path / "in.txt", *mode)
+        assert code == 0, err
+        assert out.split("\n") == [expected, "", expected, ""]
+    code, out, err = cli("translate", path, "-i", tmp_path / "in.txt", "--beam", "3", "--nbest", "3")
+    assert code == 0, err
+    rows = out.split("\n")
     assert rows[-1] == "" and [r.split("\t")[0] for r in rows[:-1]] == ["1"] * 3 + ["2"] + ["3"] * 3
     assert all(len(r.split("\t")) == 3 and "\r" not in r for r in rows[:-1])
     assert rows[0].split("\t")[2] == expected

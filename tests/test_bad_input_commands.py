@@ -1,0 +1,353 @@
+"""The bad-input table, part 2: every command and every option of the CLI, and the Python API.
+
+tests/test_bad_input.py holds the rows for configs, corpora, text to translate, checkpoints and
+workdirs; this file holds a row for each option they do not reach, and the test that makes the
+table complete by construction: it walks the Typer app and fails for any command or option that no
+row gives on its command line (a command added later cannot skip the table). The same for the
+public functions of mtkit.api and the public methods of Translator.
+"""
+
+import gzip
+import inspect
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import typer
+
+from tests.test_bad_input import (CHECKPOINTS, CONFIGS, CORPUS_HANDLED, CORPUS_REFUSED, TRANSLATE, WORKDIRS,
+                                  Handled, Refused, assert_refused, write_split, GOOD)
+from tests.conftest import write_config
+
+TEXT = "The dog sees a cat.\n\nA boy runs.\n"
+
+
+def lines_written(n: int, where: str = "out") -> Callable:
+    def check(code, out, err, tmp) -> None:
+        text = out if where == "out" else (tmp / where).read_text()
+        assert code == 0 and "Traceback" not in err, err
+        assert len(text.split("\n")) - 1 == n and text.split("\n")[1] == "", text
+    return check
+
+
+def exit_ok(*needles: str, files: tuple[str, ...] = ()) -> Callable:
+    def check(code, out, err, tmp) -> None:
+        assert code == 0 and "Traceback" not in err, err
+        for needle in needles:
+            assert needle in out + err, out + err
+        for name in files:
+            assert (tmp / name).is_file() and (tmp / name).stat().st_size > 0, name
+    return check
+
+
+def json_scores(code, out, err, tmp) -> None:
+    assert code == 0, err
+    assert set(json.loads(out)) >= {"bleu", "chrf", "ter"}
+
+
+def fifo(tmp: Path) -> None:
+    """A named pipe that a thread fills, as `-i <(zcat f.gz)` hands mtkit one."""
+    os.mkfifo(tmp / "fifo")
+    threading.Thread(target=lambda: (tmp / "fifo").write_text(TEXT), daemon=True).start()
+
+
+# name: (argv, with {run} the trained workdir, {config} its config, {ckpt} its best.pt, {ct2} its
+#        CTranslate2 export, {fresh} a config of a small clean corpus, {tmp} a folder of the row's
+#        own holding text.txt, text.gz, hyp.txt and ref.txt; how to set up {tmp} further; outcome)
+COMMANDS = {
+    # tokenizer train / prepare / train
+    "tokenizer train --force retrains an up-to-date tokenizer": (
+        ["tokenizer", "train", "{fresh}", "--force"], "fresh", Handled(exit_ok("tokenizer: training"))),
+    "prepare --force prepares up-to-date data again": (
+        ["prepare", "{fresh}", "--force"], "fresh", Handled(exit_ok("prepare: done"))),
+    "train --resume with nothing to resume": (
+        ["train", "{fresh}", "--resume"], None, Refused("nothing to resume:")),
+    # translate
+    "translate --alpha below 0": (["translate", "{run}", "--alpha", "-1"], None,
+                                  Refused("Invalid value for '--alpha': Input should be greater than or equal to 0")),
+    "translate --max-tokens 0": (["translate", "{run}", "--max-tokens", "0"], None,
+                                 Refused("Invalid value for '--max-tokens'")),
+    "translate --beam not a number": (["translate", "{run}", "--beam", "five"], None,
+                                      Refused("Invalid value for '--beam'")),
+    "translate an unknown option": (["translate", "{run}", "--bogus"], None, Refused("No such option: --bogus")),
+    "translate without a model": (["translate"], None, Refused("Missing argument 'checkpoint'")),
+    "translate --input a gzip file": (["translate", "{run}", "-i", "{tmp}/text.gz", "--greedy"], None,
+                                      Handled(lines_written(3))),
+    "translate --input a named pipe": (["translate", "{run}", "-i", "{tmp}/fifo", "--greedy"], fifo,
+                                       Handled(lines_written(3))),
+    "translate --input a damaged gzip file": (["translate", "{run}", "-i", "{tmp}/bad.gz"],
+                                              lambda tmp: (tmp / "bad.gz").write_bytes(gzip.compress(b"a\n" * 99)[:15]),
+                                              Refused("damaged gzip data")),
+    "translate --attention into a file": (["translate", "{run}", "-i", "{tmp}/text.txt", "--attention", "{tmp}/text.txt"],
+                                          None, Refused("is a file, not a folder")),
+    "translate --attention into a new folder": (
+        ["translate", "{run}", "-i", "{tmp}/text.txt", "-o", "{tmp}/out.txt", "--attention", "{tmp}/maps"], None,
+        Handled(exit_ok(files=("out.txt", "maps/000001.png", "maps/000003.png")))),
+    "translate --engine unknown": (["translate", "{run}", "--engine", "onnx"], None,
+                                   Refused("--engine 'onnx': mtkit or ctranslate2")),
+    "translate --engine ctranslate2 on a checkpoint": (["translate", "{run}", "--engine", "ctranslate2"], None,
+                                                       Refused("is not a CTranslate2 export of mtkit")),
+    "translate --engine ctranslate2 --attention": (
+        ["translate", "{ct2}", "--engine", "ctranslate2", "--attention", "{tmp}/maps"], None,
+        Refused("attention maps need mtkit's own engine")),
+    "translate --engine ctranslate2 --compute-type int8": (
+        ["translate", "{ct2}", "--engine", "ctranslate2", "--compute-type", "int8", "-i", "{tmp}/text.txt"], None,
+        Handled(lines_written(3))),
+    "translate --compute-type unknown": (
+        ["translate", "{ct2}", "--engine", "ctranslate2", "--compute-type", "int3", "-i", "{tmp}/text.txt"], None,
+        Refused("--compute-type int3: Invalid compute type")),
+    "translate --compute-type without ctranslate2": (["translate", "{run}", "--compute-type", "int8"], None,
+                                                     Refused("--compute-type int8 is CTranslate2's setting")),
+    "translate --device cuda without a GPU": (["translate", "{run}", "--device", "cuda"], None,
+                                              Refused("--device is cuda but PyTorch sees no GPU")),
+    "translate --device unknown": (["translate", "{run}", "--device", "tpu"], None,
+                                   Refused("--device 'tpu': auto, cpu or cuda")),
+    "translate --precision fp16 on a CPU": (["translate", "{run}", "--device", "cpu", "--precision", "fp16"], None,
+                                            Refused("--precision fp16 needs a GPU")),
+    "translate --precision unknown": (["translate", "{run}", "--precision", "int4"], None,
+                                      Refused("--precision 'int4': auto, fp32, bf16 or fp16")),
+    "translate --precision bf16": (["translate", "{run}", "-i", "{tmp}/text.txt", "--precision", "bf16"], None,
+                                   Handled(lines_written(3))),
+    "translate --precision with ctranslate2": (["translate", "{ct2}", "--engine", "ctranslate2", "--precision", "fp32"],
+                                               None, Refused("--device and --precision are mtkit's engine's settings")),
+    # export
+    "export a missing checkpoint": (["export", "{tmp}/nope.pt", "-o", "{tmp}/ct2"], None,
+                                    Refused("checkpoint not found")),
+    "export --output onto a file": (["export", "{run}", "-o", "{tmp}/text.txt"], None,
+                                    Refused("--output {tmp}/text.txt is a file")),
+    "export --output into a folder of other files": (["export", "{run}", "-o", "{tmp}"], None,
+                                                     Refused("is a folder that holds other files")),
+    "export --output a new nested folder": (["export", "{run}", "-o", "{tmp}/a/b", "--quantization", "int8"], None,
+                                            Handled(exit_ok("exported", files=("a/b/model.bin", "a/b/mtkit.json")))),
+    "export --format unknown": (["export", "{run}", "-o", "{tmp}/x", "--format", "onnx"], None,
+                                Refused("--format 'onnx': only ctranslate2")),
+    "export --quantization unknown": (["export", "{run}", "-o", "{tmp}/x", "--quantization", "int3"], None,
+                                      Refused("--quantization int3: int3 is not a valid quantization type")),
+    # attention
+    "attention with a missing checkpoint": (["attention", "{tmp}/nope.pt", "A dog."], None,
+                                            Refused("checkpoint not found")),
+    "attention of an empty sentence": (["attention", "{run}", " ", "-o", "{tmp}/a.png"], None,
+                                       Refused("nothing to translate: the sentence is empty")),
+    "attention --output a folder": (["attention", "{run}", "A dog.", "-o", "{tmp}"], None, Refused("is a folder")),
+    "attention --output of an unknown format": (["attention", "{run}", "A dog.", "-o", "{tmp}/a.txt"], None,
+                                                Refused("the picture's format comes from its ending")),
+    "attention --output in a missing folder": (["attention", "{run}", "A dog.", "-o", "{tmp}/no/a.png"], None,
+                                               Refused("does not exist")),
+    "attention --output as SVG": (["attention", "{run}", "A dog.", "-o", "{tmp}/a.svg", "--beam", "2"], None,
+                                  Handled(exit_ok("looks most at", files=("a.svg",)))),
+    "attention --beam 0": (["attention", "{run}", "A dog.", "--beam", "0"], None, Refused("Invalid value for '--beam'")),
+    "attention --layer beyond the model": (["attention", "{run}", "A dog.", "--layer", "5", "-o", "{tmp}/a.png"], None,
+                                           Refused("--layer 5: the model has 1")),
+    "attention --head beyond the model": (["attention", "{run}", "A dog.", "--head", "9", "-o", "{tmp}/a.png"], None,
+                                          Refused("--head 9: the model has 2")),
+    # plot
+    "plot a checkpoint file": (["plot", "{ckpt}", "-o", "{tmp}/c.png"], None, Refused("is not a metrics log")),
+    "plot a folder without metrics": (["plot", "{tmp}", "-o", "{tmp}/c.png"], None, Refused("cannot read")),
+    "plot --output of an unknown format": (["plot", "{run}", "-o", "{tmp}/c.txt"], None,
+                                           Refused("the picture's format comes from its ending")),
+    "plot --output a folder": (["plot", "{run}", "-o", "{tmp}"], None, Refused("is a folder")),
+    # eval
+    "eval --hyp a missing file": (["eval", "--hyp", "{tmp}/nope.txt", "--ref", "{tmp}/ref.txt"], None,
+                                  Refused("cannot read")),
+    "eval --hyp a binary file": (["eval", "--hyp", "{ckpt}", "--ref", "{tmp}/ref.txt"], None,
+                                 Refused("invalid UTF-8")),
+    "eval --ref with a CONFIG": (["eval", "{config}", "--ref", "{tmp}/ref.txt"], None,
+                                 Refused("--ref goes with --hyp")),
+    "eval --split train": (["eval", "{config}", "--split", "train"], None, Refused("--split must be valid or test")),
+    "eval --split with --hyp": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--split", "valid"], None,
+                                Refused("--split apply to an experiment CONFIG")),
+    "eval --beam 0": (["eval", "{config}", "--beam", "0"], None, Refused("Invalid value for '--beam'")),
+    "eval --beam and --checkpoint with --hyp": (
+        ["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--beam", "2", "--checkpoint", "{ckpt}"], None,
+        Refused("--beam, --checkpoint apply to an experiment CONFIG")),
+    "eval --set with --hyp": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--set", "eval.split=valid"],
+                              None, Refused("--set apply to an experiment CONFIG")),
+    "eval --bootstrap 0": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--bootstrap", "0"], None,
+                           Refused("Invalid value for '--bootstrap'")),
+    "eval --bootstrap with a CONFIG": (["eval", "{config}", "--bootstrap", "100"], None,
+                                       Refused("--bootstrap compares files")),
+    "eval --device cpu --precision fp32": (["eval", "{config}", "--split", "valid", "--beam", "1", "--device", "cpu",
+                                            "--precision", "fp32", "--json"], None, Handled(json_scores)),
+    "eval --device and --precision with --hyp": (
+        ["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--device", "cpu", "--precision", "bf16"], None,
+        Refused("--device, --precision apply to an experiment CONFIG")),
+    "eval --json": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--json"], None, Handled(json_scores)),
+    "eval --tokenize unknown": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--tokenize", "moses"],
+                                None, Refused("--tokenize 'moses': one of auto, 13a")),
+    "eval --tokenize auto with --hyp": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--tokenize",
+                                         "auto"], None, Refused("--tokenize auto takes the target language")),
+    "eval --tokenize char": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--tokenize", "char"], None,
+                             Handled(exit_ok("tok:char"))),
+    # average, config show
+    "average --output a folder": (["average", "{ckpt}", "-o", "{tmp}"], None, Refused("--output {tmp} is a folder")),
+    "average --output in a missing folder": (["average", "{ckpt}", "-o", "{tmp}/no/avg.pt"], None,
+                                             Refused("does not exist")),
+    "average without checkpoints": (["average", "-o", "{tmp}/avg.pt"], None, Refused("Missing argument")),
+    "config show a missing file": (["config", "show", "{tmp}/nope.yaml"], None, Refused("config file not found")),
+    "config show --set a bad value": (["config", "show", "{config}", "--set", "train.lr=fast"], None,
+                                      Refused("(from --set train.lr=fast) `train.lr`: Input should be a valid number")),
+    "an unknown command": (["translat", "{run}"], None, Refused("No such command 'translat'")),
+}
+
+
+@pytest.fixture(scope="module")
+def ct2_export(trained, tmp_path_factory) -> Path:
+    from mtkit.export import export_ctranslate2
+
+    return export_ctranslate2(trained, tmp_path_factory.mktemp("export") / "ct2")
+
+
+@pytest.mark.parametrize("row", sorted(COMMANDS))
+def test_command(cli, trained, ct2_export, tmp_path, row):
+    argv, setup, outcome = COMMANDS[row]
+    (tmp_path / "text.txt").write_text(TEXT)
+    (tmp_path / "text.gz").write_bytes(gzip.compress(TEXT.encode()))
+    (tmp_path / "hyp.txt").write_text("Draka ko vet.\nLa pwele.\n")
+    (tmp_path / "ref.txt").write_text("Draka ko vet.\nLa pwele ko vet.\n")
+    places = {"run": trained, "config": trained.parent / "config.yaml", "ckpt": trained / "checkpoints/best.pt",
+              "ct2": ct2_export, "tmp": tmp_path, "fresh": ""}
+    if any("{fresh}" in a for a in argv):
+        corpus = tmp_path / "corpus"
+        corpus.mkdir()
+        for split in ("train", "valid", "test"):
+            write_split(corpus, split, *GOOD)
+        places["fresh"] = write_config(tmp_path / "corpus", data={"dir": str(corpus), "src": "de", "tgt": "en"},
+                                       tokenizer={"vocab_size": 60})
+    if setup == "fresh":  # the stage's output exists already: --force must redo it
+        assert cli("prepare", places["fresh"])[0] == 0
+    elif setup is not None:
+        setup(tmp_path)
+    code, out, err = cli(*(a.format(**places) for a in argv))
+    if isinstance(outcome, Refused):
+        assert_refused(code, err, outcome.message.format(**places))
+    else:
+        outcome.check(code, out, err, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete by construction: every command and option is given by some row.
+
+def all_rows() -> list[list[str]]:
+    """The command line of every row of the table (both files), placeholders left in."""
+    rows = [["run", "CONFIG", *sum((["--set", o] for o in sets), [])] for _, sets, _ in CONFIGS.values()]
+    rows += [["run", "CONFIG", *sum((["--set", o] for o in sets), [])] for _, sets, _ in CORPUS_REFUSED.values()]
+    for _, sets, _ in CORPUS_HANDLED.values():
+        rows += [[*stage, "CONFIG", *sum((["--set", o] for o in sets), [])] for stage in (["tokenizer", "train"],
+                                                                                         ["prepare"])]
+    rows += [["translate", "MODEL", *args] for args, _, _, _ in TRANSLATE.values()]
+    rows += [["translate", "CHECKPOINT"] for _ in CHECKPOINTS]
+    rows += [["average", "A", "B", "-o", "OUT"], ["eval", "CONFIG", "--checkpoint", "X"],  # test_checkpoint_misuse
+             ["train", "CONFIG", "--resume", "--set", "x=1"]]  # test_resume_with_another_tokenizer
+    rows += [[*command.split(), "CONFIG", "--set", "x=1"] for command in ("tokenizer train", "prepare", "train", "run",
+                                                                          "eval") for _ in WORKDIRS]
+    rows += [argv for argv, _, _ in COMMANDS.values()]
+    return rows
+
+
+def given_on_the_command_line(group, argv: list[str]) -> tuple[str, set[str]]:
+    """(the command, the names of the parameters `argv` gives it), as click parses it."""
+    command, path, args = group, [], list(argv)
+    while hasattr(command, "commands"):
+        if not args or args[0] not in command.commands:
+            return " ".join(path + args[:1]), set()  # an unknown command: a row of its own
+        path.append(args[0])
+        command, args = command.commands[args[0]], args[1:]
+    ctx = command.make_context(" ".join(path), args, resilient_parsing=True)
+    return " ".join(path), {p.name for p in command.params
+                            if getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"}
+
+
+def test_every_command_and_option_has_a_row():
+    from mtkit.cli import app
+
+    group = typer.main.get_command(app)
+    covered: dict[str, set[str]] = {}
+    for argv in all_rows():
+        command, given = given_on_the_command_line(group, argv)
+        covered.setdefault(command, set()).update(given)
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield " ".join(path), cmd
+
+    missing = [f"mtkit {path} {p.opts[0] if p.param_type_name == 'option' else p.name.upper()}"
+               for path, cmd in walk(group, []) for p in cmd.params
+               if p.name != "help" and p.name not in covered.get(path, set())]
+    assert not missing, "no row of the bad-input table gives: " + "; ".join(missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API: a bad argument raises MtkitError, TypeError or ValueError with a clear message,
+# never an internal error from torch, pydantic, matplotlib or ctranslate2.
+
+def api_rows(trained: Path) -> dict[str, tuple[Callable, type, str]]:
+    from mtkit import api
+    from mtkit.translate import Translator
+
+    t = Translator.load(trained)
+    config = trained.parent / "config.yaml"
+    return {
+        "load_config: overrides as one string": (lambda: api.load_config(config, "train.lr=1"), TypeError,
+                                                 "a list of 'key=value' strings"),
+        "load_config: a missing file": (lambda: api.load_config("nope.yaml"), api_error(), "config file not found"),
+        "train_tokenizer: a config that does not validate": (
+            lambda: api.train_tokenizer(api.load_config(config, ["model.heads=3"])), api_error(), "divisible"),
+        "prepare: a missing config": (lambda: api.prepare("nope.yaml"), api_error(), "config file not found"),
+        "train: resume with nothing to resume": (
+            lambda: api.train(api.load_config(config, [f"experiment.workdir={trained.parent / 'none'}"]), resume=True),
+            api_error(), "nothing to resume"),
+        "evaluate: split train": (lambda: api.evaluate(config, split="train"), api_error(), "valid or test, not 'train'"),
+        "evaluate: beam 0": (lambda: api.evaluate(config, beam=0), api_error(), "beam_size: Input should be greater"),
+        "evaluate: a missing checkpoint": (lambda: api.evaluate(config, checkpoint="nope.pt"), api_error(),
+                                           "no checkpoint nope.pt"),
+        "run: a config of the wrong type": (lambda: api.run(42), TypeError, "not int"),
+        "Translator.load: a missing checkpoint": (lambda: Translator.load("nope.pt"), api_error(),
+                                                  "checkpoint not found"),
+        "Translator.options: an unknown setting": (lambda: t.options(beam=4), api_error(),
+                                                   "beam: Extra inputs are not permitted"),
+        "Translator.translate: one string": (lambda: t.translate("A dog."), TypeError, "write translate([line])"),
+        "Translator.translate: bytes lines": (lambda: t.translate([b"A dog."]), TypeError, "line 0 is bytes"),
+        "Translator.translate: beam_size 0": (lambda: t.translate(["A dog."], beam_size=0), api_error(),
+                                              "beam_size: Input should be greater than 0"),
+        "Translator.translate_nbest: n_best above beam_size": (
+            lambda: t.translate_nbest(["A dog."], beam_size=2, n_best=3), api_error(), "cannot exceed"),
+        "Translator.attention: a list": (lambda: t.attention(["A dog."]), TypeError, "one sentence (str)"),
+        "Translator.attention: an empty sentence": (lambda: t.attention(""), api_error(), "nothing to translate"),
+        "Translator.encode: a number": (lambda: t.encode([5]), TypeError, "line 0 is int"),
+        "Translator.search: settings not from options()": (lambda: t.search([[5, 6]], {"beam_size": 2}), TypeError,
+                                                           "decoding settings from Translator.options"),
+        "Translator.translate_ids: settings not from options()": (
+            lambda: t.translate_ids([[5, 6]], None), TypeError, "decoding settings from Translator.options"),
+        "Translator.attention_map: a hypothesis of another kind": (lambda: t.attention_map("A dog.", [5], "x"),
+                                                                   TypeError, "a Hypothesis"),
+    }
+
+
+def api_error():
+    from mtkit.errors import MtkitError
+
+    return MtkitError
+
+
+def test_api_refuses_bad_arguments_clearly(trained):
+    for name, (call, kind, message) in api_rows(trained).items():
+        with pytest.raises(kind) as info:
+            call()
+        assert message in str(info.value), f"{name}: {info.value}"
+
+
+def test_every_public_api_function_has_a_row(trained):
+    from mtkit import api
+    from mtkit.translate import Translator
+
+    public = [f for f in api.__all__ if f not in ("Config",)]
+    public += [f"Translator.{name}" for name, member in inspect.getmembers(Translator)
+               if not name.startswith("_") and callable(member)]
+    named = {row.split(":")[0] for row in api_rows(trained)}
+    assert not [f for f in public if f not in named], sorted(set(public) - named)
