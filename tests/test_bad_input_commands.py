@@ -220,9 +220,12 @@ def test_command(cli, trained, ct2_export, tmp_path, row):
         assert cli("prepare", places["fresh"])[0] == 0
     elif setup is not None:
         setup(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
     code, out, err = cli(*(a.format(**places) for a in argv))
     if isinstance(outcome, Refused):
         assert_refused(code, err, outcome.message.format(**places))
+        made = [p for p in tmp_path.rglob("*") if p not in before and not (p.is_dir() and not any(p.iterdir()))]
+        assert not made, made  # nothing half-written left behind (the workdir checked writable stays, empty)
     else:
         outcome.check(code, out, err, tmp_path)
 

@@ -63,11 +63,12 @@ def test_sigkill_at_random_moments_and_during_writes(tmp_path, demo_dir):
 
     kills, during_writes, most_lost = 0, 0, 0
     while kills < KILLS:
-        start = last.exists() and checkpoint.load(last)["step"]
+        seen = log.stat().st_size if log.exists() else 0
         proc = _start(config, log, resume=last.exists())
         # Kill only once this process has trained a step (or the loop could kill it forever at start-up),
-        # then either a random moment later or the instant a checkpoint write begins.
-        if not _wait(lambda: _logged_step(workdir) > (start or 0), proc, log):
+        # then either a random moment later or the instant a checkpoint write begins. Its own log
+        # says so: metrics.jsonl may still hold steps a killed process logged and never saved.
+        if not _wait(lambda: b"\nstep " in log.read_bytes()[seen:], proc, log):
             break  # it finished before the kill
         if kills % 2 == 0:
             time.sleep(rng.uniform(0.0, 0.4))
