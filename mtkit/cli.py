@@ -106,6 +106,10 @@ def translate(
         raise MtkitError("--greedy and --beam contradict each other", hint="use one of them")
     if engine not in ("mtkit", "ctranslate2"):
         raise MtkitError(f"--engine {engine!r}: mtkit or ctranslate2")
+    if attention is not None and engine == "mtkit":
+        from mtkit.files import ensure_writable_dir
+
+        ensure_writable_dir(attention, "--attention", "name a folder to write the maps in")
     if engine == "ctranslate2":
         from mtkit.export import CT2Translator
 
@@ -125,7 +129,13 @@ def translate(
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
-    translate_file(translator, input, output, opts, attention)
+    draw = None
+    if attention is not None:
+        from mtkit.figures import attention_png  # matplotlib: only when asked for
+
+        def draw(number: int, amap) -> None:
+            attention_png(amap, attention / f"{number:06d}.png")
+    translate_file(translator, input, output, opts, draw)
 
 
 @app.command()

@@ -7,9 +7,12 @@ matplotlib is imported here only, with its file-only backend (Agg): no display i
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtkit.errors import MtkitError
-from mtkit.translate import AttentionMap
+
+if TYPE_CHECKING:  # only named in annotations: figures draws what translate computes, not the other way
+    from mtkit.translate import AttentionMap
 
 
 def _pyplot():
@@ -21,7 +24,7 @@ def _pyplot():
     return plt
 
 
-def attention_png(amap: AttentionMap, path: Path, layer: int | None = None, head: int | None = None) -> Path:
+def attention_png(amap: "AttentionMap", path: Path, layer: int | None = None, head: int | None = None) -> Path:
     """Draw the cross-attention of one translation: a grid with one heatmap per layer (rows) and
     head (columns), plus each layer's head average in the last column. Rows of a heatmap are the
     target subwords, columns the source subwords; dark = much attention."""

@@ -35,7 +35,6 @@ from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
 from mtkit.search import search_sorted
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from mtkit.translate import limit_kernel_caches
 
 
 @dataclass
@@ -152,7 +151,7 @@ def train(cfg: Config, resume: bool = False, world: World | None = None) -> Trai
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool, world: World | None = None):
-        limit_kernel_caches()  # before the first bf16 product (the precision probe)
+        distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
         self.cfg, t = cfg, cfg.train
         self.world = world or distributed.start(t.device)
         self.ckpt_dir = cfg.workdir / "checkpoints"

@@ -45,20 +45,6 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def limit_kernel_caches() -> None:
-    """oneDNN, which runs the bf16 matrix products on this CPU, compiles a kernel for each matrix
-    shape and caches up to 1,024 of them (and PyTorch's ideep layer caches as many again).
-    Decoding meets a new shape at nearly every step, as the prefix grows and the batch shrinks, so
-    a translate process grew to 1.4 GB. 32 of each keep beam search on test_2016 under 0.6 GB at
-    the same speed (measured). Training meets a new shape with nearly every batch: uncapped, a
-    45-minute Multi30k `mtkit run` peaked at 4.7 GB; capped, bench_train peaks 22% lower at the
-    same speed (README: Results).
-    Both are read at the first bf16 product, so this only acts if none has run yet in this
-    process; the user's own settings win."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
-    os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
-
-
 class Translator:
     """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
 
@@ -93,7 +79,7 @@ class Translator:
         if device not in ("auto", "cpu", "cuda"):
             raise MtkitError(f"--device {device!r}: auto, cpu or cuda")
         path = resolve_checkpoint(path)
-        limit_kernel_caches()
+        distributed.limit_kernel_caches()
         return cls(checkpoint.load(path, mmap=True), path, str(distributed.choose_device(device, option="--device")),
                    precision)
 
@@ -253,9 +239,10 @@ def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
 
 
 def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out: TextIO, opts: DecodeOptions,
-                     on_lines=None, attention_dir: Path | None = None) -> int:
+                     on_lines=None, on_attention=None) -> int:
     """Translate chunks of raw lines and write the results; returns the number of lines.
-    attention_dir: also draw each line's attention map there (NNNNNN.png, the line number)."""
+    on_attention(line number, AttentionMap): also called for each non-blank line with the
+    cross-attention of its translation (the CLI draws it)."""
     number = 0
     warned_long = 0
     for chunk in chunks:
@@ -272,14 +259,11 @@ def translate_stream(translator: Translator, chunks: Iterable[list[bytes]], out:
             if warned_long <= 10:
                 _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
                       f"translating its beginning only")
-        found = translator.search(ids, opts, attention=attention_dir is not None)
-        if attention_dir is not None:
-            from mtkit.figures import attention_png  # matplotlib: only when asked for
-
+        found = translator.search(ids, opts, attention=on_attention is not None)
+        if on_attention is not None:
             for i, hyps in enumerate(found):
                 if hyps:
-                    amap = translator.attention_map(lines[i], ids[i], hyps[0])
-                    attention_png(amap, attention_dir / f"{first + i:06d}.png")
+                    on_attention(first + i, translator.attention_map(lines[i], ids[i], hyps[0]))
         for i, hyps in enumerate(map(translator._texts, found)):
             if opts.n_best > 1:
                 for score, text in hyps:
@@ -322,13 +306,9 @@ def open_input(source: Path) -> tuple[BinaryIO, int | None]:
 
 
 def translate_file(translator: Translator, source: Path | None, target: Path | None, opts: DecodeOptions,
-                   attention_dir: Path | None = None) -> int:
+                   on_attention=None) -> int:
     """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
-    under a temporary name and renamed when complete."""
-    if attention_dir is not None:
-        from mtkit.files import ensure_writable_dir
-
-        ensure_writable_dir(attention_dir, "--attention", "name a folder to write the maps in")
+    under a temporary name and renamed when complete. on_attention: as for translate_stream."""
     if target is not None and target.is_dir():
         raise MtkitError(f"--output {target} is a folder", hint="name a file to write, e.g. -o out.txt")
     if source is None:
@@ -339,7 +319,7 @@ def translate_file(translator: Translator, source: Path | None, target: Path | N
         inp, total = open_input(source)
     try:
         if target is None:
-            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, attention_dir=attention_dir)
+            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, on_attention=on_attention)
         tmp = target.with_name(f".{target.name}.tmp")
         try:
             out = open(tmp, "w", encoding="utf-8")
@@ -350,7 +330,7 @@ def translate_file(translator: Translator, source: Path | None, target: Path | N
             with out, progress() as bar:
                 task = bar.add_task(f"translate -> {target}", total=total)
                 n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
-                                     attention_dir)
+                                     on_attention)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

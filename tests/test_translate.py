@@ -79,7 +79,7 @@ def test_nbest_tsv_and_output_file(trained, tmp_path):
 
 
 def test_kernel_caches_are_limited_unless_the_user_set_them(monkeypatch):
-    from mtkit.translate import limit_kernel_caches
+    from mtkit.distributed import limit_kernel_caches
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "500")
     limit_kernel_caches()
