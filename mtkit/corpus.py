@@ -118,8 +118,8 @@ def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
     """Stream the raw (src, tgt) lines of a split, in order, unnormalized; an empty split is an error."""
     if source.kind == "text":
         src_path, tgt_path = source.paths
-        pairs = _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors),
-                             read_lines(tgt_path, source.encoding_errors))
+        pairs = _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors, _REPLACE_HINT),
+                             read_lines(tgt_path, source.encoding_errors, _REPLACE_HINT))
     elif source.kind == "tsv":
         pairs = _read_tsv(source.paths[0], source.encoding_errors)
     else:
@@ -133,9 +133,14 @@ def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
                          hint="check the files, or data.dir and the split names")
 
 
-def read_lines(path: Path, encoding_errors: str = "strict") -> Iterator[str]:
+# A corpus may have its bad bytes replaced; a file of translations or references is scored as it is.
+_REPLACE_HINT = ", or set data.encoding_errors=replace to replace bad bytes with U+FFFD"
+
+
+def read_lines(path: Path, encoding_errors: str = "strict", utf8_hint: str = "") -> Iterator[str]:
     """Lines of a UTF-8 text file, plain or gzip; split on '\\n' only (like `wc -l`, so that
-    U+2028 or a stray '\\r' inside a line never shifts the alignment); CRLF and a BOM are removed."""
+    U+2028 or a stray '\\r' inside a line never shifts the alignment); CRLF and a BOM are removed.
+    utf8_hint: what else the user can do about invalid UTF-8 (a corpus: data.encoding_errors)."""
     try:
         opened = open(path, "rb")
         packed = opened.read(2) == b"\x1f\x8b"
@@ -154,8 +159,7 @@ def read_lines(path: Path, encoding_errors: str = "strict") -> Iterator[str]:
                 except UnicodeDecodeError as e:
                     raise MtkitError(
                         f"{path}:{lineno}: invalid UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x})",
-                        hint="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or set "
-                             "data.encoding_errors=replace to replace bad bytes with U+FFFD") from None
+                        hint="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)" + utf8_hint) from None
         except (OSError, EOFError, zlib.error) as e:
             what = "damaged gzip data" if packed else "read error"
             raise MtkitError(f"{path}: {what} after line {lineno}: {e}",
@@ -175,7 +179,7 @@ def _zip_aligned(src_path: Path, tgt_path: Path, src: Iterator[str], tgt: Iterat
 
 
 def _read_tsv(path: Path, encoding_errors: str) -> Iterator[tuple[str, str]]:
-    for lineno, line in enumerate(read_lines(path, encoding_errors), 1):
+    for lineno, line in enumerate(read_lines(path, encoding_errors, _REPLACE_HINT), 1):
         fields = line.split("\t")
         if len(fields) != 2:
             raise MtkitError(f"{path}:{lineno}: expected exactly one tab (source<TAB>target), "

@@ -46,6 +46,28 @@ def test_mismatched_line_counts_name_both(tmp_path, cli):
     assert code == 2 and "CONFIG" in err
 
 
+def test_invalid_utf8_in_scored_files_gets_the_hint_that_applies_to_them(tmp_path, cli, corpus_with_bad_byte):
+    """data.encoding_errors can mend a corpus, not a file of translations given to --hyp."""
+    (tmp_path / "hyp").write_bytes(b"caf\xe9\n")
+    (tmp_path / "ref").write_text("cafe\n")
+    code, _, err = cli("eval", "--hyp", tmp_path / "hyp", "--ref", tmp_path / "ref")
+    assert code == 2 and "hyp:1: invalid UTF-8" in err and "iconv" in err and "encoding_errors" not in err, err
+    code, _, err = cli("prepare", corpus_with_bad_byte)
+    assert code == 2 and "invalid UTF-8" in err and "data.encoding_errors=replace" in err, err
+
+
+@pytest.fixture
+def corpus_with_bad_byte(tmp_path) -> Path:
+    from tests.conftest import write_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.de").write_bytes(b"ein satz\ncaf\xe9\n")
+        (corpus / f"{split}.en").write_text("a sentence\ncafe\n")
+    return write_config(tmp_path, data={"dir": str(corpus), "src": "de", "tgt": "en"}, tokenizer={"vocab_size": 20})
+
+
 def test_eval_config_translates_the_split_against_raw_references(trained, cli):
     config = trained.parent / "config.yaml"
     code, out, err = cli("eval", config, "--split", "valid", "--beam", "2", "--json")
