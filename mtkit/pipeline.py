@@ -120,7 +120,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     previous = read_json(out / f"{split}.json")
     if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
         info(f"eval: up to date ({out / f'{split}.json'})")
-        return previous
+        return previous | {"up_to_date": True}  # (not saved: says this call reused the result)
     pairs = list(corpus.read_pairs(source))
     sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
     start = time.perf_counter()
@@ -163,7 +163,7 @@ def run(cfg: Config) -> None:
     best = f"best valid BLEU {progress['best_bleu']:.2f} at step {progress['best_step']:,}" \
         if progress.get("best_bleu") is not None else "no validation"
     t.add_row("train", trained, f"{progress['step']:,} steps, {progress['seconds'] / 60:.1f} min, {best}")
-    t.add_row("translate + eval", "done", f"test BLEU {result['bleu']['score']:.2f}"
+    t.add_row("translate + eval", "up to date" if result.get("up_to_date") else "done", f"test BLEU {result['bleu']['score']:.2f}"
               + (f", chrF {result['chrf']['score']:.2f}" if "chrf" in result else "")
               + f" (beam {result['beam_size']}) -> {cfg.workdir / 'eval'}")
     console.print(t)

@@ -4,6 +4,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,6 +266,7 @@ def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, dem
     assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["progress"]["stopped_by"] == "max_steps"
     code, _, err = cli("run", config, "--set", "decode.beam_size=2")
     assert code == 0 and "train: up to date" in err and "eval: up to date" in err
+    assert re.search(r"translate \+ eval\s*│\s*up to date", err), err  # the summary says so too
     # A run saved before a config key existed is still up to date (the key at its default).
     last = tmp_path / "run/checkpoints/last.pt"
     state = checkpoint.load(last)
