@@ -36,9 +36,10 @@ def _metric(name: str, tokenize: str):
     return CHRF()
 
 
-def check_tokenizer(tokenize: str) -> None:
+def check_tokenizer(tokenize: str) -> str:
     """Fail now, not at the first validation an hour into training, if the tokenizer cannot run."""
     _metric("bleu", tokenize)
+    return tokenize
 
 
 def score(hypotheses: list[str], references: list[list[str]], metrics=("bleu", "chrf", "ter"),

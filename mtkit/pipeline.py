@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from mtkit import checkpoint, corpus, distributed, evaluate
-from mtkit.config import Config, DecodeSection
+from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
@@ -18,9 +18,7 @@ from mtkit.vocab import train_tokenizer
 
 def bleu_tokenizer(cfg: Config) -> str:
     """BLEU's tokenizer for this experiment, proven usable (a missing MeCab is said before any work)."""
-    tokenize = evaluate.bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt)
-    evaluate.check_tokenizer(tokenize)
-    return tokenize
+    return evaluate.check_tokenizer(evaluate.bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt))
 
 
 def prepare_data(cfg: Config, force: bool = False) -> tuple:
@@ -68,14 +66,12 @@ def train_if_needed(cfg: Config) -> tuple[str, dict]:
         state = checkpoint.load(last, mmap=True)
         # Finished: the run ended itself (a final save records why; a kill leaves none) and the
         # settings of *this* run agree (an older mtkit carried a stopped_by into resumed runs).
-        finished = state["progress"].get("stopped_by") not in (None, "interrupted") and \
-            stop_reason(cfg.train, state["progress"], state["sampler"]["epoch"]) is not None
+        reason = stop_reason(cfg.train, state["progress"], state["sampler"]["epoch"])
+        finished = state["progress"].get("stopped_by") not in (None, "interrupted") and reason is not None
         before, now = _with_defaults(state["config"]), cfg.model_dump(mode="json")
         same = before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer"))
         if finished and same:
-            info(f"train: up to date ({last}, stopped by "
-                 f"{stop_reason(cfg.train, state['progress'], state['sampler']['epoch'])} at step "
-                 f"{state['step']:,})")
+            info(f"train: up to date ({last}, stopped by {reason} at step {state['step']:,})")
             return "up to date", state["progress"]
     resume = last.exists()
     result = train(cfg, resume=resume)
@@ -106,13 +102,11 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     source = corpus.source_for(cfg.data, split)
-    settings = cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1})
-    try:
-        opts = DecodeSection(**settings)  # validated: a beam of 0 is an error, not the default
-    except ValueError as e:  # pydantic's ValidationError is one
-        raise MtkitError(f"bad decoding settings: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     tokenize = bleu_tokenizer(cfg)
     translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
+    # Every setting given, so the experiment's decode section wins over the checkpoint's; validated
+    # (a beam of 0 is an error, not the default).
+    opts = translator.options(**cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1}))
     key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
                        "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize,
                        "precision": translator.precision})

@@ -179,8 +179,7 @@ class Trainer:
         self.bleu_sample = sample
         # BLEU's tokenizer follows the target language (13a would score Chinese as one word a line);
         # checked now, so that a missing MeCab is said before training, not at its first validation.
-        self.bleu_tokenizer = bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt)
-        check_tokenizer(self.bleu_tokenizer)
+        self.bleu_tokenizer = check_tokenizer(bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt))
         cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
         self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
 
@@ -266,10 +265,10 @@ class Trainer:
     # -- precision --------------------------------------------------------------------------
     def _choose_precision(self) -> tuple[str, str]:
         wanted, device = self.cfg.train.precision, str(self.world.device)
-        capability, cpu_bf16 = distributed.machine_facts(device)
-        chosen = distributed.train_precision(wanted, device, capability, cpu_bf16)
         if wanted != "auto":
             return wanted, "set in the config"
+        capability, cpu_bf16 = distributed.machine_facts(device)
+        chosen = distributed.train_precision(wanted, device, capability, cpu_bf16)
         if chosen is not None:
             return chosen, (f"auto: GPU compute capability {capability[0]}.{capability[1]}" if capability
                             else "auto: this CPU has no fast bf16")

@@ -157,7 +157,6 @@ class Translator:
         return results
 
     def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
-        _check_options(opts)
         return [self._texts(hyps) for hyps in self.search(ids, opts)]
 
     def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:

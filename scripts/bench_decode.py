@@ -3,6 +3,7 @@ test_2016_flickr (de->en by default), model load excluded, with the BLEU/chrF of
 
     python3 scripts/bench_decode.py --data-dir ../shared/data/multi30k --checkpoint runs/x/checkpoints/best.pt
     python3 scripts/bench_decode.py ... --engine ctranslate2 --checkpoint EXPORT_DIR --compute-type int8
+    python3 scripts/bench_decode.py ... --precision bf16     # mtkit's decoding precision (default auto)
 
 Prints a table, then as its last line one JSON object with the figures.
 """
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--engine", default="mtkit", choices=["mtkit", "ctranslate2"],
                     help="ctranslate2: --checkpoint is a folder from mtkit export")
     ap.add_argument("--compute-type", default="default", help="with --engine ctranslate2: int8, float32, ...")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="mtkit's decoding precision (as mtkit translate --precision)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,7 +49,7 @@ def main() -> None:
 
         translator = CT2Translator.load(args.checkpoint, args.compute_type)  # not timed
     else:
-        translator = Translator.load(args.checkpoint)
+        translator = Translator.load(args.checkpoint, precision=args.precision)
     figures = {"checkpoint": str(args.checkpoint), "engine": args.engine, "sentences": len(sources),
                "threads": torch.get_num_threads(),
                "precision": translator.precision, "torch": torch.__version__, "machine": platform.machine()}
