@@ -11,7 +11,8 @@ from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
 from mtkit.prepare import prepare
-from mtkit.train import stop_reason, train
+from mtkit.bookkeeping import Progress, stop_reason
+from mtkit.train import train
 from mtkit.translate import Translator, resolve_checkpoint
 from mtkit.vocab import train_tokenizer
 
@@ -58,26 +59,27 @@ def check_shared_workdir(cfg: Config, world: distributed.World) -> None:
                          f"share", hint="set experiment.workdir to a shared folder (NFS, Lustre, ...) on every machine")
 
 
-def train_if_needed(cfg: Config) -> tuple[str, dict]:
+def train_if_needed(cfg: Config) -> tuple[str, Progress]:
     """Train, resume an unfinished run, or skip a finished one whose settings are unchanged.
     Returns (what happened, the last checkpoint's progress)."""
     last = cfg.workdir / "checkpoints" / "last.pt"
     if last.exists():
         state = checkpoint.load(last, mmap=True)
+        progress = Progress.from_dict(state["progress"])
         # Finished: the run ended itself (a final save records why; a kill leaves none) and the
         # settings of *this* run agree (an older mtkit carried a stopped_by into resumed runs).
-        reason = stop_reason(cfg.train, state["progress"], state["sampler"]["epoch"])
-        finished = state["progress"].get("stopped_by") not in (None, "interrupted") and reason is not None
+        reason = stop_reason(cfg.train, progress, state["sampler"]["epoch"])
+        finished = progress.stopped_by not in (None, "interrupted") and reason is not None
         before, now = _with_defaults(state["config"]), cfg.model_dump(mode="json")
         same = before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer"))
         if finished and same:
             info(f"train: up to date ({last}, stopped by {reason} at step {state['step']:,})")
-            return "up to date", state["progress"]
+            return "up to date", progress
     resume = last.exists()
     result = train(cfg, resume=resume)
     if result.stopped_by == "interrupted":
         raise KeyboardInterrupt
-    return ("resumed" if resume else "done"), checkpoint.load(last, mmap=True)["progress"]
+    return ("resumed" if resume else "done"), Progress.from_dict(checkpoint.load(last, mmap=True)["progress"])
 
 
 def _with_defaults(saved: dict) -> dict | None:
@@ -154,9 +156,9 @@ def run(cfg: Config) -> None:
     t.add_row("tokenizer", "up to date" if tok.skipped else "done", str(tok.folder))
     t.add_row("prepare", "up to date" if data.skipped else "done",
               f"{train_split['kept']:,} of {train_split['pairs_in']:,} train pairs kept -> {data.folder}")
-    best = f"best valid BLEU {progress['best_bleu']:.2f} at step {progress['best_step']:,}" \
-        if progress.get("best_bleu") is not None else "no validation"
-    t.add_row("train", trained, f"{progress['step']:,} steps, {progress['seconds'] / 60:.1f} min, {best}")
+    best = f"best valid BLEU {progress.best_bleu:.2f} at step {progress.best_step:,}" \
+        if progress.best_bleu is not None else "no validation"
+    t.add_row("train", trained, f"{progress.step:,} steps, {progress.seconds / 60:.1f} min, {best}")
     t.add_row("translate + eval", "up to date" if result.get("up_to_date") else "done", f"test BLEU {result['bleu']['score']:.2f}"
               + (f", chrF {result['chrf']['score']:.2f}" if "chrf" in result else "")
               + f" (beam {result['beam_size']}) -> {cfg.workdir / 'eval'}")

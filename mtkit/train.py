@@ -9,12 +9,8 @@ same run: same batches, same dropout masks, same parameters as if it had never s
 
 import contextlib
 import copy
-import fcntl
-import json
 import math
-import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,29 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mtkit import checkpoint, corpus, distributed
-from mtkit.config import Config, TrainSection
-from mtkit.console import console, info, table
-from mtkit.distributed import World
+from mtkit.bookkeeping import (Progress, RunLog, StopRequest, TrainResult, clock, print_summary, stop_reason,
+                               workdir_lock)
+from mtkit.config import Config
+from mtkit.console import console, info
 from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch
+from mtkit.distributed import World
 from mtkit.errors import MtkitError
 from mtkit.evaluate import bleu, bleu_tokenizer, check_tokenizer
 from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
 from mtkit.search import search_sorted
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-
-
-@dataclass
-class TrainResult:
-    checkpoints: Path
-    step: int
-    seconds: float
-    stopped_by: str  # max_steps | max_epochs | max_time | patience | interrupted
-    best_bleu: float | None
-    best_step: int | None
 
 
 def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max_steps: int) -> float:
@@ -86,61 +73,6 @@ def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
                        share_src_tgt=cfg.model.tie_embeddings and tok.joint, pad_id=PAD_ID)
 
 
-def stop_reason(t: TrainSection, progress: dict, epoch: int) -> str | None:
-    """Which stop rule of the train section `t` a run with this progress has met (None: it goes
-    on). The one judge of "finished": the loop asks it after every step, and `mtkit run` asks it
-    of last.pt, so a run is finished only when its *current* settings say so (a run extended from
-    max_steps 40 to 400 and killed at step 180 is not finished, whatever stopped it before)."""
-    if progress["step"] >= t.max_steps:
-        return "max_steps"
-    if t.max_epochs and epoch >= t.max_epochs:
-        return "max_epochs"
-    if t.max_time and progress["seconds"] >= t.max_time:
-        return "max_time"
-    if t.patience and progress["bad_evals"] >= t.patience:
-        return "patience"
-    return None
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-    """One training per workdir. flock is released by the kernel when the process dies, so a
-    killed run never leaves a stale lock behind."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "train.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise MtkitError(f"another mtkit train is running on {workdir} (pid {f.read().strip() or '?'})",
-                             hint="wait for it to finish, or set another experiment.workdir") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        yield
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step and save; a second
-    Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.signal: str | None = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def train(cfg: Config, resume: bool = False, world: World | None = None) -> TrainResult:
     """Train (world: the processes torchrun started; one when None)."""
     world = world or distributed.start(cfg.train.device)
@@ -150,6 +82,8 @@ def train(cfg: Config, resume: bool = False, world: World | None = None) -> Trai
 
 
 class Trainer:
+    """One training run: built in a few named steps, then `run()` is the loop."""
+
     def __init__(self, cfg: Config, resume: bool, world: World | None = None):
         distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
         self.cfg, t = cfg, cfg.train
@@ -158,6 +92,31 @@ class Trainer:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         for leftover in self.ckpt_dir.glob(".*.tmp"):  # a write cut short by a kill; never read
             leftover.unlink()
+        self.last_path = self.ckpt_dir / "last.pt"
+        self._load_data()
+        state = self._resume_state() if resume else None
+        if state is None and self.last_path.exists():
+            raise MtkitError(f"{cfg.workdir} already holds a training run ({self.last_path})",
+                             hint="continue it with --resume, or set another experiment.workdir")
+        self._build_model()
+        self.progress = Progress()
+        # fp16 needs its loss scaled, so that small gradients do not round to zero; the scaler
+        # lowers the scale after an overflow (that step is skipped) and raises it again later.
+        self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=False)
+        if state is not None:
+            self._restore(state)
+        else:
+            self.precision, self.precision_reason = self._choose_precision()
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.world.device.type)
+            if state is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+        self.log = RunLog(cfg.workdir, self.progress, self.last_path, active=self.world.main,
+                          tensorboard=t.tensorboard, max_steps=t.max_steps)
+
+    def _load_data(self) -> None:
+        """The tokenizer, the prepared token arrays, and what validation scores against."""
+        cfg, t = self.cfg, self.cfg.train
         self.tok = Tokenizer.load(cfg.tokenizer_dir)
         self.manifest = read_json(cfg.data_cache_dir / "manifest.json")
         if not self.manifest:
@@ -183,11 +142,9 @@ class Trainer:
         cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
         self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
 
-        self.last_path = self.ckpt_dir / "last.pt"
-        state = self._resume_state() if resume else None
-        if state is None and self.last_path.exists():
-            raise MtkitError(f"{cfg.workdir} already holds a training run ({self.last_path})",
-                             hint="continue it with --resume, or set another experiment.workdir")
+    def _build_model(self) -> None:
+        """The model (from the seed), its moving average, the optimizer and the batch sampler."""
+        cfg, t = self.cfg, self.cfg.train
         random.seed(cfg.experiment.seed)
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
@@ -203,24 +160,6 @@ class Trainer:
                                            lr=t.lr, betas=t.betas, eps=1e-9)
         self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
                                           cfg.experiment.seed)
-        # What the loop has done so far: all of it goes into checkpoints.
-        self.progress = {"step": 0, "seconds": 0.0, "best_bleu": None, "best_step": None, "bad_evals": 0,
-                         "skipped_steps": 0, "nonfinite_in_row": 0, "last_eval_step": 0, "last_save_step": 0}
-        # fp16 needs its loss scaled, so that small gradients do not round to zero; the scaler
-        # lowers the scale after an overflow (that step is skipped) and raises it again later.
-        self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=False)
-        if state is not None:
-            self._restore(state)
-        else:
-            self.precision, self.precision_reason = self._choose_precision()
-        if self.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(self.world.device.type)
-            if state is not None and "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
-        self.metrics_path = cfg.workdir / "metrics.jsonl"
-        if self.world.main:
-            _truncate_metrics(self.metrics_path, self.progress["step"])
-        self.tensorboard = _tensorboard(cfg.workdir / "tensorboard") if t.tensorboard and self.world.main else None
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
@@ -247,10 +186,10 @@ class Trainer:
             self.ema_model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        self.progress = {**self.progress, **state["progress"]}  # counters added since start at their defaults
+        self.progress = Progress.from_dict(state["progress"])
         # Why the last session stopped is history: this session's checkpoints must not carry it
         # (a later `mtkit run` would take a half-trained run for a finished one).
-        self.progress.pop("stopped_by", None)
+        self.progress.stopped_by = None
         self.precision, self.precision_reason = state["precision"], "as before the resume"
         wanted = self.cfg.train.precision
         if wanted not in ("auto", state["precision"]):  # the weights are fp32 either way: a switch is safe
@@ -260,7 +199,7 @@ class Trainer:
         if "cuda" in state["rng"] and self.world.device.type == "cuda":  # dropout on a GPU draws from its own
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.world.device)
         if self.world.main:
-            info(f"train: resuming from {self.last_path} at step {self.progress['step']:,}")
+            info(f"train: resuming from {self.last_path} at step {self.progress.step:,}")
 
     # -- precision --------------------------------------------------------------------------
     def _choose_precision(self) -> tuple[str, str]:
@@ -325,7 +264,7 @@ class Trainer:
         total = sum(self._forward_backward(b, self.precision, scale, sync=i == len(group) - 1)
                     for i, b in enumerate(group))
         total = w.sum([total])[0]
-        step = self.progress["step"] + 1
+        step = self.progress.step + 1
         # A NaN/inf loss or gradient (bf16 can overflow in the backward pass while the loss looks
         # fine) would poison the weights: skip the update, count it. The norm is needed anyway to clip.
         self.scaler.unscale_(self.optimizer)  # fp16: clip and check the true gradients (else nothing)
@@ -334,14 +273,14 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip if t.clip > 0 else math.inf))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            self.progress["skipped_steps"] += 1
+            self.progress.skipped_steps += 1
             # In fp16 an overflow of the scaled gradients is the scaler's to handle (it lowers the
             # scale); a non-finite loss, or a non-finite gradient without a scaler, is divergence.
             if not (loss_ok and self.scaler.is_enabled()):
-                self.progress["nonfinite_in_row"] += 1
+                self.progress.nonfinite_in_row += 1
             self.scaler.update()
         else:
-            self.progress["nonfinite_in_row"] = 0
+            self.progress.nonfinite_in_row = 0
             lr = lr_at(step, lr=t.lr, schedule=t.schedule, warmup=t.warmup, d_model=self.model_config.d_model,
                        max_steps=t.max_steps)
             for g in self.optimizer.param_groups:
@@ -351,7 +290,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema_model is not None:
                 ema_update(self.ema_model, self.model, t.ema, step)
-        self.progress["step"] = step
+        self.progress.step = step
         return total / n_tgt, int(n_tgt), int(n_src)
 
     # -- validation -------------------------------------------------------------------------
@@ -391,11 +330,11 @@ class Trainer:
             ema["scaler"] = self.scaler.state_dict()
         return ema | {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                "progress": dict(self.progress), "precision": self.precision,
+                "progress": asdict(self.progress), "precision": self.precision,
                 "rng": self._rng_state(),
                 "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
                 "tokenizer": list(self.tok.protos),  # the checkpoint translates on its own
-                "data_fingerprint": self.manifest["fingerprint"], "step": self.progress["step"]}
+                "data_fingerprint": self.manifest["fingerprint"], "step": self.progress.step}
 
     def _rng_state(self) -> dict:
         """Every random generator the run draws from: a resumed run continues their sequences."""
@@ -417,8 +356,7 @@ class Trainer:
             checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
 
     def save(self) -> Path:
-        step = self.progress["step"]
-        self.progress["last_save_step"] = step
+        step = self.progress.last_save_step = self.progress.step
         path = self.ckpt_dir / f"step_{step:07d}.pt"
         checkpoint.save(self._state(), path)
         checkpoint.link(path, self.last_path)
@@ -426,24 +364,51 @@ class Trainer:
             old.unlink()
         return path
 
-    def _log(self, event: dict) -> None:
-        if not self.world.main:
-            return
-        try:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event, ensure_ascii=False) + "\n")
-            if self.tensorboard is not None and event["event"] in ("train", "valid"):
-                for key in ("loss", "ppl", "bleu", "lr", "tgt_tokens_per_s"):
-                    if key in event:
-                        self.tensorboard.add_scalar(f"{event['event']}/{key}", event[key], event["step"])
-                self.tensorboard.flush()
-        except OSError as e:
-            saved = f"{self.last_path} (step {self.progress['last_save_step']:,}) is intact" \
-                if self.last_path.exists() else "no checkpoint had been saved yet"
-            raise MtkitError(f"could not write {self.metrics_path}: {e.strerror or e}; {saved}",
-                             hint="free disk space or fix permissions, then continue with --resume") from None
-
     # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t, p, w = self.cfg.train, self.progress, self.world
+        self._announce()
+        self.model.train()
+        clock_start, seconds_before = time.perf_counter(), p.seconds
+        window, self.session = Window(), Window()  # since the last log line; this session's steps
+        with StopRequest() as stop, self.log:
+            while True:
+                p.seconds = seconds_before + time.perf_counter() - clock_start
+                stopped_by = stop_reason(t, p, self.sampler.epoch) or ("interrupted" if stop.signal else None)
+                stopped_by = w.from_main(stopped_by)  # one decision (clocks, Ctrl-C) for every process
+                if stopped_by:
+                    break
+                step_start = time.perf_counter()
+                loss, n_tgt, n_src = self._step()
+                if p.nonfinite_in_row >= t.max_nonfinite:
+                    self._stop_nonfinite()
+                for tally in (window, self.session):
+                    tally.add(loss, n_tgt, n_src, time.perf_counter() - step_start)
+                if p.step % t.log_every == 0:
+                    self._log_window(window)
+                    window = Window()
+                self.log.at(p.step, self.sampler.epoch + 1)
+                improved = p.step % t.eval_every == 0 and self._evaluate_and_keep_best()
+                # No step checkpoint amid NaN/inf steps: if they come from weights already gone bad,
+                # it would replace good checkpoints with them.
+                self._save(p.step % t.save_every == 0 and p.nonfinite_in_row == 0, improved)
+            # The end: validate unless that just happened, and save the final state (with why it
+            # stopped: `mtkit run` skips a finished training and resumes an interrupted one).
+            improved = stopped_by != "interrupted" and p.last_eval_step != p.step and self._evaluate_and_keep_best()
+            p.stopped_by = stopped_by
+            self._save(True, improved)
+        p.seconds = seconds_before + time.perf_counter() - clock_start
+        result = TrainResult(self.ckpt_dir, p.step, p.seconds, stopped_by, p.best_bleu, p.best_step)
+        if w.main:  # rank 0 validates, logs and saves for all
+            self._finish(result, stop.signal)
+        return result
+
+    def _announce(self) -> None:
+        if self.world.main:
+            w = self.world
+            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
+                 f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src):,} train pairs"
+                 + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else ""))
 
     def _evaluate_and_keep_best(self) -> bool:
         """Validate (rank 0; the others wait at the next step); True when this is the best BLEU so far."""
@@ -451,117 +416,63 @@ class Trainer:
             return False
         p = self.progress
         result = self.validate(self.ema_model)  # None: the trained weights
-        p["last_eval_step"] = p["step"]
-        improved = p["best_bleu"] is None or result["bleu"] > p["best_bleu"]
+        p.last_eval_step = p.step
+        improved = p.best_bleu is None or result["bleu"] > p.best_bleu
         if improved:
-            p["best_bleu"], p["best_step"], p["bad_evals"] = result["bleu"], p["step"], 0
+            p.best_bleu, p.best_step, p.bad_evals = result["bleu"], p.step, 0
         else:
-            p["bad_evals"] += 1
-        self._log({"event": "valid", "step": p["step"], **{k: v for k, v in result.items() if k != "sample"},
-                   "best_bleu": p["best_bleu"]})
-        mark = " (best)" if improved else f" (best {p['best_bleu']:.2f} at step {p['best_step']:,})"
-        console.print(f"valid step {p['step']:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | "
+            p.bad_evals += 1
+        self.log.write({"event": "valid", "step": p.step, **{k: v for k, v in result.items() if k != "sample"},
+                        "best_bleu": p.best_bleu})
+        mark = " (best)" if improved else f" (best {p.best_bleu:.2f} at step {p.best_step:,})"
+        console.print(f"valid step {p.step:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | "
                       f"BLEU {result['bleu']:.2f}{mark} | {result['seconds']:.1f}s")
         return improved
 
-    def run(self) -> TrainResult:
-        t, p = self.cfg.train, self.progress
-        w = self.world
-        if w.main:
-            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
-                 f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src):,} train pairs"
-                 + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else ""))
-        self.model.train()
-        clock = time.perf_counter()
-        session_start_seconds = p["seconds"]
-        window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
-        self.session = {"tgt": 0, "seconds": 0.0}  # this process's training steps, for the summary
-        stopped_by = None
-        bar = _progress_bar(quiet=not w.main)
-        with StopRequest() as stop, bar:
-            task = bar.add_task("train", total=t.max_steps, completed=p["step"], loss="-", lr="-", tps="-",
-                                eta="-", epoch=self.sampler.epoch + 1)
-            while True:
-                p["seconds"] = session_start_seconds + time.perf_counter() - clock
-                stopped_by = stop_reason(t, p, self.sampler.epoch) or ("interrupted" if stop.signal else None)
-                stopped_by = w.from_main(stopped_by)  # one decision (clocks, Ctrl-C) for every process
-                if stopped_by:
-                    break
-                step_start = time.perf_counter()
-                loss, n_tgt, n_src = self._step()
-                if p["nonfinite_in_row"] >= t.max_nonfinite:
-                    self._stop_nonfinite()
-                window["seconds"] += time.perf_counter() - step_start
-                self.session["tgt"] += n_tgt
-                self.session["seconds"] += time.perf_counter() - step_start
-                window["loss"] += loss
-                window["steps"] += 1
-                window["tgt"] += n_tgt
-                window["src"] += n_src
-                step = p["step"]
-                if step % t.log_every == 0:
-                    self._log_window(window, bar, task)
-                    window = {"loss": 0.0, "steps": 0, "tgt": 0, "src": 0, "seconds": 0.0}
-                bar.update(task, completed=step, epoch=self.sampler.epoch + 1)
-                improved = step % t.eval_every == 0 and self._evaluate_and_keep_best()
-                # No step checkpoint amid NaN/inf steps: if they come from weights already gone bad,
-                # it would replace good checkpoints with them.
-                self._save(step % t.save_every == 0 and p["nonfinite_in_row"] == 0, improved)
-            # The end: validate unless that just happened, and save the final state (with why it
-            # stopped: `mtkit run` skips a finished training and resumes an interrupted one).
-            improved = stopped_by != "interrupted" and p["last_eval_step"] != p["step"] and self._evaluate_and_keep_best()
-            p["stopped_by"] = stopped_by
-            self._save(True, improved)
-        p["seconds"] = session_start_seconds + time.perf_counter() - clock
-        result = TrainResult(self.ckpt_dir, p["step"], p["seconds"], stopped_by, p["best_bleu"], p["best_step"])
-        if not w.main:  # rank 0 validates, logs and saves for all
-            return result
-        if stopped_by == "interrupted":
-            info(f"train: stopped by {stop.signal} at step {p['step']:,}; saved {self.last_path}; "
-                 f"continue with: mtkit train CONFIG --resume")
-        elif t.average_last > 1:
-            self._average_last()
-        self._log({"event": "end", "step": p["step"], "stopped_by": stopped_by, "seconds": round(p["seconds"], 1)})
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        self._summary(result)
-        return result
+    def _log_window(self, window: "Window") -> None:
+        p, t = self.progress, self.cfg.train
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss, tps = window.loss / window.steps, window.tgt / max(window.seconds, 1e-9)
+        self.log.write({"event": "train", "step": p.step, "epoch": self.sampler.epoch + 1, "loss": round(loss, 4),
+                        "lr": lr, "tgt_tokens_per_s": round(tps, 1),
+                        "src_tokens_per_s": round(window.src / max(window.seconds, 1e-9), 1),
+                        "seconds": round(p.seconds, 1), "skipped_steps": p.skipped_steps})
+        # ETA: whichever comes first, the remaining steps at this pace or the time budget.
+        eta = (t.max_steps - p.step) * window.seconds / window.steps
+        if t.max_time:
+            eta = min(eta, t.max_time - p.seconds)
+        self.log.at(p.step, self.sampler.epoch + 1, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}",
+                    eta=clock(eta))
+        self.log.line(f"step {p.step}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | "
+                      f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p.seconds:.0f}s")
 
     def _stop_nonfinite(self) -> None:
         """Too many NaN/inf losses in a row: the run has diverged (or bf16 overflows). Stop without
         saving, so that last.pt stays the last state known to be good."""
         p, t = self.progress, self.cfg.train
-        self._log({"event": "stopped_nonfinite", "step": p["step"], "in_row": p["nonfinite_in_row"],
-                   "skipped_steps": p["skipped_steps"]})
+        self.log.write({"event": "stopped_nonfinite", "step": p.step, "in_row": p.nonfinite_in_row,
+                        "skipped_steps": p.skipped_steps})
         saved = self.last_path.exists()
         bf16 = " In bf16 an overflow can cause it too: try train.precision=fp32." if self.precision == "bf16" else ""
         raise MtkitError(
-            f"training stopped at step {p['step']:,}: the loss or its gradient was NaN or infinite for "
-            f"{p['nonfinite_in_row']} steps in a row ({p['skipped_steps']} in all; their updates were skipped). "
-            + (f"{self.last_path} (step {p['last_save_step']:,}) is the last checkpoint, kept as it was."
+            f"training stopped at step {p.step:,}: the loss or its gradient was NaN or infinite for "
+            f"{p.nonfinite_in_row} steps in a row ({p.skipped_steps} in all; their updates were skipped). "
+            + (f"{self.last_path} (step {p.last_save_step:,}) is the last checkpoint, kept as it was."
                if saved else "No checkpoint had been saved yet."),
             hint=f"the learning rate is the usual cause: lower train.lr ({t.lr:g}) or lengthen train.warmup "
                  f"({t.warmup}), then mtkit train CONFIG{' --resume' if saved else ''}.{bf16}")
 
-    def _log_window(self, window: dict, bar: Progress, task) -> None:
-        if not self.world.main:
-            return
-        p, t = self.progress, self.cfg.train
-        lr = self.optimizer.param_groups[0]["lr"]
-        loss = window["loss"] / window["steps"]
-        tps = window["tgt"] / max(window["seconds"], 1e-9)
-        self._log({"event": "train", "step": p["step"], "epoch": self.sampler.epoch + 1, "loss": round(loss, 4),
-                   "lr": lr, "tgt_tokens_per_s": round(tps, 1),
-                   "src_tokens_per_s": round(window["src"] / max(window["seconds"], 1e-9), 1),
-                   "seconds": round(p["seconds"], 1), "skipped_steps": p["skipped_steps"]})
-        # ETA: whichever comes first, the remaining steps at this pace or the time budget.
-        eta = (t.max_steps - p["step"]) * window["seconds"] / window["steps"]
-        if t.max_time:
-            eta = min(eta, t.max_time - p["seconds"])
-        bar.update(task, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}", eta=_clock(eta))
-        if bar.disable:  # no live bar (a log, CI): one parseable line instead
-            console.print(f"step {p['step']}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | "
-                          f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p['seconds']:.0f}s")
+    def _finish(self, r: TrainResult, signal_name: str | None) -> None:
+        if r.stopped_by == "interrupted":
+            info(f"train: stopped by {signal_name} at step {r.step:,}; saved {self.last_path}; "
+                 f"continue with: mtkit train CONFIG --resume")
+        elif self.cfg.train.average_last > 1:
+            self._average_last()
+        self.log.write({"event": "end", "step": r.step, "stopped_by": r.stopped_by, "seconds": round(r.seconds, 1)})
+        self.log.close()
+        s = self.session
+        print_summary(self.cfg.experiment.name, r, epochs=self.sampler.epochs_done, precision=self.precision,
+                      tgt_per_s=s.tgt / s.seconds if s.seconds else None)
 
     def _average_last(self) -> None:
         paths = sorted(self.ckpt_dir.glob("step_*.pt"))[-self.cfg.train.average_last:]
@@ -571,58 +482,20 @@ class Trainer:
         out = self.ckpt_dir / "averaged.pt"
         checkpoint.save(averaged, out)
         result = self.validate(self.world.place(checkpoint.build_model(averaged)))  # on the training device
-        self._log({"event": "valid_averaged", "step": self.progress["step"], "from": len(paths),
-                   **{k: v for k, v in result.items() if k != "sample"}})
+        self.log.write({"event": "valid_averaged", "step": self.progress.step, "from": len(paths),
+                        **{k: v for k, v in result.items() if k != "sample"}})
         console.print(f"averaged the last {len(paths)} checkpoints -> {out}: valid BLEU {result['bleu']:.2f}")
 
-    def _summary(self, r: TrainResult) -> None:
-        s = table(f"train {self.cfg.experiment.name}", ["", "value"])
-        s.add_row("steps", f"{r.step:,} (stopped by {r.stopped_by})")
-        s.add_row("epochs", f"{self.sampler.epochs_done:.2f}")
-        s.add_row("time", f"{r.seconds / 60:.1f} min")
-        s.add_row("precision", self.precision)
-        if self.session["seconds"]:
-            s.add_row("target tokens/s", f"{self.session['tgt'] / self.session['seconds']:,.0f} (training steps only)")
-        if r.best_bleu is not None:
-            s.add_row("best valid BLEU", f"{r.best_bleu:.2f} at step {r.best_step:,}")
-        s.add_row("checkpoints", f"{r.checkpoints} (best.pt, last.pt)")
-        console.print(s)
 
+@dataclass
+class Window:
+    """Training steps tallied: since the last log line, or in this session."""
+    loss: float = 0.0
+    steps: int = 0
+    tgt: int = 0
+    src: int = 0
+    seconds: float = 0.0
 
-def _progress_bar(quiet: bool = False) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"),
-        TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tgt tok/s"), TimeElapsedColumn(),
-        TextColumn("ETA {task.fields[eta]}"),
-        console=console, disable=quiet or not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")),
-    )
-
-
-def _tensorboard(folder: Path):
-    """train.tensorboard: a SummaryWriter beside metrics.jsonl (TensorBoard is an optional extra)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise MtkitError("train.tensorboard needs TensorBoard", hint="pip install 'mtkit[tb]' (or: pip install "
-                                                                       "tensorboard), or mtkit plot WORKDIR") from None
-    return SummaryWriter(log_dir=str(folder))
-
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop events after the checkpoint's step (a killed run may have logged beyond it)."""
-    if not path.is_file():  # none yet (or not a regular file: nothing to cut)
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except ValueError:  # a line cut short by a kill
-            continue
-    path.write_text("".join(kept), encoding="utf-8")
+    def add(self, loss: float, tgt: int, src: int, seconds: float) -> None:
+        self.loss, self.steps, self.tgt, self.src = self.loss + loss, self.steps + 1, self.tgt + tgt, self.src + src
+        self.seconds += seconds

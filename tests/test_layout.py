@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 # down into the core.
 LAYERS = {
     0: {"errors", "model", "evaluate"},
-    1: {"config", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo"},
+    1: {"config", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
     2: {"corpus", "search"},
     3: {"vocab", "prepare", "train", "translate", "export", "figures"},
     4: {"pipeline"},
@@ -33,14 +33,13 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (630, "[2/7] part 2 moves the run-keeping (lock, signals, logs, summary) out"),
+    "train.py": (505, "one run read top to bottom: build, step, validate, save, resume exactly (its "
+                      "bookkeeping is in bookkeeping.py)"),
     "cli.py": (420, "[2/7] part 4 moves eval's scoring and printing into the eval stage module"),
     "model.py": (410, "the teaching text, one file read top to bottom"),
 }
 FUNCTION_BUDGETS = {
     "search.beam_search": (93, "[2/7] part 3 splits it into small pure steps"),
-    "train.Trainer.__init__": (72, "[2/7] part 2: a few named steps"),
-    "train.Trainer.run": (62, "[2/7] part 2"),
     "export.export_ctranslate2": (82, "[2/7] part 4"),
     "cli.eval_": (81, "21 lines of options; [2/7] part 4 moves its scoring into the eval stage"),
     "prepare._prepare_split": (61, "one pass over a split: read, filter, encode, count"),

@@ -16,7 +16,7 @@ import pytest
 
 from mtkit import checkpoint
 from mtkit.config import TrainSection
-from mtkit.train import stop_reason
+from mtkit.bookkeeping import Progress, stop_reason
 from tests.conftest import write_config, TINY_MODEL
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -86,7 +86,7 @@ def test_an_extended_run_killed_midway_is_continued_not_taken_for_finished(cli, 
     kill_after(config_path, extended, workdir, before["step"] + 1)
     killed = last_state(workdir)
     assert killed["step"] > before["step"]
-    assert "stopped_by" not in killed["progress"]  # the first run's reason is not carried along
+    assert killed["progress"]["stopped_by"] is None  # the first run's reason is not carried along
     # An older mtkit did carry it along: `mtkit run` must still judge by the current settings.
     killed["progress"]["stopped_by"] = rule
     checkpoint.save({k: v for k, v in killed.items() if k not in ("format", "version")},
@@ -112,7 +112,7 @@ def test_patience_stops_after_that_many_validations_without_a_better_bleu(cli, t
 
 
 def test_stop_reason_judges_progress_by_the_settings_given():
-    progress = {"step": 180, "seconds": 100.0, "bad_evals": 3}
+    progress = Progress(step=180, seconds=100.0, bad_evals=3)
     assert stop_reason(TrainSection(max_steps=400), progress, epoch=0) is None
     assert stop_reason(TrainSection(max_steps=180), progress, epoch=0) == "max_steps"
     assert stop_reason(TrainSection(max_epochs=2), progress, epoch=1) is None

@@ -292,7 +292,7 @@ def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_c
 
     def poisoned(self, batch, precision, scale=1.0, sync=True):
         loss = real(self, batch, precision, scale, sync)
-        step = self.progress["step"] + 1
+        step = self.progress.step + 1
         return math.nan if step == 3 or step >= 7 else loss  # one stray NaN, then a diverged run
 
     monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
