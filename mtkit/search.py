@@ -102,95 +102,143 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
                 alpha: float = 0.6, n_best: int = 1, attention: bool = False) -> list[list[Hypothesis]]:
     """src (B, S) -> for each sentence its n_best hypotheses, best first.
 
-    Every step: add each beam's score to its next-token log-probabilities, (B, K, V); flatten to
-    (B, K*V) and take the top 2K, so that even if K of them end in EOS, K live ones remain. EOS
-    candidates ranked within the first K are finished hypotheses; the best K others live on. A
-    sentence is done once it has K finished hypotheses or reaches its max_len (EOS is forced).
+    Every step, three small steps: `candidates` extends each beam by every token and takes the
+    2K best (so that even if K of them end in EOS, K live ones remain); `Finished.add` files the
+    EOS candidates ranked within the first K as finished hypotheses; `live_on` keeps the K best
+    others as the next beams. A sentence is done once it has K finished hypotheses or reaches its
+    max_len (EOS is forced); done sentences leave the batch.
     """
     b, k = src.size(0), beam_size
-    device = src.device
     memory = model.encode(src)  # (B, S, D): the K beams of a sentence share it (see CrossAttention)
     cache = DecoderCache()
-    longest = int(max_len.max()) + 1
-    # The finished hypotheses of every sentence: fixed-size buffers, K per sentence, best first.
-    fin_scores = torch.full((b, k), float("-inf"), device=device)  # log-prob / length penalty
-    fin_log_probs = torch.zeros(b, k, device=device)
-    fin_tokens = torch.full((b, k, longest), eos_id, dtype=torch.long, device=device)
-    fin_count = torch.zeros(b, dtype=torch.long, device=device)
-    # The sentences still searching (A of them) and their beams: A*K rows of history and cache.
-    alive = torch.arange(b, device=device)  # (A,) their numbers in the batch
-    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (A*K, 1 + step)
-    scores = torch.zeros(b, k, device=device)  # (A, K) log-probability of each live beam
+    records = {"tokens": torch.zeros(b * k, 0, dtype=torch.long, device=src.device)}
+    if attention:  # rides along as the tokens do: (rows, steps, L, H, S)
+        records["attention"] = torch.zeros(b * k, 0, len(model.decoder), model.cfg.heads, src.size(1),
+                                           device=src.device)
+    scores = torch.zeros(b, k, device=src.device)
     scores[:, 1:] = float("-inf")  # at the start all beams are the same prefix: let only one live
-    if attention:  # the same bookkeeping for what each beam looked at: (rows, steps, L, H, S)
-        shape = (len(model.decoder), model.cfg.heads, src.size(1))
-        looked = torch.zeros(b * k, 0, *shape, device=device)
-        fin_looked = torch.zeros(b, k, longest, *shape, device=device)
-        src_lengths = (~memory.src_pad).sum(dim=1).tolist()
-    for step in range(longest):
-        a = alive.numel()
+    beams = Beams(torch.arange(b, device=src.device), scores,
+                  torch.full((b * k, 1), bos_id, dtype=torch.long, device=src.device), records)
+    src_lengths = (~memory.src_pad).sum(dim=1).tolist() if attention else None
+    done = Finished.empty(b, k, int(max_len.max()) + 1, records, eos_id)
+    for step in range(done.longest):
         weights = [] if attention else None
-        logits, cache = model.decode(history[:, -1:], memory, cache=cache, attention=weights)
-        log_probs = logits[:, -1].float().log_softmax(dim=-1).view(a, k, -1)  # (A, K, V)
-        vocab = log_probs.size(-1)
-        at_limit = step >= max_len[alive]  # (A,): out of room, only EOS may follow
-        log_probs[at_limit] = float("-inf")
-        log_probs[at_limit, :, eos_id] = 0.0
-        total = log_probs.add_(scores[:, :, None]).view(a, k * vocab)  # (A, K*V), in place: it is big
-        cand_scores, cand = total.topk(min(2 * k, k * vocab), dim=-1)  # (A, 2K), best first
-        parent, token = cand // vocab, cand % vocab  # which beam each candidate extends, with what
-        parent_rows = torch.arange(a, device=device)[:, None] * k + parent  # (A, 2K) rows of history/cache
-
-        # Finished: EOS among the first K candidates. Merge them into the buffers (top K of 3K).
-        rank = torch.arange(cand.size(1), device=device)[None, :]
-        is_eos = token.eq(eos_id)
-        finishing = is_eos & (rank < k) & cand_scores.isfinite()
-        new_scores = torch.where(finishing, cand_scores / length_penalty(step + 1.0, alpha), float("-inf"))
-        new_tokens = torch.full((a, cand.size(1), longest), eos_id, dtype=torch.long, device=device)
-        new_tokens[:, :, :step] = history[parent_rows.flatten(), 1:].view(a, cand.size(1), step)
-        best, keep = torch.cat([fin_scores[alive], new_scores], dim=1).topk(k, dim=1)
-        fin_log_probs[alive] = torch.cat([fin_log_probs[alive], cand_scores], dim=1).gather(1, keep)
-        fin_tokens[alive] = torch.cat([fin_tokens[alive], new_tokens], dim=1).gather(
-            1, keep[:, :, None].expand(-1, -1, longest))
-        fin_scores[alive] = best
-        fin_count[alive] += finishing.sum(dim=1)
-        if attention:  # each candidate: its parent's attention so far, then this step's
-            looked = torch.cat([looked, step_attention(weights)[:, None]], dim=1)  # (A*K, step + 1, L, H, S)
-            new_looked = torch.zeros(a, cand.size(1), longest, *shape, device=device)
-            new_looked[:, :, :step + 1] = looked[parent_rows.flatten()].view(a, cand.size(1), step + 1, *shape)
-            fin_looked[alive] = torch.cat([fin_looked[alive], new_looked], dim=1).gather(
-                1, keep[:, :, None, None, None, None].expand(-1, -1, longest, *shape))
-        searching = (fin_count[alive] < k) & ~at_limit  # (A,)
+        logits, cache = model.decode(beams.last, memory, cache=cache, attention=weights)
+        at_limit = step >= max_len[beams.alive]  # (A,): out of room, only EOS may follow
+        new = {"attention": step_attention(weights)} if attention else {}
+        cand = candidates(logits[:, -1], beams, at_limit, new, k=k, eos_id=eos_id)
+        done.add(beams.alive, cand, step=step, alpha=alpha, eos_id=eos_id)
+        searching = (done.count[beams.alive] < k) & ~at_limit  # (A,)
         if not searching.any():
             break
-
-        # Live on: the K best candidates that did not end in EOS, of the sentences still
-        # searching. Finished sentences leave the batch, so later steps do not compute them.
-        live_scores, live = cand_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # (A, K)
-        chosen = parent_rows.gather(1, live)[searching].flatten()  # (A'*K,) parent row of each new beam
-        history = torch.cat([history[chosen], token.gather(1, live)[searching].view(-1, 1)], dim=1)
-        if attention:
-            looked = looked[chosen]
-        scores, alive = live_scores[searching], alive[searching]
+        beams, chosen = live_on(cand, beams.alive, searching, k=k, eos_id=eos_id)
         if searching.all():
             cache.reorder(chosen)
         else:
             still = searching.nonzero()[:, 0]
             cache.select(chosen, still)
             memory = memory.index_select(still)
+    return done.best(n_best, eos_id, src_lengths)
 
-    results = []
-    for i in range(b):  # outside the loop: turn the finished buffers into Hypothesis objects
-        hyps = []
-        for j in range(min(n_best, k)):
-            if not torch.isfinite(fin_scores[i, j]):
-                break
-            ids = fin_tokens[i, j].tolist()
-            ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
-            attn = fin_looked[i, j, :len(ids) + 1, :, :, :src_lengths[i]] if attention else None
-            hyps.append(Hypothesis(ids, fin_scores[i, j].item(), fin_log_probs[i, j].item(), attn))
-        results.append(hyps)
-    return results
+
+@dataclass
+class Beams:
+    """The live beams of the A sentences still searching, K each: A*K rows."""
+    alive: Tensor  # (A,) the sentences' numbers in the batch
+    scores: Tensor  # (A, K) each beam's log-probability
+    last: Tensor  # (A*K, 1) each beam's newest token: what the decoder reads next
+    records: dict[str, Tensor]  # one entry a step: "tokens" (A*K, t) and, asked for, "attention"
+
+
+@dataclass
+class Candidates:
+    """The 2K best extensions of each sentence's beams, best first."""
+    scores: Tensor  # (A, 2K) log-probabilities
+    token: Tensor  # (A, 2K) the token each adds
+    parent: Tensor  # (A, 2K) the row (of A*K) each extends
+    records: dict[str, Tensor]  # (A*2K, t + 1, ...): the parent's records and this step's entry
+
+
+def candidates(logits: Tensor, beams: Beams, at_limit: Tensor, new: dict[str, Tensor], *, k: int,
+               eos_id: int) -> Candidates:
+    """Add each beam's score to its next-token log-probabilities, (A, K, V); flatten to (A, K*V)
+    and take the top 2K. new: this step's per-row records (A*K, ...) besides the token."""
+    a = beams.alive.numel()
+    log_probs = logits.float().log_softmax(dim=-1).view(a, k, -1)  # (A, K, V)
+    vocab = log_probs.size(-1)
+    log_probs[at_limit] = float("-inf")
+    log_probs[at_limit, :, eos_id] = 0.0
+    total = log_probs.add_(beams.scores[:, :, None]).view(a, k * vocab)  # (A, K*V), in place: it is big
+    scores, top = total.topk(min(2 * k, k * vocab), dim=-1)  # (A, 2K), best first
+    token = top % vocab
+    parent = torch.arange(a, device=top.device)[:, None] * k + top // vocab  # rows of A*K
+    rows = parent.flatten()
+    new = {"tokens": token.flatten()} | {name: entry[rows] for name, entry in new.items()}
+    records = {name: torch.cat([r[rows], new[name][:, None]], dim=1) for name, r in beams.records.items()}
+    return Candidates(scores, token, parent, records)
+
+
+def live_on(cand: Candidates, alive: Tensor, searching: Tensor, *, k: int, eos_id: int) -> tuple[Beams, Tensor]:
+    """The K best candidates that did not end in EOS, of the sentences still searching, are the
+    next beams. Returns them and the row of A*K each came from (to reorder the decoder's cache)."""
+    live_scores, live = cand.scores.masked_fill(cand.token.eq(eos_id), float("-inf")).topk(k, dim=1)  # (A, K)
+    width = cand.scores.size(1)
+    picked = (torch.arange(alive.numel(), device=live.device)[:, None] * width + live)[searching].flatten()
+    records = {name: r[picked] for name, r in cand.records.items()}
+    beams = Beams(alive[searching], live_scores[searching], records["tokens"][:, -1:], records)
+    return beams, cand.parent.gather(1, live)[searching].flatten()
+
+
+@dataclass
+class Finished:
+    """The finished hypotheses of every sentence: fixed-size buffers, K per sentence, best first."""
+    scores: Tensor  # (B, K) log-prob / length penalty; -inf: empty
+    log_probs: Tensor  # (B, K)
+    count: Tensor  # (B,) how many have finished (kept or not)
+    records: dict[str, Tensor]  # (B, K, longest, ...), past the end: EOS tokens, zero attention
+    longest: int
+
+    @classmethod
+    def empty(cls, b: int, k: int, longest: int, like: dict[str, Tensor], eos_id: int) -> "Finished":
+        device = like["tokens"].device
+        records = {name: torch.full((b, k, longest, *r.shape[2:]), eos_id if name == "tokens" else 0,
+                                    dtype=r.dtype, device=device) for name, r in like.items()}
+        return cls(torch.full((b, k), float("-inf"), device=device), torch.zeros(b, k, device=device),
+                   torch.zeros(b, dtype=torch.long, device=device), records, longest)
+
+    def add(self, alive: Tensor, cand: Candidates, *, step: int, alpha: float, eos_id: int) -> None:
+        """File the EOS candidates among the first K of each sentence: the buffers keep the best
+        K of the K they had and the 2K new ones."""
+        a, width = cand.scores.shape
+        k = self.scores.size(1)
+        rank = torch.arange(width, device=cand.scores.device)[None, :]
+        finishing = cand.token.eq(eos_id) & (rank < k) & cand.scores.isfinite()
+        new_scores = torch.where(finishing, cand.scores / length_penalty(step + 1.0, alpha), float("-inf"))
+        best, top = torch.cat([self.scores[alive], new_scores], dim=1).topk(k, dim=1)
+        self.log_probs[alive] = torch.cat([self.log_probs[alive], cand.scores], dim=1).gather(1, top)
+        sentences = torch.arange(a, device=top.device)[:, None]
+        for name, buffer in self.records.items():
+            new = buffer.new_full((a, width, *buffer.shape[2:]), eos_id if name == "tokens" else 0)
+            new[:, :, :step + 1] = cand.records[name].view(a, width, step + 1, *buffer.shape[3:])
+            buffer[alive] = torch.cat([buffer[alive], new], dim=1)[sentences, top]
+        self.scores[alive] = best
+        self.count[alive] += finishing.sum(dim=1)
+
+    def best(self, n_best: int, eos_id: int, src_lengths: list[int] | None) -> list[list[Hypothesis]]:
+        """The buffers as Hypothesis objects (attention cut to each source's length)."""
+        results = []
+        for i in range(self.scores.size(0)):
+            hyps = []
+            for j in range(min(n_best, self.scores.size(1))):
+                if not torch.isfinite(self.scores[i, j]):
+                    break
+                ids = self.records["tokens"][i, j].tolist()
+                ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
+                attn = self.records["attention"][i, j, :len(ids) + 1, :, :, :src_lengths[i]] \
+                    if src_lengths is not None else None
+                hyps.append(Hypothesis(ids, self.scores[i, j].item(), self.log_probs[i, j].item(), attn))
+            results.append(hyps)
+        return results
 
 
 def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, beam_size: int, alpha: float,
