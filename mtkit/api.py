@@ -55,7 +55,7 @@ def evaluate(config: Config | str | Path, split: str | None = None, beam: int | 
     """Translate a split with the experiment's eval.checkpoint (or `checkpoint`) and score it:
     {"bleu": {"score", "signature"}, "chrf": ..., "ter": ..., "sentences", ...}. device and
     precision as for Translator.load."""
-    from mtkit.pipeline import evaluate_split
+    from mtkit.evaluate import evaluate_split
 
     return evaluate_split(_config(config), split, beam, Path(checkpoint) if checkpoint else None, device, precision)
 

@@ -239,45 +239,19 @@ def eval_(
     import json
     import typing
 
+    from mtkit import evaluate
     from mtkit.config import BleuTokenizer
-    from mtkit.pipeline import print_scores
 
     choices = typing.get_args(BleuTokenizer)
     if tokenize is not None and tokenize not in choices:
         raise MtkitError(f"--tokenize {tokenize!r}: one of {', '.join(choices)}")
     if hyp:
-        from mtkit import evaluate
-
-        if config is not None or not ref:
-            raise MtkitError("--hyp needs --ref and no CONFIG", hint="mtkit eval --hyp out.txt --ref ref.txt")
-        given = [name for name, value in (("--split", split), ("--beam", beam), ("--checkpoint", checkpoint),
-                                           ("--set", set_), ("--device", device != "auto"),
-                                           ("--precision", precision != "auto")) if value]
-        if given:  # they choose what an experiment translates: files are already translated
-            raise MtkitError(f"{', '.join(given)} apply to an experiment CONFIG, not to --hyp files",
-                             hint="drop " + ", ".join(given))
-        if tokenize == "auto":
-            raise MtkitError("--tokenize auto takes the target language from an experiment's config",
-                             hint="with --hyp, name the tokenizer, e.g. --tokenize zh")
-        tokenize = tokenize or "13a"
-        evaluate.check_tokenizer(tokenize)
-        systems, references = _read_aligned(hyp, ref)
+        _check_file_options(config, ref, tokenize, [
+            name for name, value in (("--split", split), ("--beam", beam), ("--checkpoint", checkpoint), ("--set", set_),
+                                     ("--device", device != "auto"), ("--precision", precision != "auto")) if value])
         metrics = ("bleu", "chrf", "ter")
-        if bootstrap:
-            result = evaluate.paired_bootstrap(systems, references, bootstrap, metrics, tokenize)
-            if as_json:
-                typer.echo(json.dumps(result))
-            else:
-                _print_bootstrap(result, metrics, len(references[0]))
-            return
-        if len(systems) > 1:
-            raise MtkitError("several --hyp files are compared with --bootstrap N",
-                             hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
-        result = {"split": systems[0][0], "sentences": len(systems[0][1]), "beam_size": "-", "checkpoint": "-",
-                  **evaluate.score(systems[0][1], references, metrics, tokenize)}
+        result = evaluate.score_files(hyp, ref, tokenize or "13a", bootstrap)
     else:
-        from mtkit.pipeline import evaluate_split
-
         if bootstrap:
             raise MtkitError("--bootstrap compares files: give them with --hyp and --ref",
                              hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
@@ -291,48 +265,25 @@ def eval_(
             raise MtkitError(f"--split must be valid or test, not {split!r}")
         cfg = _load(config, [*(set_ or []), *([f"eval.tokenize={tokenize}"] if tokenize else [])])
         metrics = cfg.eval.metrics
-        result = evaluate_split(cfg, split, beam, checkpoint, device, precision)
+        result = evaluate.evaluate_split(cfg, split, beam, checkpoint, device, precision)
     if as_json:
-        typer.echo(json.dumps({m: result[m] for m in metrics} | {"sentences": result["sentences"]}))
+        typer.echo(json.dumps(result if bootstrap else {m: result[m] for m in metrics} | {"sentences": result["sentences"]}))
+    elif bootstrap:
+        evaluate.print_bootstrap(result, metrics)
     else:
-        print_scores(result, metrics)
+        evaluate.print_scores(result, metrics)
 
 
-def _read_aligned(hyps: list[Path], refs: list[Path]) -> tuple[list[tuple[str, list[str]]], list[list[str]]]:
-    """-> [(file name, its lines)] per hypothesis file, and the reference streams."""
-    from mtkit.corpus import read_lines
-
-    systems = [(str(h), list(read_lines(h))) for h in hyps]
-    references = [list(read_lines(r)) for r in refs]
-    n = len(references[0])
-    for path, lines in [*zip(refs, references), *systems]:
-        if len(lines) != n:
-            raise MtkitError(f"{path} has {len(lines):,} lines but {refs[0]} has {n:,}",
-                             hint="hypotheses and references must be aligned line by line")
-    return systems, references
-
-
-def _print_bootstrap(result: dict, metrics, sentences: int) -> None:
-    from mtkit.console import console, table
-
-    label = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
-    t = table(f"paired bootstrap resampling: {result['samples']:,} samples of {sentences:,} sentences; "
-              f"score (mean ± 95% CI), p-value against the baseline", ["system", *(label[m] for m in metrics)])
-    for i, row in enumerate(result["systems"]):
-        cells = []
-        for m in metrics:
-            r = row[m]
-            cell = f"{r['score']:.2f} ({r['mean']:.2f} ± {r['ci']:.2f})"
-            if r["p_value"] is not None:
-                cell += f"\np = {r['p_value']:.4f}" + (" *" if r["p_value"] < 0.05 else "")
-            cells.append(cell)
-        t.add_row(("baseline: " if i == 0 else "") + row["name"], *cells)
-    console.print(t)
-    if len(result["systems"]) > 1:
-        console.print("* p < 0.05: a difference this large would be unlikely if the system were no better or worse "
-                      "than the baseline (TER: lower is better)")
-    for m in metrics:
-        console.print(f"{label[m]}: {result['signatures'][m]}")
+def _check_file_options(config: Path | None, ref: list[Path] | None, tokenize: str | None, given: list[str]) -> None:
+    """mtkit eval --hyp: what scoring files refuses (the options that choose what an experiment translates)."""
+    if config is not None or not ref:
+        raise MtkitError("--hyp needs --ref and no CONFIG", hint="mtkit eval --hyp out.txt --ref ref.txt")
+    if given:  # they choose what an experiment translates: files are already translated
+        raise MtkitError(f"{', '.join(given)} apply to an experiment CONFIG, not to --hyp files",
+                         hint="drop " + ", ".join(given))
+    if tokenize == "auto":
+        raise MtkitError("--tokenize auto takes the target language from an experiment's config",
+                         hint="with --hyp, name the tokenizer, e.g. --tokenize zh")
 
 
 @app.command()

@@ -70,7 +70,7 @@ def paired_bootstrap(systems: list[tuple[str, list[str]]], references: list[list
     the baseline (the chance of a difference this large if the systems were equally good).
     sacreBLEU seeds its generator (SACREBLEU_SEED, default 12345), so the result is repeatable.
 
-    Returns {"samples", "signatures": {metric: str}, "systems": [{"name", metric: {"score",
+    Returns {"samples", "sentences", "signatures": {metric: str}, "systems": [{"name", metric: {"score",
     "mean", "ci", "p_value"}}]}; the baseline's p_value is None."""
     from sacrebleu.significance import PairedTest
 
@@ -79,7 +79,7 @@ def paired_bootstrap(systems: list[tuple[str, list[str]]], references: list[list
     signatures, columns = test()
     # sacreBLEU keys the results by display name ("BLEU", "chrF2", "TER"), in the order asked.
     names = [key for key in columns if key != "System"]
-    result = {"samples": samples, "signatures": {m: str(signatures[n]) for m, n in zip(metrics, names)},
+    result = {"samples": samples, "sentences": len(references[0]), "signatures": {m: str(signatures[n]) for m, n in zip(metrics, names)},
               "systems": []}
     for i, (name, _) in enumerate(systems):
         row = {"name": name}

@@ -1,25 +1,16 @@
-"""Chaining the stages: `mtkit run CONFIG` (tokenizer -> prepare -> train -> translate -> eval),
-and `mtkit eval CONFIG` (translate a split with eval.checkpoint, best.pt or averaged.pt, then
-score it). Each stage is skipped when its output is current for the config."""
+"""Chaining the stages: `mtkit run CONFIG` (tokenizer -> prepare -> train -> translate + eval),
+and `mtkit train` (the tokenizer and data first when missing or stale). Each stage is skipped when
+its output is current for the config."""
 
-import time
-from pathlib import Path
-
-from mtkit import checkpoint, corpus, distributed, evaluate
+from mtkit import checkpoint, distributed
 from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
-from mtkit.files import read_json, sha256_file, sha256_json, write_json
+from mtkit.evaluate import bleu_tokenizer, evaluate_split, print_scores
 from mtkit.prepare import prepare
 from mtkit.bookkeeping import Progress, stop_reason
 from mtkit.train import train
-from mtkit.translate import Translator, resolve_checkpoint
 from mtkit.vocab import train_tokenizer
-
-
-def bleu_tokenizer(cfg: Config) -> str:
-    """BLEU's tokenizer for this experiment, proven usable (a missing MeCab is said before any work)."""
-    return evaluate.check_tokenizer(evaluate.bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt))
 
 
 def prepare_data(cfg: Config, force: bool = False) -> tuple:
@@ -89,57 +80,6 @@ def _with_defaults(saved: dict) -> dict | None:
         return Config.model_validate(saved).model_dump(mode="json")
     except ValueError:  # pydantic's ValidationError is one
         return None
-
-
-def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,
-                   model: Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
-    """Translate a split's raw source with the experiment's eval.checkpoint (or `model`) and
-    score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json; a
-    rerun with the same checkpoint, data and decoding settings (precision included) reuses them."""
-    split = split or cfg.eval.split
-    if split not in ("valid", "test"):
-        raise MtkitError(f"the split to score is valid or test, not {split!r}")
-    ckpt = resolve_checkpoint(model) if model else cfg.eval_checkpoint
-    if not ckpt.is_file():
-        raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
-                         hint="train first (mtkit train CONFIG), or name one with --checkpoint")
-    source = corpus.source_for(cfg.data, split)
-    tokenize = bleu_tokenizer(cfg)
-    translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
-    # Every setting given, so the experiment's decode section wins over the checkpoint's; validated
-    # (a beam of 0 is an error, not the default).
-    opts = translator.options(**cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1}))
-    key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
-                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize,
-                       "precision": translator.precision})
-    out = cfg.workdir / "eval"
-    previous = read_json(out / f"{split}.json")
-    if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
-        info(f"eval: up to date ({out / f'{split}.json'})")
-        return previous | {"up_to_date": True}  # (not saved: says this call reused the result)
-    pairs = list(corpus.read_pairs(source))
-    sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
-    start = time.perf_counter()
-    with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
-        hypotheses = translator.translate(sources, **opts.model_dump())
-    seconds = time.perf_counter() - start
-    scores = evaluate.score(hypotheses, [references], cfg.eval.metrics, tokenize)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    result = {"split": split, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
-              "precision": translator.precision, "device": str(translator.device),
-              "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
-              "samples": [{"src": s, "hyp": h, "ref": r} for s, h, r in zip(sources[:3], hypotheses, references)]}
-    write_json(out / f"{split}.json", result)
-    return result
-
-
-def print_scores(result: dict, metrics) -> None:
-    t = table(f"{result['split']}: {result['sentences']:,} sentences, beam {result['beam_size']}, "
-              f"{result['checkpoint']}", ["metric", "score", "sacreBLEU signature"])
-    for name in metrics:
-        t.add_row(name.upper() if name != "chrf" else "chrF", f"{result[name]['score']:.2f}", result[name]["signature"])
-    console.print(t)
 
 
 def run(cfg: Config) -> None:

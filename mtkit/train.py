@@ -27,7 +27,7 @@ from mtkit.console import console, info
 from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch
 from mtkit.distributed import World
 from mtkit.errors import MtkitError
-from mtkit.evaluate import bleu, bleu_tokenizer, check_tokenizer
+from mtkit.metrics import bleu, bleu_tokenizer, check_tokenizer
 from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
 from mtkit.search import search_sorted

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mtkit import evaluate
+from mtkit import metrics
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
 from mtkit.translate import Translator
@@ -63,7 +63,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         seconds = sorted(times)[len(times) // 2]
         tokens = sum(len(ids) for ids in translator.tokenizer.encode_tgt(hyps))
-        scores = evaluate.score(hyps, [references], ("bleu", "chrf"))
+        scores = metrics.score(hyps, [references], ("bleu", "chrf"))
         figures[name] = {"seconds": round(seconds, 2), "sents_per_s": round(len(sources) / seconds, 1),
                          "tgt_tokens_per_s": round(tokens / seconds, 1), "bleu": round(scores["bleu"]["score"], 2),
                          "chrf": round(scores["chrf"]["score"], 2), "max_tokens": opts.max_tokens,

@@ -166,7 +166,7 @@ ZH_HYP = ["一只黑猫坐在红色垫子上。", "两个男人在公园跑步�
 
 
 def test_bleu_tokenizer_follows_the_target_language_unless_set():
-    from mtkit.evaluate import bleu_tokenizer
+    from mtkit.metrics import bleu_tokenizer
 
     assert [bleu_tokenizer("auto", lang) for lang in ("zh", "zh-Hans", "ZH_tw", "cmn", "ja", "jpn", "ko", "en",
                                                       "de", "vs")] == \
@@ -177,7 +177,7 @@ def test_bleu_tokenizer_follows_the_target_language_unless_set():
 def test_chinese_is_scored_by_character_not_as_one_word_a_line():
     from sacrebleu.metrics import BLEU
 
-    from mtkit.evaluate import score
+    from mtkit.metrics import score
 
     zh = score(ZH_HYP, [ZH_REF], ("bleu", "ter"), tokenize="zh")
     plain = score(ZH_HYP, [ZH_REF], ("bleu", "ter"))

@@ -13,15 +13,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 
 # Bottom to top. A module imports from the layers below it; the core (1, 2) and the entry points
-# (5) also from their own layer, and a stage (3) from no other stage: what two stages share moves
+# (6) also from their own layer, and a stage (3) from no other stage: what two stages share moves
 # down into the core.
 LAYERS = {
-    0: {"errors", "model", "evaluate"},
+    0: {"errors", "model", "metrics"},
     1: {"config", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
     2: {"corpus", "search"},
     3: {"vocab", "prepare", "train", "translate", "export", "figures"},
-    4: {"pipeline"},
-    5: {"cli", "api", "__init__", "__main__"},
+    4: {"evaluate"},  # a stage that chains one: it translates, then scores
+    5: {"pipeline"},
+    6: {"cli", "api", "__init__", "__main__"},
 }
 LAYER = {module: n for n, modules in LAYERS.items() for module in modules}
 # Known breaks of the rules, each to go with the work that removes it; none may be added silently.
@@ -35,13 +36,10 @@ FUNCTION_LINES = 60
 FILE_BUDGETS = {
     "train.py": (505, "one run read top to bottom: build, step, validate, save, resume exactly (its "
                       "bookkeeping is in bookkeeping.py)"),
-    "cli.py": (420, "[2/7] part 4 moves eval's scoring and printing into the eval stage module"),
     "model.py": (410, "the teaching text, one file read top to bottom"),
 }
 FUNCTION_BUDGETS = {
-    "search.beam_search": (93, "[2/7] part 3 splits it into small pure steps"),
     "export.export_ctranslate2": (82, "[2/7] part 4"),
-    "cli.eval_": (81, "21 lines of options; [2/7] part 4 moves its scoring into the eval stage"),
     "prepare._prepare_split": (61, "one pass over a split: read, filter, encode, count"),
 }
 
@@ -81,7 +79,7 @@ def layer_breaks(graph: dict[str, set[str]]) -> list[str]:
             if other == "errors" or (module, other) in PENDING:
                 continue
             mine, theirs = LAYER[module], LAYER[other]
-            if module == "model" or theirs > mine or (theirs == mine and mine not in (1, 2, 5)):
+            if module == "model" or theirs > mine or (theirs == mine and mine not in (1, 2, 6)):
                 breaks.append(f"{module} (layer {mine}) imports {other} (layer {theirs})")
     return breaks
 
@@ -179,7 +177,7 @@ def plant(folder: Path, module: str, line: str) -> None:
 
 def test_a_planted_upward_import_is_caught(planted):
     plant(planted, "tokenizer", "def lazy():\n    from mtkit.pipeline import run")
-    assert layer_breaks(import_graph(planted)) == ["tokenizer (layer 1) imports pipeline (layer 4)"]
+    assert layer_breaks(import_graph(planted)) == ["tokenizer (layer 1) imports pipeline (layer 5)"]
 
 
 def test_a_planted_import_between_stages_and_its_cycle_are_caught(planted):

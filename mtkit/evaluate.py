@@ -1,0 +1,118 @@
+"""Stage `mtkit eval`: translate a split of the experiment with its eval.checkpoint (best.pt,
+averaged.pt, ...) and score it against the raw references; or score files of translations,
+and compare systems by paired bootstrap resampling. The scores themselves are metrics.py's."""
+
+import time
+from pathlib import Path
+
+from mtkit import corpus, metrics
+from mtkit.config import Config
+from mtkit.console import console, info, table
+from mtkit.errors import MtkitError
+from mtkit.files import read_json, sha256_file, sha256_json, write_json
+from mtkit.translate import Translator, resolve_checkpoint
+
+LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
+
+
+def bleu_tokenizer(cfg: Config) -> str:
+    """BLEU's tokenizer for this experiment, proven usable (a missing MeCab is said before any work)."""
+    return metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt))
+
+
+def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,
+                   model: Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
+    """Translate a split's raw source with the experiment's eval.checkpoint (or `model`) and
+    score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json; a
+    rerun with the same checkpoint, data and decoding settings (precision included) reuses them."""
+    split = split or cfg.eval.split
+    if split not in ("valid", "test"):
+        raise MtkitError(f"the split to score is valid or test, not {split!r}")
+    ckpt = resolve_checkpoint(model) if model else cfg.eval_checkpoint
+    if not ckpt.is_file():
+        raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
+                         hint="train first (mtkit train CONFIG), or name one with --checkpoint")
+    source = corpus.source_for(cfg.data, split)
+    tokenize = bleu_tokenizer(cfg)
+    translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
+    # Every setting given, so the experiment's decode section wins over the checkpoint's; validated
+    # (a beam of 0 is an error, not the default).
+    opts = translator.options(**cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1}))
+    key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
+                       "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize,
+                       "precision": translator.precision})
+    out = cfg.workdir / "eval"
+    previous = read_json(out / f"{split}.json")
+    if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
+        info(f"eval: up to date ({out / f'{split}.json'})")
+        return previous | {"up_to_date": True}  # (not saved: says this call reused the result)
+    pairs = list(corpus.read_pairs(source))
+    sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
+    start = time.perf_counter()
+    with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
+        hypotheses = translator.translate(sources, **opts.model_dump())
+    seconds = time.perf_counter() - start
+    scores = metrics.score(hypotheses, [references], cfg.eval.metrics, tokenize)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{split}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    result = {"split": split, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
+              "precision": translator.precision, "device": str(translator.device),
+              "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
+              "samples": [{"src": s, "hyp": h, "ref": r} for s, h, r in zip(sources[:3], hypotheses, references)]}
+    write_json(out / f"{split}.json", result)
+    return result
+
+
+def score_files(hyps: list[Path], refs: list[Path], tokenize: str, bootstrap: int | None) -> dict:
+    """BLEU, chrF and TER of one file of translations; with `bootstrap` samples, of several,
+    each compared with the first (paired_bootstrap's result)."""
+    metrics.check_tokenizer(tokenize)
+    systems, references = _read_aligned(hyps, refs)
+    names = ("bleu", "chrf", "ter")
+    if bootstrap:
+        return metrics.paired_bootstrap(systems, references, bootstrap, names, tokenize)
+    if len(systems) > 1:
+        raise MtkitError("several --hyp files are compared with --bootstrap N",
+                         hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
+    return {"split": systems[0][0], "sentences": len(systems[0][1]), "beam_size": "-", "checkpoint": "-",
+            **metrics.score(systems[0][1], references, names, tokenize)}
+
+
+def _read_aligned(hyps: list[Path], refs: list[Path]) -> tuple[list[tuple[str, list[str]]], list[list[str]]]:
+    """-> [(file name, its lines)] per hypothesis file, and the reference streams."""
+    systems = [(str(h), list(corpus.read_lines(h))) for h in hyps]
+    references = [list(corpus.read_lines(r)) for r in refs]
+    n = len(references[0])
+    for path, lines in [*zip(refs, references), *systems]:
+        if len(lines) != n:
+            raise MtkitError(f"{path} has {len(lines):,} lines but {refs[0]} has {n:,}",
+                             hint="hypotheses and references must be aligned line by line")
+    return systems, references
+
+
+def print_scores(result: dict, names) -> None:
+    t = table(f"{result['split']}: {result['sentences']:,} sentences, beam {result['beam_size']}, "
+              f"{result['checkpoint']}", ["metric", "score", "sacreBLEU signature"])
+    for name in names:
+        t.add_row(LABEL[name], f"{result[name]['score']:.2f}", result[name]["signature"])
+    console.print(t)
+
+
+def print_bootstrap(result: dict, names) -> None:
+    t = table(f"paired bootstrap resampling: {result['samples']:,} samples of {result['sentences']:,} sentences; "
+              f"score (mean ± 95% CI), p-value against the baseline", ["system", *(LABEL[m] for m in names)])
+    for i, row in enumerate(result["systems"]):
+        cells = []
+        for m in names:
+            r = row[m]
+            cell = f"{r['score']:.2f} ({r['mean']:.2f} ± {r['ci']:.2f})"
+            if r["p_value"] is not None:
+                cell += f"\np = {r['p_value']:.4f}" + (" *" if r["p_value"] < 0.05 else "")
+            cells.append(cell)
+        t.add_row(("baseline: " if i == 0 else "") + row["name"], *cells)
+    console.print(t)
+    if len(result["systems"]) > 1:
+        console.print("* p < 0.05: a difference this large would be unlikely if the system were no better or worse "
+                      "than the baseline (TER: lower is better)")
+    for m in names:
+        console.print(f"{LABEL[m]}: {result['signatures'][m]}")
