@@ -124,3 +124,15 @@ def average(paths: list[Path]) -> dict:
     kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", "step")
     return {key: last[key] for key in kept if key in last} | {
         "model": mean, "averaged_from": [str(p) for p in paths]}
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint file, or an experiment workdir (then its best checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise MtkitError(f"no best checkpoint in {path} (looked for checkpoints/best.pt)",
+                         hint="train first (mtkit train CONFIG), or name a checkpoint file")
+    return path

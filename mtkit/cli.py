@@ -100,7 +100,8 @@ def translate(
     set_: SetOpt = None,
 ) -> None:
     """Translate text: one output line per input line, always (an empty line gives an empty line)."""
-    from mtkit.translate import Translator, translate_file
+    from mtkit.engine import translate_file
+    from mtkit.translate import Translator
 
     if greedy and beam not in (None, 1):
         raise MtkitError("--greedy and --beam contradict each other", hint="use one of them")

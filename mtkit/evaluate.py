@@ -5,12 +5,12 @@ and compare systems by paired bootstrap resampling. The scores themselves are me
 import time
 from pathlib import Path
 
-from mtkit import corpus, metrics
+from mtkit import checkpoint, corpus, metrics
 from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
-from mtkit.translate import Translator, resolve_checkpoint
+from mtkit.translate import Translator
 
 LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
 
@@ -28,7 +28,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     split = split or cfg.eval.split
     if split not in ("valid", "test"):
         raise MtkitError(f"the split to score is valid or test, not {split!r}")
-    ckpt = resolve_checkpoint(model) if model else cfg.eval_checkpoint
+    ckpt = checkpoint.resolve(model) if model else cfg.eval_checkpoint
     if not ckpt.is_file():
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")

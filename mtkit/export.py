@@ -21,11 +21,11 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.config import DecodeSection as DecodeOptions
+from mtkit.engine import Engine, check_options
 from mtkit.errors import MtkitError
 from mtkit.model import ModelConfig, sinusoidal_positions
 from mtkit.search import Hypothesis
 from mtkit.tokenizer import Tokenizer
-from mtkit.translate import Translator, resolve_checkpoint
 
 SETTINGS = "mtkit.json"
 
@@ -48,7 +48,7 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SETTINGS).is_file())):
         raise MtkitError(f"--output {out} is " + ("a file" if not out.is_dir() else "a folder that holds other files"),
                          hint="name a new folder (or an earlier export, which is replaced)")
-    path = resolve_checkpoint(path)
+    path = checkpoint.resolve(path)
     state = checkpoint.load(path)
     cfg = ModelConfig(**state["model_config"])
     w = {name: t.float().numpy() for name, t in checkpoint.weights(state).items()}
@@ -123,14 +123,14 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     return out
 
 
-class CT2Translator(Translator):
-    """A Translator whose search runs in CTranslate2: the same reading, batching and writing."""
+class CT2Translator(Engine):
+    """An engine whose search runs in CTranslate2: the same text side and line I/O as mtkit's."""
 
     def __init__(self, folder: Path, compute_type: str = "default"):
         ctranslate2 = _ctranslate2()
         folder = Path(folder)
         settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
-        self.tokenizer = Tokenizer.load(folder)
+        super().__init__(Tokenizer.load(folder), settings.get("config", {}), folder, compute_type)
         # As many threads as torch uses (the cores): CTranslate2's default of 4 oversubscribes 2 cores.
         try:
             self.engine = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type,
@@ -138,9 +138,6 @@ class CT2Translator(Translator):
         except ValueError as e:  # an unknown compute type
             raise MtkitError(f"--compute-type {compute_type}: {e}", hint="e.g. int8, float32 or default") from None
         self.positions = settings["max_positions"]
-        self.config = settings.get("config", {})
-        self.precision = compute_type
-        self.path = folder
 
     @classmethod
     def load(cls, path: Path, compute_type: str = "default") -> "CT2Translator":
@@ -154,6 +151,7 @@ class CT2Translator(Translator):
         return self.positions - 1
 
     def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
+        check_options(opts)
         if attention:
             raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
         results: list[list[Hypothesis]] = [[] for _ in ids]

@@ -98,7 +98,7 @@ LINES = st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")) |
 def test_file_chunks_split_any_bytes_on_newlines_only(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("chunks") / "input"
     path.write_bytes(data)
-    from mtkit.translate import file_chunks
+    from mtkit.engine import file_chunks
 
     with open(path, "rb") as f:
         lines = [line for chunk in file_chunks(f) for line in chunk]
@@ -120,7 +120,7 @@ def trained_translator(trained):
 def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lines, chunk):
     import io
 
-    from mtkit.translate import translate_stream
+    from mtkit.engine import translate_stream
 
     out = io.StringIO()
     opts = trained_translator.options(beam_size=2, max_len_b=5)

@@ -1,0 +1,245 @@
+"""What every translation engine shares (mtkit's own, translate.Translator, and CTranslate2's,
+export.CT2Translator): the text side (normalize and encode the source, decode the output, the
+decoding settings) and the line I/O of `mtkit translate`.
+
+read -> normalize -> encode -> sort by length -> batch -> search -> restore order -> write.
+The contract: exactly one output line per input line, in order, always. An empty or blank line
+gives an empty line; a line longer than the model's positions is cut (with a warning naming it),
+never dropped; invalid UTF-8 is replaced by U+FFFD (with a warning naming the line). With --nbest
+N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>translation`.
+"""
+
+import functools
+import gzip
+import os
+import select
+import stat
+import sys
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from pydantic import ValidationError
+
+from mtkit.config import DecodeSection as DecodeOptions
+from mtkit.console import console, progress
+from mtkit.corpus import normalize
+from mtkit.errors import MtkitError
+from mtkit.search import Hypothesis
+from mtkit.tokenizer import Tokenizer
+
+CHUNK_LINES = 2000  # lines translated together (sorted by length inside a chunk)
+
+
+class Engine:
+    """A tokenizer and a search: subclasses give `search` and `max_source_tokens`."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict, path: Path, precision: str):
+        self.tokenizer, self.config, self.path, self.precision = tokenizer, config, path, precision
+
+    @property
+    def max_source_tokens(self) -> int:
+        raise NotImplementedError
+
+    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
+        """Source ids -> for each sentence its hypotheses, best first (none for an empty one)."""
+        raise NotImplementedError
+
+    def options(self, **overrides) -> DecodeOptions:
+        """Decoding settings: the experiment's decode section, then the given overrides."""
+        saved = self.config.get("decode", {})
+        try:
+            return DecodeOptions(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'decode'}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            raise MtkitError(f"bad decoding settings: {problems}") from None
+
+    def translate(self, lines: Sequence[str], **settings) -> list[str]:
+        """The best translation of each line, in order; a blank line gives "".
+
+        settings: decoding settings (beam_size, alpha, n_best, max_len_a, max_len_b, max_tokens),
+        by default the experiment's `decode` section, e.g. translate(lines, beam_size=1)."""
+        return [hyps[0][1] for hyps in self.translate_nbest(lines, **settings)]
+
+    def translate_nbest(self, lines: Sequence[str], **settings) -> list[list[tuple[float, str]]]:
+        """For each line up to n_best (score, translation), best first; a blank line gives
+        [(0.0, "")]. The score, higher is better, is the log-probability divided by GNMT's length
+        penalty ((5 + length) / 6) ** alpha (length counting EOS), for greedy and beam search alike:
+        with alpha 0 it is the plain log-probability."""
+        return self.translate_ids(self.encode(lines), self.options(**settings))
+
+    def encode(self, lines: Sequence[str]) -> list[list[int]]:
+        """Raw lines -> source ids (normalized first); a blank line -> []."""
+        if isinstance(lines, (str, bytes)):  # it would be taken for a list of characters
+            raise TypeError(f"expected a list of lines, got one {type(lines).__name__}: write translate([line])")
+        lines = list(lines)
+        for i, line in enumerate(lines):
+            if not isinstance(line, str):
+                raise TypeError(f"line {i} is {type(line).__name__}, not str" +
+                                (" (decode the bytes first)" if isinstance(line, bytes) else ""))
+        return self.tokenizer.encode_src([normalize(line) for line in lines])
+
+    def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
+        return [self.texts(hyps) for hyps in self.search(ids, opts)]
+
+    def texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
+        texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
+        return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
+
+
+def check_options(opts) -> None:
+    if not isinstance(opts, DecodeOptions):  # a dict would fail deep inside the search
+        raise TypeError(f"opts: decoding settings from Translator.options(...), not {type(opts).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: bytes split on "\n" only (like `wc -l`), so that the line count is the file's.
+
+def decode_line(raw: bytes, number: int, warn) -> str:
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warn(f"line {number}: invalid UTF-8 at byte {e.start + 1}; replaced by U+FFFD and translated")
+        return raw.decode("utf-8", errors="replace")
+
+
+def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
+    """Lines of a file, a gzip file or a pipe in chunks, without waiting for the end of the input:
+    from a pipe or a terminal a chunk is handed over as soon as the input pauses, so an
+    interactive user gets each line's translation at once."""
+    if isinstance(f, gzip.GzipFile):  # decompressed bytes: no file descriptor to wait on
+        fd, read = None, f.read1
+    else:
+        fd = f.fileno()
+        read = functools.partial(os.read, fd)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            fd = None  # a regular file never makes us wait
+    buffer, pending = b"", []
+    while True:
+        if fd is not None and pending and len(pending) < CHUNK_LINES and not select.select([fd], [], [], 0.05)[0]:
+            yield pending  # the input paused: translate what has arrived
+            pending = []
+            continue
+        try:
+            data = read(1 << 16)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise MtkitError(f"{f.name}: damaged gzip data after line {len(pending) + 1} ({e})",
+                             hint="the lines before it were translated; check the file with gzip -t") from None
+        if not data:
+            break
+        lines = (buffer + data).split(b"\n")
+        buffer = lines.pop()
+        pending.extend(lines)
+        while len(pending) >= CHUNK_LINES:
+            yield pending[:CHUNK_LINES]
+            pending = pending[CHUNK_LINES:]
+    if buffer:  # a last line without "\n" is still a line
+        pending.append(buffer)
+    if pending:
+        yield pending
+
+
+def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: TextIO, opts: DecodeOptions,
+                     on_lines=None, on_attention=None) -> int:
+    """Translate chunks of raw lines and write the results; returns the number of lines.
+    on_attention(line number, AttentionMap): also called for each non-blank line with the
+    cross-attention of its translation (the CLI draws it)."""
+    number = 0
+    warned_long = 0
+    for chunk in chunks:
+        lines = []
+        for raw in chunk:
+            number += 1
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 BOM is not text
+            lines.append(decode_line(raw, number, _warn))
+        first = number - len(lines) + 1
+        ids = translator.encode(lines)
+        for i in (i for i, x in enumerate(ids) if len(x) > translator.max_source_tokens):
+            warned_long += 1
+            if warned_long <= 10:
+                _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
+                      f"translating its beginning only")
+        found = translator.search(ids, opts, attention=on_attention is not None)
+        if on_attention is not None:
+            for i, hyps in enumerate(found):
+                if hyps:
+                    on_attention(first + i, translator.attention_map(lines[i], ids[i], hyps[0]))
+        for i, hyps in enumerate(map(translator.texts, found)):
+            if opts.n_best > 1:
+                for score, text in hyps:
+                    out.write(f"{first + i}\t{score:.4f}\t{text}\n")
+            else:
+                out.write(hyps[0][1] + "\n")
+        out.flush()
+        if on_lines:
+            on_lines(len(lines))
+    if warned_long > 10:
+        _warn(f"{warned_long} lines in all were longer than the model accepts (only the first 10 named)")
+    return number
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}")
+
+
+def open_input(source: Path) -> tuple[BinaryIO, int | None]:
+    """--input: a text file, a gzip file (by its first bytes, as the corpus reader), or what only
+    reads once: a pipe or FIFO (`-i <(zcat f.gz)`), /dev/stdin. Returns the open file and, for a
+    regular file, its number of lines (for the progress bar; None where counting would consume it)."""
+    try:
+        inp = open(source, "rb")
+    except OSError as e:
+        raise MtkitError(f"cannot read {source}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
+        return inp, None
+    if inp.read(2) == b"\x1f\x8b":
+        inp.close()
+        inp = gzip.open(source, "rb")
+    inp.seek(0)
+    try:
+        total = sum(block.count(b"\n") for block in iter(lambda: inp.read(1 << 20), b""))
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        inp.close()
+        raise MtkitError(f"{source}: damaged gzip data ({e})", hint="check the file with gzip -t") from None
+    inp.seek(0)
+    return inp, total
+
+
+def translate_file(translator: Engine, source: Path | None, target: Path | None, opts: DecodeOptions,
+                   on_attention=None) -> int:
+    """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
+    under a temporary name and renamed when complete. on_attention: as for translate_stream."""
+    if target is not None and target.is_dir():
+        raise MtkitError(f"--output {target} is a folder", hint="name a file to write, e.g. -o out.txt")
+    if source is None:
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise MtkitError("no input: standard input is closed", hint="pipe text in, or give --input FILE")
+        inp, total = sys.stdin.buffer, None
+    else:
+        inp, total = open_input(source)
+    try:
+        if target is None:
+            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, on_attention=on_attention)
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            out = open(tmp, "w", encoding="utf-8")
+        except OSError as e:
+            raise MtkitError(f"cannot write --output {target}: {e.strerror}",
+                             hint="check that its folder exists and is writable") from None
+        try:
+            with out, progress() as bar:
+                task = bar.add_task(f"translate -> {target}", total=total)
+                n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
+                                     on_attention)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return n
+    finally:
+        if source is not None:
+            inp.close()
