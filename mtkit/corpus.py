@@ -14,9 +14,9 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mtkit import demo
+from mtkit.config import DataSection
 from mtkit.errors import MtkitError
 from mtkit.files import sha256_file, sha256_json
 
@@ -59,13 +59,18 @@ class Source:
         return " + ".join(str(p) for p in self.paths)
 
 
-def source_for(data: Any, split: str) -> Source:
+def ensure_demo(data: DataSection) -> None:
+    """data.format demo: generate the corpus into data.dir unless it is there (it is the same
+    every time). Each stage that reads the corpus calls it first."""
+    if data.format == "demo":
+        demo.ensure_corpus(Path(data.dir))
+
+
+def source_for(data: DataSection, split: str) -> Source:
     """The Source of `split` ('train', 'valid' or 'test') described by a config `data` section."""
     spec = getattr(data, split)
     common = dict(split=split, src=data.src, tgt=data.tgt, encoding_errors=data.encoding_errors)
     root = Path(data.dir)
-    if data.format == "demo":
-        demo.ensure_corpus(root)
     if data.format in ("text", "demo"):
         if isinstance(spec, str):
             paths = (_find_file(root, f"{spec}.{data.src}", split), _find_file(root, f"{spec}.{data.tgt}", split))

@@ -26,20 +26,22 @@ from torch import Tensor, nn
 
 @dataclass
 class ModelConfig:
+    """The config's model section (config.ModelSection: the defaults and their checks) and what
+    the data decides (vocabulary sizes, padding id)."""
     src_vocab: int
     tgt_vocab: int
-    d_model: int = 256
-    heads: int = 4
-    enc_layers: int = 3
-    dec_layers: int = 3
-    ff_dim: int = 1024
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation: str = "relu"          # "relu" (the paper) or "gelu"
-    norm: str = "pre"                 # "pre": x + f(LN(x)); "post": LN(x + f(x)), the paper's Add & Norm
-    positions: str = "sinusoidal"     # or "learned"
-    max_positions: int = 256
-    tie_embeddings: bool = True       # decoder input embedding == output projection
+    d_model: int                      # D: the width of every token's vector
+    heads: int                        # H: attention heads, each of width D / H
+    enc_layers: int
+    dec_layers: int
+    ff_dim: int                       # the feed-forward's inner width (the paper: 4 D)
+    dropout: float
+    attention_dropout: float
+    activation: str                   # "relu" (the paper) or "gelu"
+    norm: str                         # "pre": x + f(LN(x)); "post": LN(x + f(x)), the paper's Add & Norm
+    positions: str                    # "sinusoidal" (the paper) or "learned"
+    max_positions: int
+    tie_embeddings: bool              # decoder input embedding == output projection
     share_src_tgt: bool = False       # source embedding too (needs one joint vocabulary)
     pad_id: int = 0
 

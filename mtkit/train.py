@@ -130,6 +130,7 @@ class Trainer:
                   for split in ("train", "valid") for side in ("src", "tgt")}
         self.train_src, self.train_tgt = arrays["train", "src"], arrays["train", "tgt"]
         self.valid_src, self.valid_tgt = arrays["valid", "src"], arrays["valid", "tgt"]
+        corpus.ensure_demo(cfg.data)
         self.references = [tgt for _, tgt in corpus.read_pairs(corpus.source_for(cfg.data, "valid"))]
         n_valid = len(self.valid_src)
         sample = np.arange(n_valid)

@@ -34,6 +34,7 @@ def settings_of(cfg: Config) -> dict:
 
 def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     out = cfg.tokenizer_dir
+    corpus.ensure_demo(cfg.data)
     source = corpus.source_for(cfg.data, "train")
     settings = settings_of(cfg)
     train_sha256 = corpus.fingerprint(source)

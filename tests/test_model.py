@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtkit.config import ModelSection
 from mtkit.model import DecoderCache, ModelConfig, Transformer
 
 PAD, BOS, EOS = 0, 2, 3
@@ -11,10 +12,12 @@ PAD, BOS, EOS = 0, 2, 3
 
 def tiny(**kw) -> Transformer:
     torch.manual_seed(0)
-    cfg = dict(src_vocab=37, tgt_vocab=37, d_model=32, heads=4, enc_layers=2, dec_layers=2, ff_dim=64,
-               dropout=0.0, max_positions=64, share_src_tgt=True)
+    cfg = dict(d_model=32, heads=4, enc_layers=2, dec_layers=2, ff_dim=64, dropout=0.0, max_positions=64)
     cfg.update(kw)
-    return Transformer(ModelConfig(**cfg)).eval()
+    section = {k: v for k, v in cfg.items() if k in ModelSection.model_fields}  # defaults and checks: the config's
+    extra = {k: v for k, v in cfg.items() if k not in section}
+    extra = {"src_vocab": 37, "tgt_vocab": 37, "share_src_tgt": True, **extra}
+    return Transformer(ModelConfig(**ModelSection(**section).model_dump(), **extra)).eval()
 
 
 def batch(b=3, s=7, t=6, vocab=37, seed=1):

@@ -143,6 +143,7 @@ def breaking_model(demo_dir, tmp_path_factory) -> tuple[Path, str]:
     import torch
 
     from mtkit import checkpoint
+    from mtkit.config import ModelSection
     from mtkit.model import ModelConfig, Transformer
     from mtkit.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_model
 
@@ -153,9 +154,9 @@ def breaking_model(demo_dir, tmp_path_factory) -> tuple[Path, str]:
     breaks = [tok.tgt.piece_to_id(p) for p in ("<0x0A>", "<0x09>", "<0x0D>")]
     assert len(set(words)) == 4 and 1 not in words + breaks  # all real pieces (1 is <unk>)
     script = [BOS_ID, words[0], breaks[0], words[1], breaks[1], words[2], breaks[2], words[3], EOS_ID]
-    cfg = ModelConfig(src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size, d_model=32, heads=2,
-                      enc_layers=1, dec_layers=1, ff_dim=64, positions="learned", tie_embeddings=False,
-                      max_positions=64)
+    cfg = ModelConfig(**ModelSection(d_model=32, heads=2, enc_layers=1, dec_layers=1, ff_dim=64, positions="learned",
+                                     tie_embeddings=False, max_positions=64).model_dump(),
+                      src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         # Every decoder sublayer adds nothing and positions are zero, so the decoder's output is
