@@ -41,7 +41,7 @@ def test_usage_error_exits_2(cli):
 
 
 def readme_commands() -> tuple[str, str]:
-    block = re.search(r"## Set-up: two commands\n\n```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = re.search(r"## Set-up: two commands\n\n<!-- run by tests/test_cli.py -->\n```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     main_job, tests = [line.split("#")[0].strip() for line in block.group(1).strip().splitlines()]
     return main_job, tests
 
