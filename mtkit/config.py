@@ -61,6 +61,13 @@ class DataSection(Section):
             raise ValueError("the demo corpus has languages 'en' and 'vs': set data.src/data.tgt to them")
         return self
 
+    def source_args(self, split: str) -> dict:
+        """What corpus.source_for needs to find `split`, as plain values."""
+        return dict(split=split, spec=getattr(self, split), format=self.format, root=self.dir, src=self.src,
+                    tgt=self.tgt, encoding_errors=self.encoding_errors, hf_dataset=self.hf_dataset,
+                    hf_config=self.hf_config, src_field=self.src_field, tgt_field=self.tgt_field,
+                    streaming=self.streaming)
+
 
 class TokenizerSection(Section):
     type: Literal["bpe", "unigram"] = "bpe"

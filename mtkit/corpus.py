@@ -1,6 +1,7 @@
 """Reading raw parallel data: aligned text files (plain or .gz), TSV, and HuggingFace `datasets`.
 
-`source_for(data, split)` turns the config's `data` section into a `Source` (plain values);
+`source_for(split, spec, format=..., root=..., ...)` finds where a split lives (plain values in,
+the config's data section gives them: `DataSection.source_args`) and returns a `Source`;
 `read_pairs(source)` streams its (src, tgt) lines; `fingerprint(source)` hashes its raw content.
 Every problem with the data is an MtkitError naming the file and line, never a silent skip.
 """
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtkit import demo
-from mtkit.config import DataSection
 from mtkit.errors import MtkitError
 from mtkit.files import sha256_file, sha256_json
 
@@ -59,41 +59,42 @@ class Source:
         return " + ".join(str(p) for p in self.paths)
 
 
-def ensure_demo(data: DataSection) -> None:
-    """data.format demo: generate the corpus into data.dir unless it is there (it is the same
-    every time). Each stage that reads the corpus calls it first."""
-    if data.format == "demo":
-        demo.ensure_corpus(Path(data.dir))
+def ensure_demo(format: str, root: Path) -> None:
+    """data.format demo: generate the corpus into `root` unless it is there (it is the same every
+    time). Each stage that reads the corpus calls it first."""
+    if format == "demo":
+        demo.ensure_corpus(Path(root))
 
 
-def source_for(data: DataSection, split: str) -> Source:
-    """The Source of `split` ('train', 'valid' or 'test') described by a config `data` section."""
-    spec = getattr(data, split)
-    common = dict(split=split, src=data.src, tgt=data.tgt, encoding_errors=data.encoding_errors)
-    root = Path(data.dir)
-    if data.format in ("text", "demo"):
+def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Path, src: str, tgt: str,
+               encoding_errors: str = "strict", hf_dataset: str | None = None, hf_config: str | None = None,
+               src_field: str | None = None, tgt_field: str | None = None, streaming: bool = False) -> Source:
+    """The Source of `split` ('train', 'valid' or 'test'), given as `spec`: a file prefix, a file
+    or split name, or a pair of files (format text), in folder `root`."""
+    common = dict(split=split, src=src, tgt=tgt, encoding_errors=encoding_errors)
+    root = Path(root)
+    if format in ("text", "demo"):
         if isinstance(spec, str):
-            paths = (_find_file(root, f"{spec}.{data.src}", split), _find_file(root, f"{spec}.{data.tgt}", split))
+            paths = (_find_file(root, f"{spec}.{src}", split), _find_file(root, f"{spec}.{tgt}", split))
         else:
             paths = tuple(_existing(root / p, split) for p in spec)
         return Source(kind="text", paths=paths, **common)
     if not isinstance(spec, str):
         raise MtkitError(f"data.{split}: a pair of files only works with data.format: text",
-                         hint=f"give one {'file' if data.format == 'tsv' else 'split name'} for data.{split}")
-    if data.format == "tsv":
+                         hint=f"give one {'file' if format == 'tsv' else 'split name'} for data.{split}")
+    if format == "tsv":
         candidates = [spec, f"{spec}.tsv", f"{spec}.tsv.gz"]
         found = next((root / c for c in candidates if (root / c).is_file()), None)
         return Source(kind="tsv", paths=(found or _existing(root / spec, split),), **common)
-    # data.format == "hf": a data file (json/jsonl/parquet/csv) or a split of data.hf_dataset.
-    fields = dict(src_field=data.src_field, tgt_field=data.tgt_field, streaming=data.streaming)
+    # format hf: a data file (json/jsonl/parquet/csv) or a split of hf_dataset.
+    fields = dict(src_field=src_field, tgt_field=tgt_field, streaming=streaming)
     if Path(spec).suffix in HF_FILE_BUILDERS:
         return Source(kind="hf", hf_file=_existing(root / spec, split), **fields, **common)
-    if not data.hf_dataset:
+    if not hf_dataset:
         raise MtkitError(f"data.{split} is the split name {spec!r} but data.hf_dataset is not set",
                          hint="set data.hf_dataset to a hub name or a local dataset folder, "
                               "or give a .jsonl/.parquet/.csv file as the split")
-    return Source(kind="hf", hf_dataset=data.hf_dataset, hf_config=data.hf_config, hf_split=spec,
-                  **fields, **common)
+    return Source(kind="hf", hf_dataset=hf_dataset, hf_config=hf_config, hf_split=spec, **fields, **common)
 
 
 def _find_file(root: Path, name: str, split: str) -> Path:

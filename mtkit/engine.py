@@ -82,9 +82,9 @@ class Engine:
         return self.tokenizer.encode_src([normalize(line) for line in lines])
 
     def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
-        return [self.texts(hyps) for hyps in self.search(ids, opts)]
+        return [self._texts(hyps) for hyps in self.search(ids, opts)]
 
-    def texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
+    def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
         texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
         return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
 
@@ -169,7 +169,7 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
             for i, hyps in enumerate(found):
                 if hyps:
                     on_attention(first + i, translator.attention_map(lines[i], ids[i], hyps[0]))
-        for i, hyps in enumerate(map(translator.texts, found)):
+        for i, hyps in enumerate(map(translator._texts, found)):
             if opts.n_best > 1:
                 for score, text in hyps:
                     out.write(f"{first + i}\t{score:.4f}\t{text}\n")

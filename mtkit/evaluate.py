@@ -32,8 +32,8 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     if not ckpt.is_file():
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
-    corpus.ensure_demo(cfg.data)
-    source = corpus.source_for(cfg.data, split)
+    corpus.ensure_demo(cfg.data.format, cfg.data.dir)
+    source = corpus.source_for(**cfg.data.source_args(split))
     tokenize = bleu_tokenizer(cfg)
     translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
     # Every setting given, so the experiment's decode section wins over the checkpoint's; validated

@@ -42,8 +42,6 @@ def _ctranslate2():
 def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -> Path:
     """Write the checkpoint (or a workdir's best.pt) as a CTranslate2 model folder."""
     ctranslate2 = _ctranslate2()
-    from ctranslate2.specs import common_spec, transformer_spec
-
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SETTINGS).is_file())):
         raise MtkitError(f"--output {out} is " + ("a file" if not out.is_dir() else "a folder that holds other files"),
@@ -51,7 +49,38 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     path = checkpoint.resolve(path)
     state = checkpoint.load(path)
     cfg = ModelConfig(**state["model_config"])
-    w = {name: t.float().numpy() for name, t in checkpoint.weights(state).items()}
+    spec = _spec(cfg, {name: t.float().numpy() for name, t in checkpoint.weights(state).items()})
+    tok = Tokenizer(*state["tokenizer"])
+    spec.register_source_vocabulary([tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)])
+    spec.register_target_vocabulary([tok.tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)])
+    spec.validate()
+    try:
+        spec.optimize(quantization=quantization)
+    except ValueError as e:  # CTranslate2 lists the types it accepts
+        raise MtkitError(f"--quantization {quantization}: {e}") from None
+    # Written beside the target and renamed when whole: no half-written export is left behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        spec.save(str(tmp))
+        tok.save(tmp)
+        (tmp / SETTINGS).write_text(json.dumps({
+            "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
+            "ctranslate2": ctranslate2.__version__}, indent=2) + "\n", encoding="utf-8")
+        if out.exists():  # an earlier export (checked above)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _spec(cfg: ModelConfig, w: dict[str, np.ndarray]):
+    """CTranslate2's TransformerSpec with every weight of model.py in its place."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
     pre = cfg.norm == "pre"
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.enc_layers, cfg.dec_layers), cfg.heads, pre_norm=pre, no_final_norm=not pre,
@@ -95,32 +124,7 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
         norm(enc.layer_norm, "enc_norm")
         norm(dec.layer_norm, "dec_norm")
     dec.projection.weight = w["tgt_embed.tokens.weight"] if cfg.tie_embeddings else w["generator.weight"]
-
-    tok = Tokenizer(*state["tokenizer"])
-    spec.register_source_vocabulary([tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)])
-    spec.register_target_vocabulary([tok.tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)])
-    spec.validate()
-    try:
-        spec.optimize(quantization=quantization)
-    except ValueError as e:  # CTranslate2 lists the types it accepts
-        raise MtkitError(f"--quantization {quantization}: {e}") from None
-    # Written beside the target and renamed when whole: no half-written export is left behind.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        spec.save(str(tmp))
-        tok.save(tmp)
-        (tmp / SETTINGS).write_text(json.dumps({
-            "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
-            "ctranslate2": ctranslate2.__version__}, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # an earlier export (checked above)
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return spec
 
 
 class CT2Translator(Engine):

@@ -3,12 +3,12 @@ and `mtkit train` (the tokenizer and data first when missing or stale). Each sta
 its output is current for the config."""
 
 from mtkit import checkpoint, distributed
+from mtkit.bookkeeping import Progress, stop_reason
 from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
 from mtkit.evaluate import bleu_tokenizer, evaluate_split, print_scores
 from mtkit.prepare import prepare
-from mtkit.bookkeeping import Progress, stop_reason
 from mtkit.train import train
 from mtkit.vocab import train_tokenizer
 

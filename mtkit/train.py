@@ -13,7 +13,6 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,8 +129,9 @@ class Trainer:
                   for split in ("train", "valid") for side in ("src", "tgt")}
         self.train_src, self.train_tgt = arrays["train", "src"], arrays["train", "tgt"]
         self.valid_src, self.valid_tgt = arrays["valid", "src"], arrays["valid", "tgt"]
-        corpus.ensure_demo(cfg.data)
-        self.references = [tgt for _, tgt in corpus.read_pairs(corpus.source_for(cfg.data, "valid"))]
+        corpus.ensure_demo(cfg.data.format, cfg.data.dir)
+        valid = corpus.source_for(**cfg.data.source_args("valid"))
+        self.references = [tgt for _, tgt in corpus.read_pairs(valid)]
         n_valid = len(self.valid_src)
         sample = np.arange(n_valid)
         if 0 < t.eval_sample < n_valid:  # a fixed sample: every validation scores the same sentences
@@ -347,23 +347,18 @@ class Trainer:
     def _save(self, periodic: bool, best: bool) -> None:
         """A step checkpoint (becomes last.pt) when `periodic`; best.pt when `best` (a link to the
         step checkpoint when there is one, else its own file). Rank 0 saves for all processes."""
-        if not self.world.main:
+        if not self.world.main or not (periodic or best):
             return
-        if periodic:
-            path = self.save()
-            if best:
-                checkpoint.link(path, self.ckpt_dir / "best.pt")
-        elif best:
-            checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
-
-    def save(self) -> Path:
+        if not periodic:
+            return checkpoint.save(self._state(), self.ckpt_dir / "best.pt")
         step = self.progress.last_save_step = self.progress.step
         path = self.ckpt_dir / f"step_{step:07d}.pt"
         checkpoint.save(self._state(), path)
         checkpoint.link(path, self.last_path)
+        if best:
+            checkpoint.link(path, self.ckpt_dir / "best.pt")
         for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.train.keep_last]:
             old.unlink()
-        return path
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -34,8 +34,8 @@ def settings_of(cfg: Config) -> dict:
 
 def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     out = cfg.tokenizer_dir
-    corpus.ensure_demo(cfg.data)
-    source = corpus.source_for(cfg.data, "train")
+    corpus.ensure_demo(cfg.data.format, cfg.data.dir)
+    source = corpus.source_for(**cfg.data.source_args("train"))
     settings = settings_of(cfg)
     train_sha256 = corpus.fingerprint(source)
     previous = read_json(out / "tokenizer.json") or {}

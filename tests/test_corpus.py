@@ -2,24 +2,24 @@ import gzip
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtkit import corpus
+from mtkit.config import DataSection
 from mtkit.errors import MtkitError
 
 PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Katzen.", "Two cats."), ("Hallo", "Hello")]
 
 
-def data(tmp_path: Path, **kw) -> SimpleNamespace:
-    """A stand-in for the config's data section (corpus only reads attributes)."""
-    base = dict(format="text", dir=tmp_path, src="de", tgt="en", train="train", valid="valid",
-                test="test", encoding_errors="strict", hf_dataset=None, hf_config=None, streaming=False,
-                src_field=None, tgt_field=None)
-    return SimpleNamespace(**{**base, **kw})
+def data(tmp_path: Path, **kw) -> DataSection:
+    return DataSection(**{"format": "text", "dir": tmp_path, "src": "de", "tgt": "en", **kw})
+
+
+def source_for(data: DataSection, split: str) -> corpus.Source:
+    return corpus.source_for(**data.source_args(split))
 
 
 def write_lines(path: Path, lines, packed: bool = False) -> Path:
@@ -29,7 +29,7 @@ def write_lines(path: Path, lines, packed: bool = False) -> Path:
 
 
 def read(tmp_path: Path, split="train", **kw) -> list[tuple[str, str]]:
-    return list(corpus.read_pairs(corpus.source_for(data(tmp_path, **kw), split)))
+    return list(corpus.read_pairs(source_for(data(tmp_path, **kw), split)))
 
 
 def error(tmp_path: Path, split="train", **kw) -> str:
@@ -68,11 +68,11 @@ def test_both_plain_and_gz_present_is_ambiguous(tmp_path):
 def test_missing_file_names_what_was_looked_for_and_what_is_there(tmp_path):
     write_lines(tmp_path / "train.de", ["a"])
     with pytest.raises(MtkitError) as info:
-        corpus.source_for(data(tmp_path), "train")
+        source_for(data(tmp_path), "train")
     assert f"looked for {tmp_path / 'train.en'} and {tmp_path / 'train.en.gz'}" in info.value.message
     assert "train.de" in info.value.hint
     with pytest.raises(MtkitError) as info:
-        corpus.source_for(data(tmp_path / "nowhere"), "train")
+        source_for(data(tmp_path / "nowhere"), "train")
     assert "does not exist" in info.value.hint
 
 
@@ -145,7 +145,7 @@ def test_normalize():
 def test_fingerprint_follows_content(tmp_path):
     write_lines(tmp_path / "train.de", ["a"])
     write_lines(tmp_path / "train.en", ["b"])
-    source = corpus.source_for(data(tmp_path), "train")
+    source = source_for(data(tmp_path), "train")
     before = corpus.fingerprint(source)
     (tmp_path / "train.en").touch()
     assert corpus.fingerprint(source) == before
@@ -201,7 +201,7 @@ def test_hf_parquet_with_language_columns(tmp_path):
 
 def test_hf_split_name_without_dataset_and_unreachable_hub(tmp_path):
     with pytest.raises(MtkitError) as info:
-        corpus.source_for(data(tmp_path, format="hf"), "train")
+        source_for(data(tmp_path, format="hf"), "train")
     assert "data.hf_dataset is not set" in info.value.message
     # No network here (and HF offline in tests): a hub name fails with a clear message.
     message = error(tmp_path, format="hf", hf_dataset="nobody/no-such-dataset-xyz")
@@ -210,15 +210,15 @@ def test_hf_split_name_without_dataset_and_unreachable_hub(tmp_path):
 
 def test_hf_fingerprint_changes_with_data(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", TRANSLATION_ROWS)
-    first = corpus.fingerprint(corpus.source_for(data(tmp_path, format="hf", train="train.jsonl"), "train"))
+    first = corpus.fingerprint(source_for(data(tmp_path, format="hf", train="train.jsonl"), "train"))
     write_jsonl(tmp_path / "other.jsonl", TRANSLATION_ROWS[:2])
-    second = corpus.fingerprint(corpus.source_for(data(tmp_path, format="hf", train="other.jsonl"), "train"))
+    second = corpus.fingerprint(source_for(data(tmp_path, format="hf", train="other.jsonl"), "train"))
     assert first != second
 
 
 def test_pair_spec_only_for_text(tmp_path):
     with pytest.raises(MtkitError) as info:
-        corpus.source_for(data(tmp_path, format="tsv", train=("a", "b")), "train")
+        source_for(data(tmp_path, format="tsv", train=("a", "b")), "train")
     assert "only works with data.format: text" in info.value.message
 
 
@@ -288,7 +288,7 @@ def test_hf_streaming_reads_the_same_pairs_from_files_folders_and_saved_datasets
 
 def test_hf_streaming_fingerprint_follows_the_content(tmp_path):
     def fingerprint(name):
-        return corpus.fingerprint(corpus.source_for(data(tmp_path, format="hf", train=name, streaming=True), "train"))
+        return corpus.fingerprint(source_for(data(tmp_path, format="hf", train=name, streaming=True), "train"))
 
     write_jsonl(tmp_path / "a.jsonl", TRANSLATION_ROWS)
     write_jsonl(tmp_path / "b.jsonl", TRANSLATION_ROWS)

@@ -3,6 +3,13 @@
 The imports are read with `ast` (lazy imports inside functions included, imports only named for
 type checkers excluded). Each rule fails for a planted violation (tested below), so a change to the
 layout is a deliberate edit of this file, with its reason.
+
+Where the code found a better rule than DESIGN.md's table: the sacreBLEU wrappers are `metrics`
+(layer 0), so that `evaluate` is the eval stage; that stage translates and then scores, so it sits
+above the stages it chains (layer 4) instead of importing one from beside it; `engine` (the text
+side and line I/O that mtkit's and CTranslate2's engines share) is core, so that export needs no
+stage; train's bookkeeping (progress, stop rules, lock, signals, logs) is core module
+`bookkeeping`, since `mtkit run` judges a checkpoint by the same stop rules.
 """
 
 import ast
@@ -37,7 +44,6 @@ FILE_BUDGETS = {
     "model.py": (410, "the teaching text, one file read top to bottom"),
 }
 FUNCTION_BUDGETS = {
-    "export.export_ctranslate2": (82, "[2/7] part 4"),
     "prepare._prepare_split": (61, "one pass over a split: read, filter, encode, count"),
 }
 
