@@ -142,7 +142,7 @@ def limit_kernel_caches() -> None:
     a translate process grew to 1.4 GB. 32 of each keep beam search on test_2016 under 0.6 GB at
     the same speed (measured). Training meets a new shape with nearly every batch: uncapped, a
     45-minute Multi30k `mtkit run` peaked at 4.7 GB; capped, bench_train peaks 22% lower at the
-    same speed (README: Results).
+    same speed (docs/results.md).
     Both are read at the first bf16 product, so this only acts if none has run yet in this
     process; the user's own settings win."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
