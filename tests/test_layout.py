@@ -39,7 +39,7 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (505, "one run read top to bottom: build, step, validate, save, resume exactly (its "
+    "train.py": (497, "one run read top to bottom: build, step, validate, save, resume exactly (its "
                       "bookkeeping is in bookkeeping.py)"),
     "model.py": (410, "the teaching text, one file read top to bottom"),
 }
