@@ -126,7 +126,7 @@ def translate(
             raise MtkitError(f"--compute-type {compute_type} is CTranslate2's setting",
                              hint="add --engine ctranslate2 (with a folder from mtkit export), or drop it")
         translator = Translator.load(checkpoint, device, precision)
-    overrides = _decode_overrides(set_)
+    overrides = _overrides(set_, "translate")["decode"]
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
@@ -198,20 +198,46 @@ def plot(workdir: Annotated[Path, typer.Argument(help="An experiment workdir (or
     info(f"learning curves -> {output}")
 
 
-def _decode_overrides(items: Optional[list[str]]) -> dict:
-    """--set decode.key=value for translate (the only section that applies to a trained model)."""
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or an experiment workdir (uses its best.pt).",
+                                               show_default=False)],
+    host: Annotated[str, typer.Option("--host", help="The address to listen on; 0.0.0.0 exposes the server to the "
+                                                     "network (it has no authentication: put it behind a proxy).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="The port (0: any free one, printed).")] = 8000,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    set_: SetOpt = None,
+) -> None:
+    """Serve the model over HTTP/JSON (POST /v1/translate; API docs at /docs), searching concurrent
+    requests together. Needs pip install 'mtkit[serve]'."""
+    try:
+        from mtkit.serve import serve as run_server
+    except ImportError as e:
+        raise MtkitError(f"mtkit serve needs {e.name or 'FastAPI and uvicorn'}",
+                         hint="pip install 'mtkit[serve]' (or: pip install fastapi uvicorn)") from None
+    overrides = _overrides(set_, "serve", ("decode", "serve"))
+    run_server(checkpoint, host=host, port=port, device=device, precision=precision, decode=overrides["decode"],
+               limits=overrides["serve"])
+
+
+def _overrides(items: Optional[list[str]], command: str, sections: tuple[str, ...] = ("decode",)) -> dict:
+    """--set section.key=value for a command that takes a trained model: only `sections` apply
+    (decode for translate; decode and serve for serve) -> {section: {key: value}}."""
     import yaml
 
-    from mtkit.config import DecodeSection as DecodeOptions
+    from mtkit.config import Config
 
-    overrides = {}
+    overrides = {name: {} for name in sections}
     for item in items or []:
         key, _, value = item.partition("=")
         section, _, name = key.strip().partition(".")
-        if section != "decode" or name not in DecodeOptions.model_fields:
-            raise MtkitError(f"translate takes only decode.* overrides, not {key!r}",
-                             hint="e.g. --set decode.max_len_a=2; keys: " + ", ".join(DecodeOptions.model_fields))
-        overrides[name] = yaml.safe_load(value)
+        fields = Config.model_fields[section].annotation.model_fields if section in sections else {}
+        if name not in fields:
+            keys = [f"{s}.{k}" for s in sections for k in Config.model_fields[s].annotation.model_fields]
+            raise MtkitError(f"{command} takes only {' and '.join(s + '.*' for s in sections)} overrides, not {key!r}",
+                             hint=f"e.g. --set {keys[3]}=2; keys: " + ", ".join(keys))
+        overrides[section][name] = yaml.safe_load(value)
     return overrides
 
 

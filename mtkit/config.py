@@ -175,6 +175,12 @@ class EvalSection(Section):
         return v
 
 
+class ServeSection(Section):
+    max_lines: PositiveInt = 1000
+    max_chars: PositiveInt = 100_000
+    batch_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 2.0
+
+
 class Config(Section):
     experiment: ExperimentSection = ExperimentSection()
     data: DataSection
@@ -183,6 +189,7 @@ class Config(Section):
     train: TrainSection = TrainSection()
     decode: DecodeSection = DecodeSection()
     eval: EvalSection = EvalSection()
+    serve: ServeSection = ServeSection()
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

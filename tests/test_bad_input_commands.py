@@ -11,6 +11,7 @@ import gzip
 import inspect
 import json
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Callable
@@ -190,6 +191,24 @@ COMMANDS = {
     "config show --set a bad value": (["config", "show", "{config}", "--set", "train.lr=fast"], None,
                                       Refused("(from --set train.lr=fast) `train.lr`: Input should be a valid number")),
     "an unknown command": (["translat", "{run}"], None, Refused("No such command 'translat'")),
+    # serve: every refusal comes before the server starts (tests/test_serve.py: bad requests)
+    "serve a missing checkpoint": (["serve", "{tmp}/none.pt", "--port", "0"], None,
+                                   Refused("checkpoint not found: {tmp}/none.pt")),
+    "serve on a port another server holds": (["serve", "{run}", "--port", "{busy}"], None,
+                                             Refused("cannot listen on 127.0.0.1:{busy}: Address already in use")),
+    "serve --port above 65535": (["serve", "{run}", "--port", "70000"], None, Refused("Invalid value for '--port'")),
+    "serve --host not of this machine": (["serve", "{run}", "--host", "192.0.2.1", "--port", "0"], None,
+                                         Refused("cannot listen on 192.0.2.1:0")),
+    "serve --device cuda without a GPU": (["serve", "{run}", "--port", "0", "--device", "cuda"], None,
+                                          Refused("--device is cuda but PyTorch sees no GPU")),
+    "serve --precision fp16 on a CPU": (["serve", "{run}", "--port", "0", "--precision", "fp16"], None,
+                                        Refused("--precision fp16 needs a GPU")),
+    "serve --set a training key": (["serve", "{run}", "--set", "train.lr=1"], None,
+                                   Refused("serve takes only decode.* and serve.* overrides, not 'train.lr'")),
+    "serve --set serve.max_lines=0": (["serve", "{run}", "--port", "0", "--set", "serve.max_lines=0"], None,
+                                      Refused("bad serve settings: serve.max_lines: Input should be greater than 0")),
+    "serve --set decode.beam_size=0": (["serve", "{run}", "--port", "0", "--set", "decode.beam_size=0"], None,
+                                       Refused("bad decoding settings: beam_size")),
 }
 
 
@@ -216,12 +235,17 @@ def test_command(cli, trained, ct2_export, tmp_path, row):
             write_split(corpus, split, *GOOD)
         places["fresh"] = write_config(tmp_path / "corpus", data={"dir": str(corpus), "src": "de", "tgt": "en"},
                                        tokenizer={"vocab_size": 60})
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    places["busy"] = busy.getsockname()[1]
     if setup == "fresh":  # the stage's output exists already: --force must redo it
         assert cli("prepare", places["fresh"])[0] == 0
     elif setup is not None:
         setup(tmp_path)
     before = sorted(tmp_path.rglob("*"))
-    code, out, err = cli(*(a.format(**places) for a in argv))
+    with busy:
+        code, out, err = cli(*(a.format(**places) for a in argv))
     if isinstance(outcome, Refused):
         assert_refused(code, err, outcome.message.format(**places))
         made = [p for p in tmp_path.rglob("*") if p not in before and not (p.is_dir() and not any(p.iterdir()))]

@@ -27,7 +27,7 @@ LAYERS = {
     1: {"config", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
     2: {"corpus", "search", "engine"},
     3: {"vocab", "prepare", "train", "translate", "export", "figures"},
-    4: {"evaluate"},  # a stage that chains one: it translates, then scores
+    4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
     5: {"pipeline"},
     6: {"cli", "api", "__init__", "__main__"},
 }
