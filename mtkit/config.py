@@ -178,7 +178,7 @@ class EvalSection(Section):
 class ServeSection(Section):
     max_lines: PositiveInt = 1000
     max_chars: PositiveInt = 100_000
-    batch_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 2.0
+    batch_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 50.0
 
 
 class Config(Section):

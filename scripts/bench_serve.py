@@ -106,15 +106,15 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--split", default="test_2016_flickr")
     ap.add_argument("--src", default="de")
-    ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--clients", default="1,8,64", help="client counts to measure ('': only the soak)")
     ap.add_argument("--beams", default="1,5")
     ap.add_argument("--alone", type=int, default=200, help="sentences timed one at a time in this process")
     ap.add_argument("--soak", type=int, default=20_000, help="requests of the soak (0: none)")
-    ap.add_argument("--wait-ms", type=float, default=2.0, help="the server's serve.batch_wait_ms")
+    ap.add_argument("--wait-ms", type=float, default=50.0, help="the server's serve.batch_wait_ms")
     args = ap.parse_args()
     path = args.data_dir / f"{args.split}.{args.src}"
     sentences = list(read_lines(path if path.exists() else path.with_name(path.name + ".gz")))
-    beams = [int(b) for b in args.beams.split(",")]
+    beams = [int(b) for b in args.beams.split(",") if b]
 
     translator = Translator.load(args.checkpoint, device="cpu")
     translator.translate(sentences[:16], beam_size=1)  # warm-up
@@ -143,7 +143,7 @@ def main() -> None:
                   ["beam", "clients", "sents/s", "offline sents/s", "ratio", "p50 ms", "p95 ms", "p99 ms",
                    "alone p50 ms", "same as offline", "errors"])
         for beam in beams:
-            for clients in (int(c) for c in args.clients.split(",")):
+            for clients in (int(c) for c in args.clients.split(",") if c):
                 run = load(host, port, sentences, clients, beam)
                 outputs = run.pop("outputs")
                 same = sum(outputs.get(i) == offline[beam][i] for i in range(len(sentences)))
@@ -155,15 +155,19 @@ def main() -> None:
                           f"{run['p99_ms']:.0f}", f"{run['alone_p50_ms']:.0f}", f"{same}/{len(sentences)}",
                           str(run["errors"]))
         console.print(t)
-        if args.soak:
-            soak = load(host, port, sentences, 64, 1, args.soak)
-            soak.pop("outputs")
-            figures["soak"] = soak | {"rss_start_mb": round(rss_start[0], 1),
-                                      "rss_end_mb": round(rss_mb(process.pid)[0], 1),
-                                      "peak_rss_mb": round(rss_mb(process.pid)[1], 1)}
-            console.print(f"soak: {soak['requests']:,} requests, {soak['errors']} errors, {soak['sents_per_s']:.0f}/s; "
-                          f"server RSS {figures['soak']['rss_start_mb']:.0f} MB at the start, "
-                          f"{figures['soak']['rss_end_mb']:.0f} MB at the end (peak {figures['soak']['peak_rss_mb']:.0f})")
+        if args.soak:  # in quarters, the server's memory after each: flat, or growing?
+            began, rss, soaks = rss_mb(process.pid)[0], [], []
+            for _ in range(4):
+                soaks.append(load(host, port, sentences, 64, 1, args.soak // 4))
+                rss.append(round(rss_mb(process.pid)[0], 1))
+            figures["soak"] = {"requests": sum(r["requests"] for r in soaks), "errors": sum(r["errors"] for r in soaks),
+                               "sents_per_s": round(statistics.mean(r["sents_per_s"] for r in soaks), 1),
+                               "rss_start_mb": round(began, 1), "rss_after_each_quarter_mb": rss,
+                               "peak_rss_mb": round(rss_mb(process.pid)[1], 1), "rss_first_run_mb": round(rss_start[0], 1)}
+            soak = figures["soak"]
+            console.print(f"soak: {soak['requests']:,} requests (64 clients, greedy), {soak['errors']} errors, "
+                          f"{soak['sents_per_s']:.0f}/s; server RSS {soak['rss_start_mb']:.0f} MB at its start, "
+                          f"{', '.join(f'{x:.0f}' for x in rss)} MB after each quarter (peak {soak['peak_rss_mb']:.0f})")
     finally:
         process.terminate()
         figures["server_exit_code"] = process.wait(120)

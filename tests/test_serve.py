@@ -23,12 +23,24 @@ import pytest
 pytest.importorskip("fastapi")
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_server_outlives_the_tests():
+    yield
+    for process in STARTED:  # one a failed test did not stop
+        if process.poll() is None:
+            process.kill()
+
+
 class Server:
     """`mtkit serve MODEL --port 0 ARGS`, started and read until it says where it listens."""
 
     def __init__(self, model: Path, *args: str):
         self.process = subprocess.Popen([sys.executable, "-m", "mtkit", "serve", str(model), "--port", "0", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        STARTED.append(self.process)
         self.log: list[str] = []
         found = threading.Event()
 
@@ -235,3 +247,20 @@ def test_the_commands_of_docs_serving_md(trained):
     finally:
         for s in servers:
             assert s.stop() == 0
+
+
+def test_a_lone_client_waits_for_nobody(trained):
+    """The batch window is for company that is likely: one request after another, each alone,
+    is searched at once (here the window is a minute; neither request waits it)."""
+    from mtkit.serve import Batcher
+    from mtkit.translate import Translator
+
+    t = Translator.load(trained)
+    batcher = Batcher(lambda: t, wait=60.0)
+    began = time.monotonic()
+    for line in ["The dog sees a cat.", "A boy runs."]:
+        found = batcher.submit(t.encode([line]), t.options(beam_size=2)).result(timeout=50)
+        assert found[0][0][1] == t.translate([line], beam_size=2)[0]
+    assert time.monotonic() - began < 50
+    batcher.close()
+    assert not batcher.thread.is_alive() and (batcher.requests, batcher.searches) == (2, 2)
