@@ -89,6 +89,12 @@ class Engine:
         return [(h.score, t) for h, t in zip(hyps, texts)] or [(0.0, "")]
 
 
+def cut(engine: Engine, ids: list[list[int]]) -> list[int]:
+    """Which sources are longer than the engine's model takes (the search translates their
+    beginning only): their indices, for the caller to warn about."""
+    return [i for i, x in enumerate(ids) if len(x) > engine.max_source_tokens]
+
+
 def check_options(opts) -> None:
     if not isinstance(opts, DecodeOptions):  # a dict would fail deep inside the search
         raise TypeError(f"opts: decoding settings from Translator.options(...), not {type(opts).__name__}")
@@ -159,7 +165,7 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
             lines.append(decode_line(raw, number, _warn))
         first = number - len(lines) + 1
         ids = translator.encode(lines)
-        for i in (i for i, x in enumerate(ids) if len(x) > translator.max_source_tokens):
+        for i in cut(translator, ids):
             warned_long += 1
             if warned_long <= 10:
                 _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mtkit import checkpoint
 from mtkit.config import DecodeSection as DecodeOptions, ServeSection
 from mtkit.console import info
-from mtkit.engine import Engine
+from mtkit.engine import Engine, cut
 from mtkit.errors import MtkitError
 from mtkit.translate import Translator
 
@@ -93,7 +93,7 @@ class Batcher:
             # the last search served, or for two when this one came while the worker was busy.
             expected = max(self.last_size, 2) if first.arrived < self.free_at else self.last_size
             until = max(first.arrived, self.free_at) + self.wait
-            while (len(alike()) < expected and sum(j.tokens for j in alike()) < budget
+            while (len(same := alike()) < expected and sum(j.tokens for j in same) < budget
                    and (left := until - time.monotonic()) > 0):
                 self.changed.wait(left)
             batch, tokens = [], 0
@@ -179,9 +179,8 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
                                      f"({settings.max_chars:,})")
         opts = request_options(defaults, request)
         ids = translator.encode(request.text)
-        limit = translator.max_source_tokens
-        warnings = [f"text[{i}]: longer than the model's {limit} source tokens; translated its beginning only"
-                    for i, x in enumerate(ids) if len(x) > limit]
+        warnings = [f"text[{i}]: longer than the model's {translator.max_source_tokens} source tokens; "
+                    f"translated its beginning only" for i in cut(translator, ids)]
         found = await asyncio.wrap_future(batcher.submit(ids, opts))
         nbest = [[Scored(text=t, score=s) for s, t in hyps] for hyps in found] if opts.n_best > 1 else None
         return TranslateResponse(translations=[hyps[0][1] for hyps in found], nbest=nbest, warnings=warnings)
