@@ -267,8 +267,8 @@ class EncoderLayer(nn.Module):
         self.attention, self.feed_forward = SelfAttention(cfg), FeedForward(cfg)
         self.res1, self.res2 = Residual(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        x = self.res1(x, lambda h: self.attention(h, keep=keep)[0])
+    def forward(self, x: Tensor, keep: Tensor, weights: list | None = None) -> Tensor:
+        x = self.res1(x, lambda h: self.attention(h, keep=keep, weights=weights)[0])
         return self.res2(x, self.feed_forward)
 
 
@@ -280,13 +280,13 @@ class DecoderLayer(nn.Module):
         self.res1, self.res2, self.res3 = Residual(cfg), Residual(cfg), Residual(cfg)
 
     def forward(self, y: Tensor, memory_kv: tuple[Tensor, Tensor], keep: Tensor, *,
-                past: tuple[Tensor, Tensor] | None, weights: list | None
+                past: tuple[Tensor, Tensor] | None, weights: list | None, self_weights: list | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         new_kv = None
 
         def look_back(h: Tensor) -> Tensor:
             nonlocal new_kv
-            out, new_kv = self.self_attention(h, causal=True, past=past)
+            out, new_kv = self.self_attention(h, causal=True, past=past, weights=self_weights)
             return out
 
         y = self.res1(y, look_back)
@@ -365,23 +365,26 @@ class Transformer(nn.Module):
         (B, 1, 1, S) True = may be attended to, broadcast over heads and queries."""
         return ~src_pad[:, None, None, :]
 
-    def encode(self, src: Tensor) -> Memory:
-        """src (B, S) token ids, padded with pad_id -> Memory with states (B, S, D)."""
+    def encode(self, src: Tensor, attention: list | None = None) -> Memory:
+        """src (B, S) token ids, padded with pad_id -> Memory with states (B, S, D). attention: a
+        list to receive each layer's self-attention weights (B, H, S, S)."""
         src_pad = src.eq(self.cfg.pad_id)
         keep = self._keep(src_pad)
         x = self.src_embed(src)
         for layer in self.encoder:
-            x = layer(x, keep)
+            x = layer(x, keep, attention)
         return Memory(self.enc_norm(x), src_pad)
 
     def decode(self, tgt_in: Tensor, memory: Memory, *, cache: DecoderCache | None = None,
-               attention: list | None = None) -> tuple[Tensor, DecoderCache | None]:
+               attention: list | None = None, self_attention: list | None = None
+               ) -> tuple[Tensor, DecoderCache | None]:
         """tgt_in (B, T) -> logits (B, T, V) for the token after each position.
 
         cache: None for teacher forcing (the whole target at once, causal mask). For incremental
         decoding pass DecoderCache() at the first step and the returned cache after that; tgt_in
         then holds only the new token(s). attention: a list to receive each layer's
-        cross-attention weights (B, H, T, S), for visualization.
+        cross-attention weights (B, H, T, S), for visualization; self_attention: the same for the
+        masked self-attention (B, H, T, cached + T).
         """
         start = cache.length if cache is not None else 0  # positions continue after the cache
         keep = self._keep(memory.src_pad)
@@ -392,7 +395,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.decoder):
             memory_kv = cache.cross_kv[i] if cache is not None else layer.cross_attention.memory_kv(memory.states)
             past = cache.self_kv[i] if cache is not None and cache.self_kv else None
-            y, kv = layer(y, memory_kv, keep, past=past, weights=attention)
+            y, kv = layer(y, memory_kv, keep, past=past, weights=attention, self_weights=self_attention)
             new_self_kv.append(kv)
         if cache is not None:
             cache.self_kv = new_self_kv

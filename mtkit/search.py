@@ -15,13 +15,19 @@ With attention=True both also keep, for every hypothesis, the cross-attention th
 its tokens: where the decoder looked in the source. It is collected as the search runs and moves
 with the beams (a surviving beam inherits its parent's), so it is exactly what produced that
 hypothesis (tested against a forced decode of it).
+
+With trace=Trace() they also record what the Explorer draws, as they run: each step's candidates
+and what became of them (live on, finished, pruned), the encoder's self-attention, and for every
+hypothesis the masked self-attention of each token it wrote (riding along as the cross-attention
+does). Recording changes nothing in what they find (tested).
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mtkit.data import length_batches, pad_rows
@@ -42,30 +48,35 @@ def step_attention(weights: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len: Tensor,
-           alpha: float = 0.0, attention: bool = False) -> list["Hypothesis"]:
+           alpha: float = 0.0, attention: bool = False, trace: "Trace | None" = None) -> list["Hypothesis"]:
     """src (B, S) padded source ids (with EOS) -> for each sentence its output (no BOS/EOS).
 
     max_len (B,): the most tokens a sentence may get before EOS is forced. alpha only sets the
     score (scored as beam search scores, so that greedy and beam scores compare); greedy never
     weighs lengths."""
-    memory = model.encode(src)
-    b = src.size(0)
+    memory = model.encode(src, attention=trace.encoder if trace is not None else None)
+    b, longest = src.size(0), int(max_len.max()) + 1
     last = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(b, dtype=torch.bool, device=src.device)
     log_prob = torch.zeros(b, device=src.device)
-    outputs, looked = [], []
+    outputs, looked, looked_back = [], [], []
     cache = DecoderCache()
-    for step in range(int(max_len.max()) + 1):
-        weights = [] if attention else None
-        logits, cache = model.decode(last, memory, cache=cache, attention=weights)  # (B, 1, V): the newest token
+    for step in range(longest):
+        weights, mine = [] if attention else None, [] if trace is not None else None
+        logits, cache = model.decode(last, memory, cache=cache, attention=weights,  # (B, 1, V): the newest token
+                                     self_attention=mine)
         if attention:
             looked.append(step_attention(weights))
         log_probs = logits[:, -1].float().log_softmax(dim=-1)
         best = log_probs.argmax(dim=-1)
         best = torch.where(step >= max_len, eos_id, best)  # out of room: end the sentence here
         best = best.masked_fill(finished, eos_id)
-        log_prob += log_probs.gather(1, best[:, None])[:, 0].masked_fill(finished | (step >= max_len), 0.0)
+        gained = log_probs.gather(1, best[:, None])[:, 0]
+        log_prob += gained.masked_fill(finished | (step >= max_len), 0.0)
         outputs.append(best)
+        if trace is not None:
+            looked_back.append(F.pad(step_attention(mine), (0, longest - step - 1)))
+            trace.steps.append(GreedyStep(best, gained, *log_probs.topk(min(5, log_probs.size(-1)), dim=-1)))
         finished |= best.eq(eos_id)
         if finished.all():
             break
@@ -73,10 +84,13 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
     result = []
     src_lengths = (~memory.src_pad).sum(dim=1).tolist()
     looked = torch.stack(looked, dim=1) if attention else None  # (B, steps, L, H, S)
+    looked_back = torch.stack(looked_back, dim=1) if trace is not None else None  # (B, steps, L, H, longest)
     for i, (row, lp) in enumerate(zip(torch.stack(outputs, dim=1).tolist(), log_prob.tolist())):
         tokens = row[:row.index(eos_id)] if eos_id in row else row
-        attn = looked[i, :len(tokens) + 1, :, :, :src_lengths[i]] if attention else None
-        result.append(Hypothesis(tokens, lp / length_penalty(len(tokens) + 1.0, alpha), lp, attn))
+        n = len(tokens) + 1
+        result.append(Hypothesis(tokens, lp / length_penalty(float(n), alpha), lp,
+                                 looked[i, :n, :, :, :src_lengths[i]] if attention else None,
+                                 looked_back[i, :n, :, :, :n] if trace is not None else None))
     return result
 
 
@@ -95,11 +109,44 @@ class Hypothesis:
     # With attention=True: the cross-attention that chose each output token and the final EOS,
     # (len(tokens) + 1, layers, heads, source length + 1), over the source tokens and its EOS.
     attention: Tensor | None = None
+    # With a trace: the masked self-attention of each of those tokens over the ones before it (BOS
+    # first), (len(tokens) + 1, layers, heads, len(tokens) + 1); zero above the diagonal (masked).
+    self_attention: Tensor | None = None
+
+
+@dataclass
+class GreedyStep:
+    """What greedy search saw at one step, for each sentence (B,): the token it took, that token's
+    log-probability, and the five most likely tokens (log-probabilities, ids), best first."""
+    token: Tensor
+    log_prob: Tensor
+    top_log_probs: Tensor  # (B, 5)
+    top_ids: Tensor  # (B, 5)
+
+
+@dataclass
+class BeamStep:
+    """One step of beam search: the live beams, their 2K best extensions, and which of those were
+    filed as finished. The ones among the next step's beams lived on; the rest were pruned."""
+    alive: Tensor  # (A,) the sentences still searching
+    beams: Tensor  # (A*K, t) each beam's tokens so far
+    beam_scores: Tensor  # (A, K) their log-probabilities (-inf: not a beam)
+    candidates: Tensor  # (A*2K, t + 1) each candidate's tokens
+    scores: Tensor  # (A, 2K) their log-probabilities
+    filed: Tensor  # (A, 2K) the score of those filed as finished (length-normalized), else -inf
+
+
+@dataclass
+class Trace:
+    """A search's record of itself (pass trace=Trace()): one entry per step."""
+    encoder: list[Tensor] = field(default_factory=list)  # per encoder layer, self-attention (B, H, S, S)
+    steps: list[GreedyStep | BeamStep] = field(default_factory=list)
 
 
 @torch.no_grad()
 def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int, eos_id: int, max_len: Tensor,
-                alpha: float = 0.6, n_best: int = 1, attention: bool = False) -> list[list[Hypothesis]]:
+                alpha: float = 0.6, n_best: int = 1, attention: bool = False, trace: Trace | None = None
+                ) -> list[list[Hypothesis]]:
     """src (B, S) -> for each sentence its n_best hypotheses, best first.
 
     Every step, three small steps: `candidates` extends each beam by every token and takes the
@@ -108,26 +155,34 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
     others as the next beams. A sentence is done once it has K finished hypotheses or reaches its
     max_len (EOS is forced); done sentences leave the batch.
     """
-    b, k = src.size(0), beam_size
-    memory = model.encode(src)  # (B, S, D): the K beams of a sentence share it (see CrossAttention)
-    cache = DecoderCache()
+    b, k, longest = src.size(0), beam_size, int(max_len.max()) + 1
+    memory = model.encode(src, attention=trace.encoder if trace is not None else None)  # (B, S, D): the K beams
+    cache = DecoderCache()  # of a sentence share it (see CrossAttention)
     records = {"tokens": torch.zeros(b * k, 0, dtype=torch.long, device=src.device)}
     if attention:  # rides along as the tokens do: (rows, steps, L, H, S)
         records["attention"] = torch.zeros(b * k, 0, len(model.decoder), model.cfg.heads, src.size(1),
                                            device=src.device)
+    if trace is not None:  # the same, over the target so far: (rows, steps, L, H, longest)
+        records["self_attention"] = torch.zeros(b * k, 0, len(model.decoder), model.cfg.heads, longest,
+                                                device=src.device)
     scores = torch.zeros(b, k, device=src.device)
     scores[:, 1:] = float("-inf")  # at the start all beams are the same prefix: let only one live
     beams = Beams(torch.arange(b, device=src.device), scores,
                   torch.full((b * k, 1), bos_id, dtype=torch.long, device=src.device), records)
-    src_lengths = (~memory.src_pad).sum(dim=1).tolist() if attention else None
-    done = Finished.empty(b, k, int(max_len.max()) + 1, records, eos_id)
-    for step in range(done.longest):
-        weights = [] if attention else None
-        logits, cache = model.decode(beams.last, memory, cache=cache, attention=weights)
+    src_lengths = (~memory.src_pad).sum(dim=1).tolist()
+    done = Finished.empty(b, k, longest, records, eos_id)
+    for step in range(longest):
+        weights, mine = [] if attention else None, [] if trace is not None else None
+        logits, cache = model.decode(beams.last, memory, cache=cache, attention=weights, self_attention=mine)
         at_limit = step >= max_len[beams.alive]  # (A,): out of room, only EOS may follow
         new = {"attention": step_attention(weights)} if attention else {}
+        if trace is not None:
+            new["self_attention"] = F.pad(step_attention(mine), (0, longest - step - 1))
         cand = candidates(logits[:, -1], beams, at_limit, new, k=k, eos_id=eos_id)
-        done.add(beams.alive, cand, step=step, alpha=alpha, eos_id=eos_id)
+        filed = done.add(beams.alive, cand, step=step, alpha=alpha, eos_id=eos_id)
+        if trace is not None:
+            trace.steps.append(BeamStep(beams.alive, beams.records["tokens"], beams.scores,
+                                        cand.records["tokens"], cand.scores, filed))
         searching = (done.count[beams.alive] < k) & ~at_limit  # (A,)
         if not searching.any():
             break
@@ -206,9 +261,9 @@ class Finished:
         return cls(torch.full((b, k), float("-inf"), device=device), torch.zeros(b, k, device=device),
                    torch.zeros(b, dtype=torch.long, device=device), records, longest)
 
-    def add(self, alive: Tensor, cand: Candidates, *, step: int, alpha: float, eos_id: int) -> None:
+    def add(self, alive: Tensor, cand: Candidates, *, step: int, alpha: float, eos_id: int) -> Tensor:
         """File the EOS candidates among the first K of each sentence: the buffers keep the best
-        K of the K they had and the 2K new ones."""
+        K of the K they had and the 2K new ones. Returns the filed ones' scores (A, 2K), else -inf."""
         a, width = cand.scores.shape
         k = self.scores.size(1)
         rank = torch.arange(width, device=cand.scores.device)[None, :]
@@ -223,9 +278,10 @@ class Finished:
             buffer[alive] = torch.cat([buffer[alive], new], dim=1)[sentences, top]
         self.scores[alive] = best
         self.count[alive] += finishing.sum(dim=1)
+        return new_scores
 
-    def best(self, n_best: int, eos_id: int, src_lengths: list[int] | None) -> list[list[Hypothesis]]:
-        """The buffers as Hypothesis objects (attention cut to each source's length)."""
+    def best(self, n_best: int, eos_id: int, src_lengths: list[int]) -> list[list[Hypothesis]]:
+        """The buffers as Hypothesis objects (attention cut to the source's and the output's length)."""
         results = []
         for i in range(self.scores.size(0)):
             hyps = []
@@ -234,33 +290,39 @@ class Finished:
                     break
                 ids = self.records["tokens"][i, j].tolist()
                 ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
-                attn = self.records["attention"][i, j, :len(ids) + 1, :, :, :src_lengths[i]] \
-                    if src_lengths is not None else None
-                hyps.append(Hypothesis(ids, self.scores[i, j].item(), self.log_probs[i, j].item(), attn))
+                n = len(ids) + 1
+                looked = {name: r[i, j, :n] for name, r in self.records.items()}
+                hyps.append(Hypothesis(ids, self.scores[i, j].item(), self.log_probs[i, j].item(),
+                                       looked["attention"][..., :src_lengths[i]] if "attention" in looked else None,
+                                       looked["self_attention"][..., :n] if "self_attention" in looked else None))
             results.append(hyps)
         return results
 
 
 def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, beam_size: int, alpha: float,
                   n_best: int, max_len_a: float, max_len_b: int, max_tokens: int, pad_id: int, bos_id: int,
-                  eos_id: int, attention: bool = False) -> list[list[Hypothesis]]:
+                  eos_id: int, attention: bool = False, trace: Trace | None = None) -> list[list[Hypothesis]]:
     """Search many sentences (source ids without EOS): sort them by length, cut token-budget
     batches (little padding, similar output lengths), search each batch, return results in the
-    input order. A sentence longer than the model's positions is cut to fit (callers warn)."""
+    input order. A sentence longer than the model's positions is cut to fit (callers warn).
+    trace: records one batch's search (e.g. one sentence's)."""
     max_positions = model.cfg.max_positions
     lengths = np.array([min(len(s), max_positions - 1) + 1 for s in sentences], dtype=np.int64)
     results: list[list[Hypothesis]] = [[] for _ in sentences]
     device = next(model.parameters()).device
-    for ix in length_batches(np.argsort(lengths, kind="stable"), lengths, max_tokens):
+    batches = list(length_batches(np.argsort(lengths, kind="stable"), lengths, max_tokens))
+    if trace is not None and len(batches) > 1:
+        raise ValueError(f"a trace records one batch; these sentences make {len(batches)}")
+    for ix in batches:
         rows = [np.append(np.asarray(sentences[i], dtype=np.int64)[:max_positions - 1], eos_id) for i in ix]
         src = pad_rows(rows, pad_id).to(device)
         limit = max_lengths(torch.as_tensor(lengths[ix], device=device), max_len_a, max_len_b, max_positions - 1)
         if beam_size == 1:
             found = [[h] for h in greedy(model, src, bos_id=bos_id, eos_id=eos_id, max_len=limit, alpha=alpha,
-                                         attention=attention)]
+                                         attention=attention, trace=trace)]
         else:
             found = beam_search(model, src, beam_size=beam_size, bos_id=bos_id, eos_id=eos_id, max_len=limit,
-                                alpha=alpha, n_best=n_best, attention=attention)
+                                alpha=alpha, n_best=n_best, attention=attention, trace=trace)
         for i, hyps in zip(ix, found):
             results[i] = hyps
     return results

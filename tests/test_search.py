@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtkit.search import beam_search, greedy, max_lengths
+from mtkit.search import BeamStep, GreedyStep, Trace, beam_search, greedy, max_lengths
 from tests.test_model import BOS, EOS, batch, tiny
 
 
@@ -68,12 +68,12 @@ class Scripted:
 
     vocab = 6
 
-    def encode(self, src):
+    def encode(self, src, attention=None):
         from mtkit.model import Memory
 
         return Memory(torch.zeros(src.size(0), 1, 1), torch.zeros(src.size(0), 1, dtype=torch.bool))
 
-    def decode(self, tgt_in, memory, *, cache=None, attention=None):
+    def decode(self, tgt_in, memory, *, cache=None, attention=None, self_attention=None):
         new = tgt_in.float()[:, None, :, None]  # (B, 1, T, 1)
         prefix = torch.cat([cache.self_kv[0][0], new], dim=2) if cache.self_kv else new
         cache.self_kv = [(prefix, prefix)]
@@ -227,3 +227,50 @@ def test_the_attention_returned_is_the_one_that_chose_each_hypothesis(copier, be
     if beam > 1:  # the n-best hypotheses really differ in where they looked
         first, second = found[0][0].attention, found[0][1].attention
         assert first.shape != second.shape or not torch.equal(first, second)
+
+
+def forced_self_attention(model, src_row, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's masked self-attention (T + 1, L, H, T + 1) and the encoder's (L, H, S, S) of
+    teacher-forcing `tokens` (then EOS) on one source."""
+    decoder, encoder = [], []
+    with torch.no_grad():
+        model.decode(torch.tensor([[BOS] + tokens]), model.encode(src_row, attention=encoder), self_attention=decoder)
+    return torch.stack([w[0] for w in decoder]).permute(2, 0, 1, 3), torch.stack([w[0] for w in encoder])
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_a_trace_changes_nothing_found_and_records_what_chose_each_hypothesis(copier, beam):
+    src, _ = batch(b=3, s=7)
+    limit = torch.tensor([10, 4, 10])
+
+    def search(trace):
+        if beam == 1:
+            return [[h] for h in greedy(copier, src, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.6, trace=trace)]
+        return beam_search(copier, src, beam_size=beam, bos_id=BOS, eos_id=EOS, max_len=limit, n_best=beam,
+                           trace=trace)
+
+    trace = Trace()
+    found, plain = search(trace), search(None)
+    assert [[(h.tokens, h.score, h.log_prob) for h in hyps] for hyps in found] == \
+           [[(h.tokens, h.score, h.log_prob) for h in hyps] for hyps in plain]
+    assert all(h.self_attention is None for hyps in plain for h in hyps)
+    assert len(trace.encoder) == 2 and trace.encoder[0].shape == (3, 4, 7, 7)
+    assert all(isinstance(s, GreedyStep if beam == 1 else BeamStep) for s in trace.steps) and trace.steps
+    for i, hyps in enumerate(found):
+        n = int(src[i].ne(0).sum())
+        row = src[i:i + 1, :n]
+        for h in hyps:
+            decoder, encoder = forced_self_attention(copier, row, h.tokens)
+            assert h.self_attention.shape == decoder.shape == (len(h.tokens) + 1, 2, 4, len(h.tokens) + 1)
+            assert torch.allclose(h.self_attention, decoder, atol=1e-5)
+            future = torch.ones(len(h.tokens) + 1, len(h.tokens) + 1).triu(1).bool()  # query row, key column
+            assert h.self_attention.permute(1, 2, 0, 3)[..., future].eq(0).all()  # the future: masked
+            assert torch.allclose(torch.stack(trace.encoder)[:, i, :, :n, :n], encoder, atol=1e-5)
+    if beam == 1:  # each step's token and its log-probability, as the hypothesis adds them up
+        tokens = torch.stack([s.token for s in trace.steps], dim=1)
+        gained = torch.stack([s.log_prob for s in trace.steps], dim=1)
+        for i, (h,) in enumerate(found):
+            assert tokens[i, :len(h.tokens)].tolist() == h.tokens and tokens[i, len(h.tokens)] == EOS
+            counted = len(h.tokens) + (len(h.tokens) < limit[i])  # an EOS forced by the limit costs nothing
+            assert gained[i, :counted].sum().item() == pytest.approx(h.log_prob, abs=1e-5)
+        assert any(len(h.tokens) == limit[i] for i, (h,) in enumerate(found))
