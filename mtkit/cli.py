@@ -187,6 +187,25 @@ def attention_(
 
 
 @app.command()
+def explore(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file, or an experiment workdir (uses its best.pt).",
+                                               show_default=False)],
+    sentence: Annotated[str, typer.Argument(help="The source sentence to translate.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML page to write.")] = Path("explorer.html"),
+    beam: Annotated[Optional[int], typer.Option("--beam", min=1, max=16, help="Beam size (default: the experiment's decode.beam_size).")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, max=5.0, help="Length penalty exponent (default: the experiment's).")] = None,
+    whatif: Annotated[Optional[str], typer.Option("--whatif", help="Also score this translation of the sentence, subword by subword.")] = None,
+) -> None:
+    """Write the Translation Explorer for one sentence as one self-contained HTML page: its
+    subwords, the search tree (beam and greedy), the attention, and a what-if score. `mtkit serve`
+    serves the same page, live."""
+    from mtkit.explain import explore_page
+    from mtkit.translate import Translator
+
+    explore_page(Translator.load(checkpoint), sentence, output, beam_size=beam, alpha=alpha, whatif=whatif)
+
+
+@app.command()
 def plot(workdir: Annotated[Path, typer.Argument(help="An experiment workdir (or its metrics.jsonl); a run in progress too.",
                                                  show_default=False)],
          output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to draw.")] = Path("curves.png")) -> None:

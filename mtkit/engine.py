@@ -42,7 +42,8 @@ class Engine:
     def max_source_tokens(self) -> int:
         raise NotImplementedError
 
-    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
+    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
+               trace=None) -> list[list[Hypothesis]]:
         """Source ids -> for each sentence its hypotheses, best first (none for an empty one)."""
         raise NotImplementedError
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtkit import checkpoint
@@ -29,17 +30,19 @@ from mtkit.config import DecodeSection as DecodeOptions, ServeSection
 from mtkit.console import info
 from mtkit.engine import Engine, cut
 from mtkit.errors import MtkitError
+from mtkit.explain import MAX_BEAM, BadInput, explain, explorer_page
 from mtkit.translate import Translator
 
 
 @dataclass(eq=False)  # a job is itself, not its content: two requests of the same lines are two jobs
 class Job:
-    """One request's lines, waiting for the worker."""
+    """One request's lines, waiting for the worker; or a call to run on the engine alone."""
     ids: list[list[int]]
-    opts: DecodeOptions
+    opts: DecodeOptions | None
     future: Future
     arrived: float
     tokens: int
+    call: Callable[[Engine], object] | None = None
 
 
 class Batcher:
@@ -71,6 +74,15 @@ class Batcher:
             self.changed.notify()
         return job.future
 
+    def run(self, call: Callable[[Engine], object]) -> Future:
+        """The future of call(engine), run by the worker in its turn (the Explorer's searches)."""
+        job = Job([], None, Future(), time.monotonic(), 0, call)
+        with self.changed:
+            self.pending.append(job)
+            self.requests += 1
+            self.changed.notify()
+        return job.future
+
     def close(self) -> None:
         """Search what is waiting, then stop the worker."""
         with self.changed:
@@ -85,10 +97,12 @@ class Batcher:
             if not self.pending:
                 return None
             first = self.pending[0]
+            if first.call is not None:
+                return [self.pending.pop(0)]
             budget = first.opts.max_tokens
 
             def alike() -> list[Job]:
-                return [j for j in self.pending if j.opts == first.opts]
+                return [j for j in self.pending if j.call is None and j.opts == first.opts]
             # Closed-loop clients come back after each answer: wait (at most `wait`) for as many as
             # the last search served, or for two when this one came while the worker was busy.
             expected = max(self.last_size, 2) if first.arrived < self.free_at else self.last_size
@@ -120,6 +134,9 @@ class Batcher:
             if not batch:
                 continue
             self.searches += 1
+            if batch[0].call is not None:
+                _settle(batch[0].future, batch[0].call, self.engine)
+                continue
             try:
                 found = self.engine.translate_ids([x for job in batch for x in job.ids], batch[0].opts)
             except Exception as e:  # noqa: BLE001 -- the server outlives any request: theirs fail, not it
@@ -134,12 +151,27 @@ class Batcher:
                 start += len(job.ids)
 
 
+def _settle(future: Future, call: Callable[[Engine], object], engine: Engine) -> None:
+    try:
+        future.set_result(call(engine))
+    except Exception as e:  # noqa: BLE001 -- the caller's failure, not the server's
+        future.set_exception(e)
+
+
 class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: list[str] = Field(description="Lines to translate: one translation each, in order.")
     beam_size: int | None = Field(None, ge=1, description="Beam size (1: greedy); default: the server's.")
     alpha: float | None = Field(None, ge=0.0, description="Length penalty exponent; default: the server's.")
     n_best: int | None = Field(None, ge=1, description="Hypotheses per line (at most beam_size).")
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(description="One sentence to translate and explain.")
+    beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="Beam size (1: greedy); default: the server's.")
+    alpha: float | None = Field(None, ge=0.0, le=5.0, description="Length penalty exponent; default: the server's.")
+    translation: str | None = Field(None, description="What if: a translation for the model to score, subword by subword.")
 
 
 class Scored(BaseModel):
@@ -166,6 +198,7 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
     app = FastAPI(title="mtkit", version="1", lifespan=lifespan,
                   description="Machine translation with a model trained by mtkit. The search batches concurrent requests.")
     about = model_facts(translator, defaults)
+    add_explorer(app, batcher, defaults, settings)
 
     @app.post("/v1/translate", response_model=TranslateResponse, response_model_exclude_none=True)
     async def translate(request: TranslateRequest) -> TranslateResponse:
@@ -177,7 +210,7 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
         if chars > settings.max_chars:
             raise HTTPException(413, f"{chars:,} characters: a request takes at most serve.max_chars "
                                      f"({settings.max_chars:,})")
-        opts = request_options(defaults, request)
+        opts = request_options(defaults, request.model_dump(exclude={"text"}, exclude_none=True))
         ids = translator.encode(request.text)
         warnings = [f"text[{i}]: longer than the model's {translator.max_source_tokens} source tokens; "
                     f"translated its beginning only" for i in cut(translator, ids)]
@@ -205,10 +238,36 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
     return app
 
 
-def request_options(defaults: DecodeOptions, request: TranslateRequest) -> DecodeOptions:
-    """The server's decoding settings with the request's own; a contradiction (n_best above the
-    beam) is a 422 naming the field, as the request's own validation says it."""
-    given = request.model_dump(exclude={"text"}, exclude_none=True)
+def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeOptions, settings: ServeSection) -> None:
+    """The Explorer page at / and the data it draws, POST /v1/explain."""
+    page = explorer_page(live=True)
+
+    @app.post("/v1/explain")
+    async def explain_(request: ExplainRequest) -> dict:
+        """One sentence laid open: its subwords, the search tree (beam and greedy), the attention of
+        the winning translation, and the score of a what-if translation (the Explorer's data)."""
+        longest = max(len(request.text), len(request.translation or ""))
+        if longest > settings.max_chars:
+            raise HTTPException(413, f"{longest:,} characters: a request takes at most serve.max_chars "
+                                     f"({settings.max_chars:,})")
+        given = request.model_dump(include={"beam_size", "alpha"}, exclude_none=True)
+        opts = request_options(defaults.model_copy(update={"n_best": 1}), given)
+        try:
+            return await asyncio.wrap_future(batcher.run(lambda engine: explain(engine, request.text, opts,
+                                                                                  request.translation)))
+        except BadInput as e:
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", e.field), "msg": e.message,
+                                           "input": getattr(request, e.field)}]) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def explorer() -> str:
+        """The Explorer: a page that asks /v1/explain and draws the answer."""
+        return page
+
+
+def request_options(defaults: DecodeOptions, given: dict) -> DecodeOptions:
+    """The server's decoding settings with the request's own (`given`); a contradiction (n_best
+    above the beam) is a 422 naming the field, as the request's own validation says it."""
     try:
         return DecodeOptions(**defaults.model_dump() | given)
     except ValidationError as e:

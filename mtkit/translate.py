@@ -12,7 +12,7 @@ from mtkit import checkpoint, distributed
 from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.engine import Engine, check_options
 from mtkit.errors import MtkitError
-from mtkit.search import Hypothesis, search_sorted
+from mtkit.search import Hypothesis, Trace, search_sorted
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -75,20 +75,40 @@ class Translator(Engine):
         return AttentionMap(line, self.tokenizer.decode_tgt([hyp.tokens])[0], hyp.score, pieces, out,
                             hyp.attention.float().cpu())
 
-    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
-        """Source ids -> for each sentence its hypotheses, best first (none for an empty one)."""
+    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
+               trace: Trace | None = None) -> list[list[Hypothesis]]:
+        """Source ids -> for each sentence its hypotheses, best first (none for an empty one).
+        trace: record the search of one sentence (search.Trace)."""
         check_options(opts)
         todo = [i for i, x in enumerate(ids) if x]
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
+        with self._autocast():
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
                                   max_tokens=opts.max_tokens, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                                  attention=attention)
+                                  attention=attention, trace=trace)
         results: list[list[Hypothesis]] = [[] for _ in ids]
         for i, hyps in zip(todo, found):
             results[i] = hyps
         return results
+
+    @torch.no_grad()
+    def read(self, ids: list[int], target: list[int]) -> torch.Tensor:
+        """Teacher forcing, as in training: the model reads source `ids` and target `target` and
+        gives, at each position, the log-probabilities of the next token (len(target) + 1, V)."""
+        for name, seq, size in (("source", ids, self.model.cfg.src_vocab), ("target", target, self.model.cfg.tgt_vocab)):
+            if not isinstance(seq, list) or not all(isinstance(x, int) for x in seq):
+                raise TypeError(f"read takes lists of token ids (int), not {type(seq).__name__} for the {name}")
+            if any(not 0 <= x < size for x in seq):
+                raise ValueError(f"{name} id {next(x for x in seq if not 0 <= x < size)} is not in the vocabulary "
+                                 f"(0..{size - 1})")
+        src = torch.tensor([ids[:self.max_source_tokens] + [EOS_ID]], device=self.device)
+        with self._autocast():
+            logits = self.model(src, torch.tensor([[BOS_ID] + target], device=self.device))
+        return logits[0].float().log_softmax(dim=-1).cpu()
+
+    def _autocast(self):
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
 
 
 @dataclass
