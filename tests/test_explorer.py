@@ -193,3 +193,31 @@ def test_every_control_has_a_label(page, server):
     assert unlabeled == []
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "text"  # the first stop is the sentence
+
+
+def test_the_commands_of_docs_explorer_md(trained, cli, tmp_path):
+    """docs/explorer.md's block, run: its `mtkit serve` (on a free port), its `mtkit explore` (in
+    tmp_path) and its curl line against that server."""
+    import shlex
+    import subprocess
+
+    from tests.conftest import REPO
+    from tests.test_docs import blocks, commands
+
+    (block,) = [body for mark, lang, body in blocks(REPO / "docs" / "explorer.md") if lang == "bash"]
+    lines = commands(block)
+    serve, explore, curl = (next(line for line in lines if line.startswith(start))
+                            for start in ("mtkit serve", "mtkit explore", "curl "))
+    s = Server(trained, *shlex.split(serve)[3:])
+    try:
+        argv = [str(trained) if a == "runs/demo" else str(tmp_path / a) if a.endswith(".html") else a
+                for a in shlex.split(explore)[1:]]
+        code, out, err = cli(*argv)
+        assert code == 0, err
+        assert "explorer -> " in out + err and (tmp_path / "explorer.html").stat().st_size > 10_000
+        answer = json.loads(subprocess.run(shlex.split(curl.replace("localhost:8000", s.url.removeprefix("http://"))),
+                                           capture_output=True, text=True, timeout=60, check=True).stdout)
+        assert answer["settings"]["beam_size"] == 3 and answer["whatif"]["text"] == "Draka ko vet."
+        assert answer["beam"]["translation"] == s.translate(["The dog follows the cat."], beam_size=3)[1]["translations"][0]
+    finally:
+        assert s.stop() == 0

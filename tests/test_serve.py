@@ -181,6 +181,33 @@ def test_a_bad_request_is_refused_clearly_and_harms_nothing(server, name):
     assert code == 200 and answer["translations"][0]
 
 
+EXPLAIN_BAD_REQUESTS = {
+    # name: (body, status, what the answer must say): /v1/explain, the Explorer's data
+    "no text": ({"beam_size": 2}, 422, '"loc": ["body", "text"]'),
+    "an empty sentence": ({"text": ""}, 422, '"loc": ["body", "text"], "msg": "nothing to explain'),
+    "a blank sentence": ({"text": " \t "}, 422, "the sentence is empty"),
+    "text as a list": ({"text": ["A dog."]}, 422, '"loc": ["body", "text"]'),
+    "beam 0": ({"text": "A dog.", "beam_size": 0}, 422, '"loc": ["body", "beam_size"]'),
+    "beam 17": ({"text": "A dog.", "beam_size": 17}, 422, "less than or equal to 16"),
+    "alpha above 5": ({"text": "A dog.", "alpha": 7}, 422, '"loc": ["body", "alpha"]'),
+    "an empty what-if": ({"text": "A dog.", "translation": ""}, 422, '"loc": ["body", "translation"]'),
+    "a what-if over the output limit": ({"text": "A dog.", "translation": "la " * 100}, 422,
+                                        "the search lets this sentence's translation have at most"),
+    "an unknown field": ({"text": "A dog.", "n_best": 2}, 422, '"loc": ["body", "n_best"]'),
+    "too many characters": ({"text": "A dog. " * 3000}, 413, "serve.max_chars (20,000)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPLAIN_BAD_REQUESTS))
+def test_a_bad_explain_request_is_refused_naming_the_field(server, name):
+    body, status, needle = EXPLAIN_BAD_REQUESTS[name]
+    code, answer = server.request("/v1/explain", body)
+    assert code == status and needle in json.dumps(answer), answer
+    code, answer = server.request("/v1/explain", {"text": "The dog sees a cat.", "beam_size": 2})
+    assert code == 200 and answer["beam"]["translation"] == server.translate(["The dog sees a cat."], beam_size=2)[1][
+        "translations"][0]
+
+
 def test_a_client_that_goes_away_costs_nothing_else(server, lines):
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"text": lines * 1}).encode()
