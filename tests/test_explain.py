@@ -21,7 +21,7 @@ def demo(trained, demo_dir):
 
     translator = Translator.load(trained)
     assert translator.precision == "fp32"
-    return translator, list(read_lines(demo_dir / "test.en"))[:16]
+    return translator, list(read_lines(demo_dir / "test.en"))[:12]
 
 
 def path_of(tree: list[dict], node: dict) -> list[str]:

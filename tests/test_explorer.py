@@ -86,6 +86,8 @@ def test_a_sentence_typed_shows_its_search_and_mtkit_translates_translation(page
     assert page.locator("#beam-tree g.node").count() == sum(n["step"] <= 1 for n in data["beam"]["tree"])
     page.click("#step-on")
     assert page.locator("#beam-tree g.node").count() == sum(n["step"] <= 2 for n in data["beam"]["tree"])
+    page.focus("#beam-tree g.node.finished, #beam-tree g.node.kept >> nth=0")  # the keyboard reads a node's numbers
+    assert "total log-probability" in page.inner_text("#beam-tree-info")
     # beam size 1: greedy search, and the tree and the translation change with it
     page.fill("#beam", "1")
     version = shown(page, version)

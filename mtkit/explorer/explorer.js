@@ -154,6 +154,9 @@ function drawTree(box, tree, upTo) {
       ({ finished: `; finished, score ${fixed(n.score)}`, kept: "; lived on", pruned: "; pruned",
          stopped: "; still a candidate when the search stopped" }[n.fate]);
     g.append(el("title", {}, said));
+    const tell = () => { $(box.id + "-info").textContent = `step ${n.step}: ${said}`; };
+    g.addEventListener("mouseenter", tell);
+    g.addEventListener("focus", tell);
     svg.append(g);
   }
   box.replaceChildren(svg);
