@@ -57,7 +57,7 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
             continue
         trace = Trace()
         settings = opts.model_copy(update={"beam_size": beam, "n_best": beam})
-        hyps = translator.search([ids], settings, attention=True, trace=trace)[0]
+        hyps = translator.search([ids], settings, attention=name == "beam", trace=trace)[0]  # the winner's attention
         runs[name] = (hyps, trace)
     pieces = translator.tokenizer.tgt.id_to_piece
     (best, *_), trace = runs["beam"]
@@ -66,15 +66,15 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
         "settings": {"beam_size": opts.beam_size, "alpha": opts.alpha,
                      "max_len": int(_limit(translator, ids, opts))},
         "beam": _run(*runs["beam"], pieces, translator, opts.alpha),
-        "greedy": _run(*runs["greedy"], pieces, translator, opts.alpha),
+        "greedy": _run(*runs["greedy"], pieces, translator, opts.alpha),  # its own tree, even when the same search
         "attention": {"cross": _rows(best.attention.permute(1, 2, 0, 3)),  # (L, H, T + 1, S + 1)
                       "decoder": _rows(best.self_attention.permute(1, 2, 0, 3)),  # (L, H, T + 1, T + 1)
                       "encoder": _rows(torch.stack(trace.encoder)[:, 0])},  # (L, H, S + 1, S + 1)
         "warnings": warnings,
     }
     result["parting"] = parting(result["beam"], result["greedy"])
-    for n in result["beam"]["tree"] + (result["greedy"]["tree"] if opts.beam_size > 1 else []):
-        del n["path"]
+    for n in result["beam"]["tree"] + result["greedy"]["tree"]:
+        del n["path"]  # the tokens so far: a key while building, redundant in the answer (parent links)
     if whatif is not None:
         result["whatif"] = what_if(translator, ids, whatif, opts)
     return result
@@ -98,7 +98,7 @@ def _run(hyps: list[Hypothesis], trace: Trace, pieces, translator: "Translator",
         node["best"] = True
         node = tree[node["parent"]] if node["parent"] is not None else None
     texts = translator.tokenizer.decode_tgt([h.tokens for h in hyps])
-    return {"translation": texts[0], "alpha": alpha,
+    return {"translation": texts[0],
             "hypotheses": [{"text": t, "ids": h.tokens, "pieces": pieces(h.tokens) + ["</s>"], "score": h.score,
                             "log_prob": h.log_prob, "length": len(h.tokens) + 1,
                             "penalty": length_penalty(len(h.tokens) + 1.0, alpha)} for h, t in zip(hyps, texts)],

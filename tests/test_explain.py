@@ -55,6 +55,7 @@ def test_the_tree_is_the_search_and_the_reference_decoders(demo, beam):
         # the tree: its best finished nodes are the n-best, and the winner's path spells the translation
         finished = sorted((n for n in tree if n["fate"] == "finished"), key=lambda n: -n["score"])
         assert [n["score"] for n in finished[:len(nbest)]] == pytest.approx([s for s, _ in nbest], abs=1e-6)
+        assert not any("path" in n for n in tree + found["greedy"]["tree"])
         winner = [n for n in tree if n["best"]]
         assert winner[0]["fate"] == "root" and winner[-1] is finished[0]
         assert path_of(tree, winner[-1]) == run["hypotheses"][0]["pieces"]
