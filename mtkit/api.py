@@ -51,13 +51,18 @@ def train(config: Config | str | Path, resume: bool = False):
 
 
 def evaluate(config: Config | str | Path, split: str | None = None, beam: int | None = None,
-             checkpoint: str | Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
+             checkpoint: str | Path | None = None, device: str = "auto", precision: str = "auto",
+             direction: str | None = None) -> dict:
     """Translate a split with the experiment's eval.checkpoint (or `checkpoint`) and score it:
     {"bleu": {"score", "signature"}, "chrf": ..., "ter": ..., "sentences", ...}. device and
-    precision as for Translator.load."""
-    from mtkit.evaluate import evaluate_split
+    precision as for Translator.load; direction: which one, e.g. "de-en", for an experiment of
+    several (data.directions)."""
+    from mtkit.evaluate import directions_of, evaluate_split
 
-    return evaluate_split(_config(config), split, beam, Path(checkpoint) if checkpoint else None, device, precision)
+    cfg = _config(config)
+    if direction is not None:
+        directions_of(cfg, direction)  # checked
+    return evaluate_split(cfg, split, beam, Path(checkpoint) if checkpoint else None, device, precision, direction)
 
 
 def run(config: Config | str | Path) -> None:

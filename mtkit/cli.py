@@ -30,6 +30,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even whe
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Decode in auto (the training precision where the "
                                            "device computes it natively, else fp32), fp32, bf16 or fp16 (GPU).")]
+TgtLangOpt = Annotated[Optional[str], typer.Option("--tgt-lang", help="The language to translate into (needed by a "
+                                                   "model trained on several).")]
 
 
 def _load(config: Path, overrides: Optional[list[str]], writes: bool = True):
@@ -93,6 +95,7 @@ def translate(
     nbest: Annotated[Optional[int], typer.Option("--nbest", min=1, help="Write N hypotheses per line as TSV: line, score, text.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Source tokens per batch.")] = None,
     attention: Annotated[Optional[Path], typer.Option("--attention", help="Also draw each line's attention map into this folder (NNNNNN.png).")] = None,
+    tgt_lang: TgtLangOpt = None,
     engine: Annotated[str, typer.Option("--engine", help="mtkit, or ctranslate2 (CHECKPOINT is then a folder from mtkit export).")] = "mtkit",
     compute_type: Annotated[str, typer.Option("--compute-type", help="With --engine ctranslate2: int8, float32, ... (default: as exported).")] = "default",
     device: DeviceOpt = "auto",
@@ -130,13 +133,14 @@ def translate(
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
+    translator.tag_for(tgt_lang)  # a missing or unknown --tgt-lang is said before any input is read
     draw = None
     if attention is not None:
         from mtkit.figures import attention_png  # matplotlib: only when asked for
 
         def draw(number: int, amap) -> None:
             attention_png(amap, attention / f"{number:06d}.png")
-    translate_file(translator, input, output, opts, draw)
+    translate_file(translator, input, output, opts, draw, tgt_lang)
 
 
 @app.command()
@@ -166,6 +170,7 @@ def attention_(
     beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: the experiment's decode.beam_size).")] = None,
     layer: Annotated[Optional[int], typer.Option("--layer", help="Only this decoder layer (1 = the first).")] = None,
     head: Annotated[Optional[int], typer.Option("--head", help="Only this head (1 = the first).")] = None,
+    tgt_lang: TgtLangOpt = None,
 ) -> None:
     """Translate one sentence and draw where each output subword looked in the source
     (cross-attention: one heatmap per layer and head, and the heads' mean)."""
@@ -175,7 +180,7 @@ def attention_(
 
     check_picture_path(output)
     translator = Translator.load(checkpoint)
-    amap = translator.attention(sentence, **({"beam_size": beam} if beam else {}))
+    amap = translator.attention(sentence, tgt_lang, **({"beam_size": beam} if beam else {}))
     attention_png(amap, output, layer, head)
     last = amap.weights.shape[1] if layer is None else layer
     t = table(f"{amap.translation}  (score {amap.score:.3f}); layer {last}, heads averaged",
@@ -195,6 +200,7 @@ def explore(
     beam: Annotated[Optional[int], typer.Option("--beam", min=1, max=16, help="Beam size (default: the experiment's decode.beam_size).")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", min=0.0, max=5.0, help="Length penalty exponent (default: the experiment's).")] = None,
     whatif: Annotated[Optional[str], typer.Option("--whatif", help="Also score this translation of the sentence, subword by subword.")] = None,
+    tgt_lang: TgtLangOpt = None,
 ) -> None:
     """Write the Translation Explorer for one sentence as one self-contained HTML page: its
     subwords, the search tree (beam and greedy), the attention, and a what-if score. `mtkit serve`
@@ -202,7 +208,7 @@ def explore(
     from mtkit.explain import explore_page
     from mtkit.translate import Translator
 
-    explore_page(Translator.load(checkpoint), sentence, output, beam_size=beam, alpha=alpha, whatif=whatif)
+    explore_page(Translator.load(checkpoint), sentence, output, whatif, tgt_lang, beam_size=beam, alpha=alpha)
 
 
 @app.command()
@@ -279,10 +285,11 @@ def eval_(
     tokenize: Annotated[Optional[str], typer.Option("--tokenize", help="BLEU's tokenizer: 13a, intl, zh, ja-mecab, "
                                                     "ko-mecab, char or none (default: files 13a, an experiment its "
                                                     "eval.tokenize, auto: from the target language).")] = None,
+    direction: Annotated[Optional[str], typer.Option("--direction", help="With a CONFIG: score this direction, e.g. "
+                                                      "de-fr (default: each of the experiment's).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Score translations with sacreBLEU (BLEU, chrF, TER, with signatures): files, or an experiment."""
-    import json
     import typing
 
     from mtkit import evaluate
@@ -294,9 +301,10 @@ def eval_(
     if hyp:
         _check_file_options(config, ref, tokenize, [
             name for name, value in (("--split", split), ("--beam", beam), ("--checkpoint", checkpoint), ("--set", set_),
-                                     ("--device", device != "auto"), ("--precision", precision != "auto")) if value])
+                                     ("--device", device != "auto"), ("--precision", precision != "auto"),
+                                     ("--direction", direction)) if value])
         metrics = ("bleu", "chrf", "ter")
-        result = evaluate.score_files(hyp, ref, tokenize or "13a", bootstrap)
+        results = [evaluate.score_files(hyp, ref, tokenize or "13a", bootstrap)]
     else:
         if bootstrap:
             raise MtkitError("--bootstrap compares files: give them with --hyp and --ref",
@@ -311,13 +319,26 @@ def eval_(
             raise MtkitError(f"--split must be valid or test, not {split!r}")
         cfg = _load(config, [*(set_ or []), *([f"eval.tokenize={tokenize}"] if tokenize else [])])
         metrics = cfg.eval.metrics
-        result = evaluate.evaluate_split(cfg, split, beam, checkpoint, device, precision)
+        results = [evaluate.evaluate_split(cfg, split, beam, checkpoint, device, precision, d)
+                   for d in evaluate.directions_of(cfg, direction)]
+    _report(results, metrics, as_json, bootstrap)
+
+
+def _report(results: list[dict], metrics, as_json: bool, bootstrap) -> None:
+    """mtkit eval's output: tables, or JSON (several directions: one object each, by name)."""
+    import json
+
+    from mtkit import evaluate
+
+    scores = [] if bootstrap else [{m: r[m] for m in metrics} | {"sentences": r["sentences"]} for r in results]
     if as_json:
-        typer.echo(json.dumps(result if bootstrap else {m: result[m] for m in metrics} | {"sentences": result["sentences"]}))
+        typer.echo(json.dumps(results[0] if bootstrap else scores[0] if len(results) == 1 else
+                              {r["split"]: score for r, score in zip(results, scores)}))
     elif bootstrap:
-        evaluate.print_bootstrap(result, metrics)
+        evaluate.print_bootstrap(results[0], metrics)
     else:
-        evaluate.print_scores(result, metrics)
+        for result in results:
+            evaluate.print_scores(result, metrics)
 
 
 def _check_file_options(config: Path | None, ref: list[Path] | None, tokenize: str | None, given: list[str]) -> None:

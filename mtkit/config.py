@@ -6,6 +6,7 @@ the line, the dotted key and the fix. `configs/base.yaml` documents every key.
 """
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -33,8 +34,12 @@ class ExperimentSection(Section):
 class DataSection(Section):
     format: Literal["text", "tsv", "hf", "demo"] = "text"
     dir: Path = Path("data")
-    src: str
-    tgt: str
+    src: str | None = None
+    tgt: str | None = None
+    # Several translation directions over one folder of {split}.{lang} files, e.g. [de-en, fr-en,
+    # en-fr], instead of src/tgt: one model for all (with a target-language tag when it has more
+    # than one target language).
+    directions: tuple[str, ...] = ()
     train: SplitSpec = "train"
     valid: SplitSpec = "valid"
     test: SplitSpec = "test"
@@ -51,8 +56,32 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DataSection":
+        if self.directions:
+            if self.src is not None or self.tgt is not None:
+                raise ValueError("give data.src and data.tgt (one direction) or data.directions (several), not both")
+            if self.format != "text":
+                raise ValueError("data.directions reads one folder of {split}.{lang} files: it needs data.format: text")
+            for direction in self.directions:
+                if not re.fullmatch(r"[A-Za-z0-9_]+-[A-Za-z0-9_]+", direction):
+                    raise ValueError(f"data.directions: {direction!r} is not a direction: write source-target, "
+                                     f"e.g. de-en (a language code without '-', e.g. pt_br)")
+            if len(set(self.directions)) < len(self.directions):
+                raise ValueError(f"data.directions names a direction twice: {', '.join(self.directions)}")
+            for src, tgt in self.pairs:
+                if src == tgt:
+                    raise ValueError(f"data.directions: {src}-{tgt} translates a language into itself")
+            return self._check_lengths()
+        if self.src is None and self.tgt is None:
+            raise ValueError("data.src and data.tgt name the languages (e.g. de and en), or data.directions "
+                             "several directions (e.g. [de-en, fr-en])")
+        if self.src is None or self.tgt is None:
+            raise ValueError(f"`data.{'tgt' if self.tgt is None else 'src'}` is required (with "
+                             f"data.{'src' if self.tgt is None else 'tgt'}): the other language's code")
         if self.src == self.tgt:
             raise ValueError(f"data.src and data.tgt are both {self.src!r}; they must differ")
+        return self._check_lengths()
+
+    def _check_lengths(self) -> "DataSection":
         if self.min_len > self.max_len:
             raise ValueError(f"data.min_len ({self.min_len}) is above data.max_len ({self.max_len})")
         if self.streaming and self.format != "hf":
@@ -61,12 +90,33 @@ class DataSection(Section):
             raise ValueError("the demo corpus has languages 'en' and 'vs': set data.src/data.tgt to them")
         return self
 
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (source, target) languages of every direction: data.directions, or src and tgt."""
+        return [tuple(d.split("-")) for d in self.directions] or [(self.src, self.tgt)]
+
+    @property
+    def languages(self) -> dict:
+        """The languages as the stages record them (a single pair as it always was)."""
+        return {"directions": list(self.directions)} if self.directions else {"src": self.src, "tgt": self.tgt}
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({tgt for _, tgt in self.pairs})
+
+    @property
+    def tagged(self) -> bool:
+        """A model with more than one target language is told which one by a tag before the
+        source, <2xx> (Johnson et al. 2017)."""
+        return len(self.targets) > 1
+
     def source_args(self, split: str) -> dict:
         """What corpus.source_for needs to find `split`, as plain values."""
+        several = dict(directions=self.pairs, tagged=self.tagged) if self.directions else {}
         return dict(split=split, spec=getattr(self, split), format=self.format, root=self.dir, src=self.src,
                     tgt=self.tgt, encoding_errors=self.encoding_errors, hf_dataset=self.hf_dataset,
                     hf_config=self.hf_config, src_field=self.src_field, tgt_field=self.tgt_field,
-                    streaming=self.streaming)
+                    streaming=self.streaming, **several)
 
 
 class TokenizerSection(Section):

@@ -51,8 +51,12 @@ class Source:
     streaming: bool = False
     src_field: str | None = None
     tgt_field: str | None = None
+    parts: tuple["Source", ...] = ()  # kind "several": one Source per direction, read one after another
+    tags: tuple[str, ...] = ()  # and the tag put before each one's source lines ("" for none)
 
     def describe(self) -> str:
+        if self.kind == "several":
+            return "; ".join(f"{p.src}-{p.tgt}: {p.describe()}" for p in self.parts)
         if self.kind == "hf":
             where = str(self.hf_file) if self.hf_file else f"{self.hf_dataset} [{self.hf_split}]"
             return f"HF dataset {where}"
@@ -66,11 +70,25 @@ def ensure_demo(format: str, root: Path) -> None:
         demo.ensure_corpus(Path(root))
 
 
-def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Path, src: str, tgt: str,
-               encoding_errors: str = "strict", hf_dataset: str | None = None, hf_config: str | None = None,
-               src_field: str | None = None, tgt_field: str | None = None, streaming: bool = False) -> Source:
+def tag(lang: str) -> str:
+    """The target-language tag put before a source sentence when a model has several targets."""
+    return f"<2{lang}>"
+
+
+def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Path, src: str | None,
+               tgt: str | None, encoding_errors: str = "strict", hf_dataset: str | None = None,
+               hf_config: str | None = None, src_field: str | None = None, tgt_field: str | None = None,
+               streaming: bool = False, directions: list[tuple[str, str]] | None = None,
+               tagged: bool = False) -> Source:
     """The Source of `split` ('train', 'valid' or 'test'), given as `spec`: a file prefix, a file
-    or split name, or a pair of files (format text), in folder `root`."""
+    or split name, or a pair of files (format text), in folder `root`. With `directions` (source
+    and target languages), the files of each, read one direction after another; `tagged`: each
+    source line starts with its target's tag."""
+    if directions:
+        parts = tuple(source_for(split, spec, format=format, root=root, src=s, tgt=t, encoding_errors=encoding_errors)
+                      for s, t in directions)
+        return Source(split=split, kind="several", parts=parts, tags=tuple(tag(t) if tagged else "" for _, t in directions),
+                      encoding_errors=encoding_errors)
     common = dict(split=split, src=src, tgt=tgt, encoding_errors=encoding_errors)
     root = Path(root)
     if format in ("text", "demo"):
@@ -122,6 +140,10 @@ def _listing_hint(root: Path) -> str:
 
 def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
     """Stream the raw (src, tgt) lines of a split, in order, unnormalized; an empty split is an error."""
+    if source.kind == "several":
+        for part, label in zip(source.parts, source.tags):
+            yield from ((f"{label} {src}" if label and src.strip() else src, tgt) for src, tgt in read_pairs(part))
+        return
     if source.kind == "text":
         src_path, tgt_path = source.paths
         pairs = _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors, _REPLACE_HINT),
@@ -259,6 +281,8 @@ def _read_hf(source: Source) -> Iterator[tuple[str, str]]:
 
 def fingerprint(source: Source) -> str:
     """SHA-256 of the split's raw content, so that any change to the data is noticed."""
+    if source.kind == "several":
+        return sha256_json(["several", *source.tags, *(fingerprint(p) for p in source.parts)])
     if source.kind == "hf" and source.streaming:
         # A stream has no fingerprint of its own: hash what it yields (one more pass, memory flat).
         digest = hashlib.sha256()

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, progress
-from mtkit.corpus import normalize
+from mtkit.corpus import normalize, tag
 from mtkit.errors import MtkitError
 from mtkit.search import Hypothesis
 from mtkit.tokenizer import Tokenizer
@@ -57,22 +57,47 @@ class Engine:
                                  f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
             raise MtkitError(f"bad decoding settings: {problems}") from None
 
-    def translate(self, lines: Sequence[str], **settings) -> list[str]:
+    def translate(self, lines: Sequence[str], target_lang: str | None = None, **settings) -> list[str]:
         """The best translation of each line, in order; a blank line gives "".
 
-        settings: decoding settings (beam_size, alpha, n_best, max_len_a, max_len_b, max_tokens),
-        by default the experiment's `decode` section, e.g. translate(lines, beam_size=1)."""
-        return [hyps[0][1] for hyps in self.translate_nbest(lines, **settings)]
+        target_lang: the language to translate into, needed by a model with several (their tag
+        goes before each line). settings: decoding settings (beam_size, alpha, n_best, max_len_a,
+        max_len_b, max_tokens), by default the experiment's `decode` section, e.g.
+        translate(lines, beam_size=1)."""
+        return [hyps[0][1] for hyps in self.translate_nbest(lines, target_lang, **settings)]
 
-    def translate_nbest(self, lines: Sequence[str], **settings) -> list[list[tuple[float, str]]]:
+    def translate_nbest(self, lines: Sequence[str], target_lang: str | None = None,
+                        **settings) -> list[list[tuple[float, str]]]:
         """For each line up to n_best (score, translation), best first; a blank line gives
         [(0.0, "")]. The score, higher is better, is the log-probability divided by GNMT's length
         penalty ((5 + length) / 6) ** alpha (length counting EOS), for greedy and beam search alike:
         with alpha 0 it is the plain log-probability."""
-        return self.translate_ids(self.encode(lines), self.options(**settings))
+        return self.translate_ids(self.encode(lines, target_lang), self.options(**settings))
 
-    def encode(self, lines: Sequence[str]) -> list[list[int]]:
-        """Raw lines -> source ids (normalized first); a blank line -> []."""
+    @property
+    def targets(self) -> list[str]:
+        """The languages this model translates into (one, unless trained on several directions)."""
+        data = self.config.get("data", {})
+        return sorted({d.split("-")[1] for d in data.get("directions") or []} or {data.get("tgt")})
+
+    def tag_for(self, target_lang: str | None) -> str:
+        """What goes before each source line: a model with several target languages is told which
+        one by its tag (<2xx>); one with a single target needs none."""
+        targets = self.targets
+        if len(targets) > 1:
+            if target_lang is None:
+                raise MtkitError(f"this model translates into {', '.join(targets)}: say which with --tgt-lang",
+                                 hint=f"e.g. --tgt-lang {targets[0]} (Python: target_lang=...)")
+            if target_lang not in targets:
+                raise MtkitError(f"--tgt-lang {target_lang!r}: this model translates into {', '.join(targets)}")
+            return tag(target_lang)
+        if target_lang is not None and target_lang != targets[0]:
+            raise MtkitError(f"--tgt-lang {target_lang!r}: this model translates into {targets[0]} only")
+        return ""
+
+    def encode(self, lines: Sequence[str], target_lang: str | None = None) -> list[list[int]]:
+        """Raw lines -> source ids (normalized first, then tagged when the model has several
+        target languages); a blank line -> []."""
         if isinstance(lines, (str, bytes)):  # it would be taken for a list of characters
             raise TypeError(f"expected a list of lines, got one {type(lines).__name__}: write translate([line])")
         lines = list(lines)
@@ -80,7 +105,9 @@ class Engine:
             if not isinstance(line, str):
                 raise TypeError(f"line {i} is {type(line).__name__}, not str" +
                                 (" (decode the bytes first)" if isinstance(line, bytes) else ""))
-        return self.tokenizer.encode_src([normalize(line) for line in lines])
+        label = self.tag_for(target_lang)
+        return self.tokenizer.encode_src([f"{label} {text}" if label and text else text
+                                          for text in map(normalize, lines)])
 
     def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
         return [self._texts(hyps) for hyps in self.search(ids, opts)]
@@ -151,7 +178,7 @@ def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
 
 
 def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: TextIO, opts: DecodeOptions,
-                     on_lines=None, on_attention=None) -> int:
+                     on_lines=None, on_attention=None, target_lang: str | None = None) -> int:
     """Translate chunks of raw lines and write the results; returns the number of lines.
     on_attention(line number, AttentionMap): also called for each non-blank line with the
     cross-attention of its translation (the CLI draws it)."""
@@ -165,7 +192,7 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
                 raw = raw[3:]  # a UTF-8 BOM is not text
             lines.append(decode_line(raw, number, _warn))
         first = number - len(lines) + 1
-        ids = translator.encode(lines)
+        ids = translator.encode(lines, target_lang)
         for i in cut(translator, ids):
             warned_long += 1
             if warned_long <= 10:
@@ -218,7 +245,7 @@ def open_input(source: Path) -> tuple[BinaryIO, int | None]:
 
 
 def translate_file(translator: Engine, source: Path | None, target: Path | None, opts: DecodeOptions,
-                   on_attention=None) -> int:
+                   on_attention=None, target_lang: str | None = None) -> int:
     """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
     under a temporary name and renamed when complete. on_attention: as for translate_stream."""
     if target is not None and target.is_dir():
@@ -231,7 +258,8 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
         inp, total = open_input(source)
     try:
         if target is None:
-            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, on_attention=on_attention)
+            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, on_attention=on_attention,
+                                    target_lang=target_lang)
         tmp = target.with_name(f".{target.name}.tmp")
         try:
             out = open(tmp, "w", encoding="utf-8")
@@ -242,7 +270,7 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
             with out, progress() as bar:
                 task = bar.add_task(f"translate -> {target}", total=total)
                 n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
-                                     on_attention)
+                                     on_attention, target_lang)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

@@ -15,17 +15,35 @@ from mtkit.translate import Translator
 LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
 
 
-def bleu_tokenizer(cfg: Config) -> str:
-    """BLEU's tokenizer for this experiment, proven usable (a missing MeCab is said before any work)."""
-    return metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt))
+def bleu_tokenizer(cfg: Config, tgt: str | None = None) -> str:
+    """BLEU's tokenizer for this experiment into `tgt` (default: the first of its target languages),
+    each target's proven usable: a missing MeCab is said before any work."""
+    return [metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, t))
+            for t in ([tgt] if tgt else cfg.data.targets)][0]
+
+
+def directions_of(cfg: Config, direction: str | None) -> list[str | None]:
+    """What `mtkit eval` scores: the named direction (another than the trained ones too: zero-shot,
+    when the model knows its target language), else each of the experiment's (None: its one pair)."""
+    if direction is None:
+        return list(cfg.data.directions) or [None]
+    src, _, tgt = direction.partition("-")
+    if not src or not tgt or src == tgt:
+        raise MtkitError(f"--direction {direction!r}: a source and a target language, e.g. de-en")
+    return [direction]
 
 
 def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = None,
-                   model: Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
+                   model: Path | None = None, device: str = "auto", precision: str = "auto",
+                   direction: str | None = None) -> dict:
     """Translate a split's raw source with the experiment's eval.checkpoint (or `model`) and
-    score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json; a
-    rerun with the same checkpoint, data and decoding settings (precision included) reuses them."""
+    score it against the raw references. Output: <workdir>/eval/<split>.hyp and <split>.json
+    (<split>.<direction>.* for one of several directions); a rerun with the same checkpoint,
+    data and decoding settings (precision included) reuses them."""
     split = split or cfg.eval.split
+    if direction is None and cfg.data.directions:
+        raise MtkitError("this experiment has several translation directions: score one at a time",
+                         hint=f"mtkit eval CONFIG --direction {cfg.data.directions[0]} (Python: direction=...)")
     if split not in ("valid", "test"):
         raise MtkitError(f"the split to score is valid or test, not {split!r}")
     ckpt = checkpoint.resolve(model) if model else cfg.eval_checkpoint
@@ -33,34 +51,40 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-    source = corpus.source_for(**cfg.data.source_args(split))
-    tokenize = bleu_tokenizer(cfg)
+    args = cfg.data.source_args(split)
+    if direction is not None:  # its own files, untagged: the translator adds the tag
+        args = {k: v for k, v in args.items() if k not in ("directions", "tagged")} | dict(
+            zip(("src", "tgt"), direction.split("-", 1)))
+    source = corpus.source_for(**args)
+    tokenize = bleu_tokenizer(cfg, source.tgt)
     translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
+    target_lang = source.tgt if direction is not None else None
+    translator.tag_for(target_lang)  # a target the model does not know is said before any work
     # Every setting given, so the experiment's decode section wins over the checkpoint's; validated
     # (a beam of 0 is an error, not the default).
     opts = translator.options(**cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1}))
     key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
                        "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize,
                        "precision": translator.precision})
-    out = cfg.workdir / "eval"
-    previous = read_json(out / f"{split}.json")
-    if previous and previous.get("key") == key and (out / f"{split}.hyp").exists():
-        info(f"eval: up to date ({out / f'{split}.json'})")
+    out, name = cfg.workdir / "eval", split if direction is None else f"{split}.{direction}"
+    previous = read_json(out / f"{name}.json")
+    if previous and previous.get("key") == key and (out / f"{name}.hyp").exists():
+        info(f"eval: up to date ({out / f'{name}.json'})")
         return previous | {"up_to_date": True}  # (not saved: says this call reused the result)
     pairs = list(corpus.read_pairs(source))
     sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
     start = time.perf_counter()
     with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
-        hypotheses = translator.translate(sources, **opts.model_dump())
+        hypotheses = translator.translate(sources, target_lang, **opts.model_dump())
     seconds = time.perf_counter() - start
     scores = metrics.score(hypotheses, [references], cfg.eval.metrics, tokenize)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    result = {"split": split, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
+    (out / f"{name}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    result = {"split": name, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
               "precision": translator.precision, "device": str(translator.device),
               "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
               "samples": [{"src": s, "hyp": h, "ref": r} for s, h, r in zip(sources[:3], hypotheses, references)]}
-    write_json(out / f"{split}.json", result)
+    write_json(out / f"{name}.json", result)
     return result
 
 

@@ -38,11 +38,16 @@ class BadInput(MtkitError):
         self.field = field
 
 
-def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: str | None = None) -> dict:
-    """Everything the Explorer shows for one sentence, searched with `opts` (beam and greedy)."""
+def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: str | None = None,
+            target_lang: str | None = None) -> dict:
+    """Everything the Explorer shows for one sentence, searched with `opts` (beam and greedy);
+    target_lang: for a model of several target languages, which one."""
     if opts.beam_size > MAX_BEAM:
         raise BadInput("beam_size", f"beam_size {opts.beam_size}: the Explorer draws at most {MAX_BEAM} beams")
-    ids = translator.encode([line])[0]
+    try:
+        ids = translator.encode([line], target_lang)[0]
+    except MtkitError as e:  # a model of several target languages, and none or an unknown one named
+        raise BadInput("target_lang", e.message) from None
     if not ids:
         raise BadInput("text", "nothing to explain: the sentence is empty")
     warnings = []
@@ -217,13 +222,14 @@ def explorer_page(live: bool, data: dict | None = None) -> str:
     return html
 
 
-def explore_page(translator: "Translator", line: str, output: Path, whatif: str | None = None, **settings) -> dict:
+def explore_page(translator: "Translator", line: str, output: Path, whatif: str | None = None,
+                 target_lang: str | None = None, **settings) -> dict:
     """`mtkit explore`: explain one sentence and write the Explorer page with the answer in it."""
     if output.is_dir():
         raise MtkitError(f"--output {output} is a folder", hint="name a file to write, e.g. -o explorer.html")
     if not output.parent.is_dir():  # said before the work, not after it
         raise MtkitError(f"cannot write --output {output}: its folder does not exist", hint="create it first")
-    found = explain(translator, line, translator.options(**settings), whatif)
+    found = explain(translator, line, translator.options(**settings), whatif, target_lang)
     try:
         output.write_text(explorer_page(live=False, data=found), encoding="utf-8")
     except OSError as e:

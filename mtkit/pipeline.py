@@ -86,11 +86,12 @@ def run(cfg: Config) -> None:
     bleu_tokenizer(cfg)
     tok, data = prepare_data(cfg)
     trained, progress = train_if_needed(cfg)
-    result = evaluate_split(cfg, "test")
-    console.print("[bold]sample translations (test)[/]")
-    for s in result["samples"]:
-        console.print(f"  src: {s['src']}\n  hyp: {s['hyp']}\n  ref: {s['ref']}\n")
-    print_scores(result, cfg.eval.metrics)
+    results = [evaluate_split(cfg, "test", direction=d) for d in list(cfg.data.directions) or [None]]
+    for result in results:
+        console.print(f"[bold]sample translations ({result['split']})[/]")
+        for s in result["samples"]:
+            console.print(f"  src: {s['src']}\n  hyp: {s['hyp']}\n  ref: {s['ref']}\n")
+        print_scores(result, cfg.eval.metrics)
     train_split = data.manifest["splits"]["train"]
     t = table(f"experiment {cfg.experiment.name}", ["stage", "status", "result"])
     t.add_row("tokenizer", "up to date" if tok.skipped else "done", str(tok.folder))
@@ -99,7 +100,9 @@ def run(cfg: Config) -> None:
     best = f"best valid BLEU {progress.best_bleu:.2f} at step {progress.best_step:,}" \
         if progress.best_bleu is not None else "no validation"
     t.add_row("train", trained, f"{progress.step:,} steps, {progress.seconds / 60:.1f} min, {best}")
-    t.add_row("translate + eval", "up to date" if result.get("up_to_date") else "done", f"test BLEU {result['bleu']['score']:.2f}"
-              + (f", chrF {result['chrf']['score']:.2f}" if "chrf" in result else "")
-              + f" (beam {result['beam_size']}) -> {cfg.workdir / 'eval'}")
+    for result in results:
+        t.add_row("translate + eval", "up to date" if result.get("up_to_date") else "done",
+                  f"{result['split']} BLEU {result['bleu']['score']:.2f}"
+                  + (f", chrF {result['chrf']['score']:.2f}" if "chrf" in result else "")
+                  + f" (beam {result['beam_size']}) -> {cfg.workdir / 'eval'}")
     console.print(t)

@@ -43,7 +43,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     tok_info = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
     _check_tokenizer_is_current(cfg, tok_info, inputs["train"]["sha256"])
     d = cfg.data
-    settings = {"src": d.src, "tgt": d.tgt, "min_len": d.min_len, "max_len": d.max_len,
+    settings = {**d.languages, "min_len": d.min_len, "max_len": d.max_len,
                 "max_ratio": d.max_ratio, "dedup": d.dedup, "encoding_errors": d.encoding_errors,
                 "format_version": FORMAT_VERSION}
     fingerprint = sha256_json({"inputs": inputs, "tokenizer": tok.fingerprint, "settings": settings})
@@ -71,6 +71,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     w.close()
             done = splits[split]["pairs_in"]
             bar.update(task, total=done, completed=done)
+            if source.kind == "several" and split != "train":  # kept whole and in order: where each direction is
+                splits[split]["directions"] = _ranges(source)
             unk = splits[split].pop("unk")
             for side in ("src", "tgt"):
                 splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name)) | {"unk": unk[side]}
@@ -88,7 +90,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
 def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -> None:
     """Refuse to encode with a tokenizer that the config or the train data no longer describe."""
-    wanted = {**cfg.tokenizer.model_dump(mode="json"), "src": cfg.data.src, "tgt": cfg.data.tgt}
+    wanted = {**cfg.tokenizer.model_dump(mode="json"), **cfg.data.languages}
     had = trained.get("settings", {})
     changed = [f"{k}={had.get(k)!r} (config: {v!r})" for k, v in wanted.items() if had.get(k) != v]
     if trained.get("train_sha256") != train_sha256:
@@ -96,6 +98,16 @@ def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -
     if changed:
         raise MtkitError(f"the tokenizer in {cfg.tokenizer_dir} does not match this config: {'; '.join(changed)}",
                          hint="retrain it first: mtkit tokenizer train CONFIG (or use mtkit run CONFIG)")
+
+
+def _ranges(source: corpus.Source) -> dict[str, list[int]]:
+    """Direction -> [first, end) of its lines in a split read whole (valid, test)."""
+    ranges, start = {}, 0
+    for part in source.parts:
+        end = start + sum(1 for _ in corpus.read_pairs(part))
+        ranges[f"{part.src}-{part.tgt}"] = [start, end]
+        start = end
+    return ranges
 
 
 def _key(*parts: str) -> bytes:

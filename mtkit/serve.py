@@ -164,6 +164,7 @@ class TranslateRequest(BaseModel):
     beam_size: int | None = Field(None, ge=1, description="Beam size (1: greedy); default: the server's.")
     alpha: float | None = Field(None, ge=0.0, description="Length penalty exponent; default: the server's.")
     n_best: int | None = Field(None, ge=1, description="Hypotheses per line (at most beam_size).")
+    target_lang: str | None = Field(None, description="The language to translate into (a model of several needs it).")
 
 
 class ExplainRequest(BaseModel):
@@ -172,6 +173,7 @@ class ExplainRequest(BaseModel):
     beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="Beam size (1: greedy); default: the server's.")
     alpha: float | None = Field(None, ge=0.0, le=5.0, description="Length penalty exponent; default: the server's.")
     translation: str | None = Field(None, description="What if: a translation for the model to score, subword by subword.")
+    target_lang: str | None = Field(None, description="The language to translate into (a model of several needs it).")
 
 
 class Scored(BaseModel):
@@ -210,8 +212,8 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
         if chars > settings.max_chars:
             raise HTTPException(413, f"{chars:,} characters: a request takes at most serve.max_chars "
                                      f"({settings.max_chars:,})")
-        opts = request_options(defaults, request.model_dump(exclude={"text"}, exclude_none=True))
-        ids = translator.encode(request.text)
+        opts = request_options(defaults, request.model_dump(exclude={"text", "target_lang"}, exclude_none=True))
+        ids = encode(translator, request.text, request.target_lang)
         warnings = [f"text[{i}]: longer than the model's {translator.max_source_tokens} source tokens; "
                     f"translated its beginning only" for i in cut(translator, ids)]
         found = await asyncio.wrap_future(batcher.submit(ids, opts))
@@ -254,7 +256,8 @@ def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeOptions, settin
         opts = request_options(defaults.model_copy(update={"n_best": 1}), given)
         try:
             return await asyncio.wrap_future(batcher.run(lambda engine: explain(engine, request.text, opts,
-                                                                                  request.translation)))
+                                                                                  request.translation,
+                                                                                  request.target_lang)))
         except BadInput as e:
             raise RequestValidationError([{"type": "value_error", "loc": ("body", e.field), "msg": e.message,
                                            "input": getattr(request, e.field)}]) from None
@@ -263,6 +266,16 @@ def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeOptions, settin
     async def explorer() -> str:
         """The Explorer: a page that asks /v1/explain and draws the answer."""
         return page
+
+
+def encode(translator: Engine, lines: list[str], target_lang: str | None) -> list[list[int]]:
+    """The request's lines as source ids; a model of several target languages needs target_lang
+    (a 422 naming it, else)."""
+    try:
+        return translator.encode(lines, target_lang)
+    except MtkitError as e:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "target_lang"), "msg": e.message,
+                                       "input": target_lang}]) from None
 
 
 def request_options(defaults: DecodeOptions, given: dict) -> DecodeOptions:
@@ -282,6 +295,8 @@ def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
     state = checkpoint.load(translator.path, mmap=True)
     data = translator.config.get("data", {})
     return {"source_language": data.get("src"), "target_language": data.get("tgt"),
+            "directions": data.get("directions") or [f"{data.get('src')}-{data.get('tgt')}"],
+            "target_languages": translator.targets,
             "parameters": sum(p.numel() for p in translator.model.parameters()),
             "model": asdict(translator.model.cfg), "decode": defaults.model_dump(),
             "checkpoint": str(translator.path), "step": state.get("step"),

@@ -23,9 +23,11 @@ _BREAKS = re.compile(r" *[\x00-\x1f\x7f-\x9f\u2028\u2029][\x00-\x20\x7f-\x9f\u20
 
 
 def train_model(sentences: Iterable[str], *, model_type: str, vocab_size: int, character_coverage: float,
-                byte_fallback: bool, threads: int, what: str = "") -> bytes:
-    """Train a SentencePiece model; returns the serialized model."""
+                byte_fallback: bool, threads: int, what: str = "", symbols: Sequence[str] = ()) -> bytes:
+    """Train a SentencePiece model; returns the serialized model. symbols: pieces that are always
+    whole (target-language tags), never cut or merged."""
     out = io.BytesIO()
+    extra = {"user_defined_symbols": list(symbols)} if symbols else {}
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=out, model_type=model_type,
@@ -35,7 +37,7 @@ def train_model(sentences: Iterable[str], *, model_type: str, vocab_size: int, c
             # characters the references keep, and detokenized output would differ from them.
             normalization_rule_name="identity",
             input_sentence_size=0,  # the caller samples, reproducibly
-            num_threads=threads, minloglevel=2,
+            num_threads=threads, minloglevel=2, **extra,
         )
     except RuntimeError as e:
         raise _training_error(str(e), vocab_size, what) from None

@@ -132,14 +132,17 @@ class Trainer:
         corpus.ensure_demo(cfg.data.format, cfg.data.dir)
         valid = corpus.source_for(**cfg.data.source_args("valid"))
         self.references = [tgt for _, tgt in corpus.read_pairs(valid)]
-        n_valid = len(self.valid_src)
-        sample = np.arange(n_valid)
-        if 0 < t.eval_sample < n_valid:  # a fixed sample: every validation scores the same sentences
-            sample = np.sort(np.random.default_rng(cfg.experiment.seed).choice(n_valid, t.eval_sample, replace=False))
-        self.bleu_sample = sample
-        # BLEU's tokenizer follows the target language (13a would score Chinese as one word a line);
-        # checked now, so that a missing MeCab is said before training, not at its first validation.
-        self.bleu_tokenizer = check_tokenizer(bleu_tokenizer(cfg.eval.tokenize, cfg.data.tgt))
+        # BLEU is scored per direction (one, for a single pair) on a fixed sample of its lines, with
+        # the tokenizer of its target language (13a would score Chinese as one word a line), checked
+        # now: a missing MeCab is said before training, not at its first validation.
+        n_valid, rng = len(self.valid_src), np.random.default_rng(cfg.experiment.seed)
+        ranges = self.manifest["splits"]["valid"].get("directions") or {"-".join(cfg.data.pairs[0]): [0, n_valid]}
+        self.bleu_groups = {}
+        for name, (a, b) in ranges.items():
+            share = t.eval_sample if len(ranges) == 1 else max(1, round(t.eval_sample * (b - a) / n_valid))
+            ix = a + (np.sort(rng.choice(b - a, share, replace=False)) if 0 < share < b - a else np.arange(b - a))
+            self.bleu_groups[name] = (ix, check_tokenizer(bleu_tokenizer(cfg.eval.tokenize, name.split("-")[1])))
+        self.bleu_sample = np.concatenate([ix for ix, _ in self.bleu_groups.values()])
         cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
         self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
 
@@ -311,9 +314,14 @@ class Trainer:
                 n_tokens += b.n_tgt_tokens
             hyps = self._greedy(model, self.bleu_sample)
         model.train(was_training)
-        score, signature = bleu(hyps, [self.references[i] for i in self.bleu_sample], self.bleu_tokenizer)
+        found = dict(zip(self.bleu_sample.tolist(), hyps))
+        scores = {}
+        for name, (ix, tokenize) in self.bleu_groups.items():  # several directions: their mean decides
+            scores[name], signature = bleu([found[i] for i in ix], [self.references[i] for i in ix], tokenize)
         loss = loss_sum / n_tokens
-        return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2), "bleu": round(score, 2),
+        several = {"bleu_by_direction": {k: round(v, 2) for k, v in scores.items()}} if len(scores) > 1 else {}
+        return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2),
+                "bleu": round(sum(scores.values()) / len(scores), 2), **several,
                 "sentences": len(self.bleu_sample), "seconds": round(time.perf_counter() - start, 1),
                 "signature": signature, "sample": hyps[:1]}
 
@@ -421,8 +429,9 @@ class Trainer:
         self.log.write({"event": "valid", "step": p.step, **{k: v for k, v in result.items() if k != "sample"},
                         "best_bleu": p.best_bleu})
         mark = " (best)" if improved else f" (best {p.best_bleu:.2f} at step {p.best_step:,})"
+        by = "".join(f" {k} {v:.2f}" for k, v in result.get("bleu_by_direction", {}).items())
         console.print(f"valid step {p.step:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | "
-                      f"BLEU {result['bleu']:.2f}{mark} | {result['seconds']:.1f}s")
+                      f"BLEU {result['bleu']:.2f}{' (mean of' + by + ')' if by else ''}{mark} | {result['seconds']:.1f}s")
         return improved
 
     def _log_window(self, window: "Window") -> None:

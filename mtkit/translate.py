@@ -56,12 +56,12 @@ class Translator(Engine):
     def max_source_tokens(self) -> int:
         return self.model.cfg.max_positions - 1  # room for EOS
 
-    def attention(self, line: str, **settings) -> "AttentionMap":
+    def attention(self, line: str, target_lang: str | None = None, **settings) -> "AttentionMap":
         """Translate one sentence and return the cross-attention that wrote its best translation
         (the one the search itself used, collected while it ran)."""
         if not isinstance(line, str):
             raise TypeError(f"attention() takes one sentence (str), not {type(line).__name__}")
-        ids = self.encode([line])[0]
+        ids = self.encode([line], target_lang)[0]
         if not ids:
             raise MtkitError("nothing to translate: the sentence is empty")
         return self.attention_map(line, ids, self.search([ids], self.options(**settings), attention=True)[0][0])

@@ -28,8 +28,8 @@ class TokenizerResult:
 
 def settings_of(cfg: Config) -> dict:
     """Everything that shapes the vocabulary besides the data itself."""
-    return {**cfg.tokenizer.model_dump(mode="json"), "src": cfg.data.src, "tgt": cfg.data.tgt,
-            "seed": cfg.experiment.seed, "version": FORMAT_VERSION}
+    return {**cfg.tokenizer.model_dump(mode="json"), **cfg.data.languages, "seed": cfg.experiment.seed,
+            "version": FORMAT_VERSION}
 
 
 def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
@@ -48,14 +48,15 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     t = cfg.tokenizer
     options = dict(model_type=t.type, vocab_size=t.vocab_size, character_coverage=t.character_coverage,
                    byte_fallback=t.byte_fallback, threads=t.threads)
+    tags = [corpus.tag(lang) for lang in cfg.data.targets] if cfg.data.tagged else []  # whole pieces, source side
     what = f"{t.type} {'joint' if t.joint else 'separate'} vocabulary of {t.vocab_size}"
     info(f"tokenizer: training {what} on {len(src_lines):,} of {n_pairs:,} train pairs")
     with console.status(f"training SentencePiece ({what})"):
         if t.joint:
-            tok = Tokenizer(train_model(src_lines + tgt_lines, what="the train split", **options))
+            tok = Tokenizer(train_model(src_lines + tgt_lines, what="the train split", symbols=tags, **options))
         else:
-            tok = Tokenizer(train_model(src_lines, what=f"the {cfg.data.src} side", **options),
-                            train_model(tgt_lines, what=f"the {cfg.data.tgt} side", **options))
+            tok = Tokenizer(train_model(src_lines, what=f"the {cfg.data.src or 'source'} side", symbols=tags, **options),
+                            train_model(tgt_lines, what=f"the {cfg.data.tgt or 'target'} side", **options))
     with atomic_dir(out) as tmp:
         tok.save(tmp)
         write_json(tmp / "tokenizer.json", {

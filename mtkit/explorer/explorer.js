@@ -57,6 +57,7 @@ async function explainNow(withWhatif = false) {
   if (!Number.isInteger(beam) || beam < 1 || beam > 16) { fail("Beam size: a whole number from 1 to 16."); return; }
   if (!(alpha >= 0 && alpha <= 5)) { fail("Length penalty α: a number from 0 to 5."); return; }
   const body = { text, beam_size: beam, alpha };
+  if (!$("target-field").hidden) body.target_lang = $("target").value;  // a model of several target languages
   const whatif = $("whatif-text").value;
   if (withWhatif && !whatif.trim()) { fail("What if: type a translation to score."); return; }
   if (withWhatif || (data && data.whatif && data.whatif.text === whatif)) body.translation = whatif;
@@ -295,12 +296,19 @@ function start() {
     $("text").addEventListener("input", soon);
     $("beam").addEventListener("input", soon);
     $("alpha").addEventListener("input", soon);
+    $("target").addEventListener("change", soon);
     $("whatif-go").addEventListener("click", () => explainNow(true));
     $("whatif-text").addEventListener("keydown", (e) => { if (e.key === "Enter") explainNow(true); });
     fetch("/v1/model").then((r) => r.json()).then((m) => {
       $("about").textContent = `Model: ${m.source_language} → ${m.target_language}, ${m.parameters.toLocaleString("en")} parameters, ` +
         `step ${m.step}` + (m.valid_bleu ? `, validation BLEU ${m.valid_bleu.toFixed(1)}` : "") + ". Every number below comes from it.";
-      $("src-lang").textContent = `(${m.source_language})`;
+      $("src-lang").textContent = m.source_language ? `(${m.source_language})` : "";
+      if (m.target_languages.length > 1) {
+        options($("target"), m.target_languages.map((t) => [t, t]));
+        $("target-field").hidden = false;
+        $("about").textContent = `Model: ${m.directions.join(", ")}, ${m.parameters.toLocaleString("en")} parameters. ` +
+          "Every number below comes from it.";
+      }
       $("beam").value = m.decode.beam_size;
       $("alpha").value = m.decode.alpha;
     }).catch(() => fail("The server does not answer: is `mtkit serve` still running?"));

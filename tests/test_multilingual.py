@@ -1,0 +1,132 @@
+"""One model, several translation directions (data.directions): a made-up three-way corpus from
+the demo one (English, Veshi, and "Ihsev": Veshi with its words in reverse order), trained as one
+model for en-vs and en-sv. The tag <2xx> before each source tells it which target to write, the
+tokenizer keeps the tags whole, validation and eval score each direction, and translate needs
+--tgt-lang."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mtkit import checkpoint
+from mtkit.corpus import read_lines
+from mtkit.metrics import bleu
+from tests.conftest import TINY_MODEL, write_config
+
+SIZES = {"train": 4000, "valid": 60, "test": 60}
+
+
+@pytest.fixture(scope="module")
+def three_way(tmp_path_factory, demo_dir) -> Path:
+    folder = tmp_path_factory.mktemp("three_way")
+    for split, n in SIZES.items():
+        en, vs = (list(read_lines(demo_dir / f"{split}.{lang}"))[:n] for lang in ("en", "vs"))
+        for lang, lines in (("en", en), ("vs", vs), ("sv", [" ".join(reversed(line.split())) for line in vs])):
+            (folder / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(three_way, tmp_path_factory):
+    """`mtkit run` of a two-direction experiment: tokenizer, prepare, train, eval of each."""
+    from mtkit.cli import main
+
+    folder = tmp_path_factory.mktemp("multi")
+    config = write_config(folder, data={"dir": str(three_way), "directions": ["en-vs", "en-sv"]},
+                          tokenizer={"vocab_size": 300}, model=TINY_MODEL | {"d_model": 64, "ff_dim": 128},
+                          train={"precision": "fp32", "max_tokens": 1500, "warmup": 30, "max_steps": 500, "lr": 5e-3,
+                                 "log_every": 50, "eval_every": 250, "save_every": 250, "eval_sample": 40},
+                          decode={"beam_size": 2})
+    try:
+        main(["run", str(config)])
+    except SystemExit as e:
+        assert not e.code
+    return config, folder / "run"
+
+
+def test_the_tags_are_whole_pieces_and_each_direction_is_prepared(run):
+    from mtkit.tokenizer import Tokenizer
+
+    _, workdir = run
+    tok = Tokenizer.load(workdir / "tokenizer")
+    for tag in ("<2vs>", "<2sv>"):  # one piece, after SentencePiece's word-start mark
+        assert tok.src.encode(f"{tag} The dog sees a cat.", out_type=str)[:2] == ["▁", tag]
+    manifest = json.loads((workdir / "data" / "manifest.json").read_text())
+    assert manifest["settings"]["directions"] == ["en-vs", "en-sv"]
+    for split in ("valid", "test"):
+        assert manifest["splits"][split]["directions"] == {"en-vs": [0, 60], "en-sv": [60, 120]}
+    assert manifest["splits"]["train"]["pairs_in"] == 2 * SIZES["train"]
+
+
+def test_validation_scores_each_direction_and_their_mean_decides(run):
+    _, workdir = run
+    valid = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "valid"]
+    assert valid and all(set(v["bleu_by_direction"]) == {"en-vs", "en-sv"} for v in valid)
+    for v in valid:
+        assert v["bleu"] == pytest.approx(sum(v["bleu_by_direction"].values()) / 2, abs=0.01)
+    assert checkpoint.load(workdir / "checkpoints" / "best.pt")["progress"]["best_bleu"] == max(v["bleu"] for v in valid)
+    for direction in ("en-vs", "en-sv"):  # mtkit run scored each on test
+        assert json.loads((workdir / "eval" / f"test.{direction}.json").read_text())["sentences"] == 60
+
+
+def test_translate_needs_a_target_language_and_follows_it(run, three_way, cli, tmp_path):
+    from mtkit.translate import Translator
+
+    _, workdir = run
+    code, _, err = cli("translate", workdir, "-i", three_way / "test.en")
+    assert code == 2 and "this model translates into sv, vs: say which with --tgt-lang" in err
+    code, _, err = cli("translate", workdir, "-i", three_way / "test.en", "--tgt-lang", "fr")
+    assert code == 2 and "--tgt-lang 'fr': this model translates into sv, vs" in err
+    outputs = {}
+    for lang in ("vs", "sv"):
+        code, out, err = cli("translate", workdir, "-i", three_way / "test.en", "--tgt-lang", lang)
+        assert code == 0, err
+        outputs[lang] = out.splitlines()
+        assert outputs[lang] == Translator.load(workdir).translate(list(read_lines(three_way / "test.en")), lang)
+    # the tag decides: each output is nearer its own language's references than the other's
+    assert sum(a != b for a, b in zip(outputs["vs"], outputs["sv"])) > 50
+    refs = {lang: list(read_lines(three_way / f"test.{lang}")) for lang in ("vs", "sv")}
+    score = {(out, ref): bleu(outputs[out], refs[ref], "13a")[0] for out in refs for ref in refs}
+    assert score["vs", "vs"] > score["sv", "vs"] + 2 and score["sv", "sv"] > score["vs", "sv"] + 2
+
+
+def test_eval_scores_one_direction_or_each(run, cli):
+    config, workdir = run
+    code, out, err = cli("eval", config, "--direction", "en-sv", "--json")
+    assert code == 0, err
+    assert json.loads(out)["sentences"] == 60
+    code, out, err = cli("eval", config, "--json")
+    assert code == 0, err
+    assert set(json.loads(out)) == {"test.en-vs", "test.en-sv"}
+    code, out, err = cli("eval", config, "--direction", "en-fr")
+    assert code == 2 and "no test file" in err
+    # zero-shot: a direction never trained (Veshi into Ihsev), into a target the model knows
+    code, out, err = cli("eval", config, "--direction", "vs-sv", "--json")
+    assert code == 0, err
+    assert json.loads(out)["sentences"] == 60 and (run[1] / "eval" / "test.vs-sv.hyp").is_file()
+
+
+def test_the_server_takes_target_lang_and_asks_for_it(run, three_way):
+    pytest.importorskip("fastapi")
+    from mtkit.translate import Translator
+    from tests.test_serve import Server
+
+    _, workdir = run
+    lines = list(read_lines(three_way / "test.en"))[:5]
+    s = Server(workdir)
+    try:
+        assert s.request("/v1/model")[1]["target_languages"] == ["sv", "vs"]
+        code, answer = s.translate(lines, target_lang="sv")
+        assert code == 200 and answer["translations"] == Translator.load(workdir).translate(lines, "sv")
+        code, answer = s.translate(lines)
+        assert code == 422 and answer["detail"][0]["loc"] == ["body", "target_lang"]
+        assert "say which" in answer["detail"][0]["msg"]
+        code, answer = s.request("/v1/explain", {"text": lines[0], "target_lang": "vs", "beam_size": 2})
+        assert code == 200 and answer["source"]["pieces"][:2] == ["▁", "<2vs>"]
+        assert answer["beam"]["translation"] == Translator.load(workdir).translate(lines[:1], "vs", beam_size=2)[0]
+        code, answer = s.request("/v1/explain", {"text": lines[0], "target_lang": "fr"})
+        assert code == 422 and answer["detail"][0]["loc"] == ["body", "target_lang"]
+    finally:
+        assert s.stop() == 0
