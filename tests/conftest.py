@@ -18,6 +18,7 @@ from hypothesis import settings  # noqa: E402
 
 from mtkit import demo  # noqa: E402
 from mtkit.cli import main  # noqa: E402
+from mtkit.corpus import read_lines  # noqa: E402
 
 # The fuzz tests draw the same examples on every run, so that CI never fails by luck;
 # HYPOTHESIS_PROFILE=explore draws new ones each run (run it after changing what they test).
@@ -90,3 +91,34 @@ def trained(tmp_path_factory, demo_dir) -> Path:
     except SystemExit as e:
         assert not e.code
     return folder / "run"
+
+
+# A three-way corpus (en, vs and sv: Veshi with its words reversed) and one model of two directions.
+MULTI_SIZES = {"train": 4000, "valid": 60, "test": 60}
+
+
+@pytest.fixture(scope="session")
+def three_way(tmp_path_factory, demo_dir) -> Path:
+    folder = tmp_path_factory.mktemp("three_way")
+    for split, n in MULTI_SIZES.items():
+        en, vs = (list(read_lines(demo_dir / f"{split}.{lang}"))[:n] for lang in ("en", "vs"))
+        for lang, lines in (("en", en), ("vs", vs), ("sv", [" ".join(reversed(line.split())) for line in vs])):
+            (folder / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def multi_run(three_way, tmp_path_factory):
+    """`mtkit run` of a two-direction experiment (tests/test_multilingual.py): tokenizer, prepare,
+    train, eval of each."""
+    folder = tmp_path_factory.mktemp("multi")
+    config = write_config(folder, data={"dir": str(three_way), "directions": ["en-vs", "en-sv"]},
+                          tokenizer={"vocab_size": 300}, model=TINY_MODEL | {"d_model": 64, "ff_dim": 128},
+                          train={"precision": "fp32", "max_tokens": 1500, "warmup": 30, "max_steps": 500, "lr": 5e-3,
+                                 "log_every": 50, "eval_every": 250, "save_every": 250, "eval_sample": 40},
+                          decode={"beam_size": 2})
+    try:
+        main(["run", str(config)])
+    except SystemExit as e:
+        assert not e.code
+    return config, folder / "run"

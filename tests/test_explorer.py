@@ -223,3 +223,24 @@ def test_the_commands_of_docs_explorer_md(trained, cli, tmp_path):
         assert answer["beam"]["translation"] == s.translate(["The dog follows the cat."], beam_size=3)[1]["translations"][0]
     finally:
         assert s.stop() == 0
+
+
+def test_a_model_of_several_target_languages_offers_the_choice(page, multi_run, three_way):
+    from mtkit.translate import Translator
+
+    _, workdir = multi_run
+    line = (three_way / "test.en").read_text(encoding="utf-8").splitlines()[2]
+    translator = Translator.load(workdir)
+    s = Server(workdir)
+    try:
+        page.goto(s.url + "/")
+        page.wait_for_function("!document.getElementById('target-field').hidden")
+        assert page.eval_on_selector_all("#target option", "os => os.map(o => o.value)") == ["sv", "vs"]
+        version = ask(page, line, 0)
+        assert page.inner_text("#beam-translation") == translator.translate([line], "sv")[0]
+        assert page.evaluate("data.source.pieces.slice(0, 2)") == ["▁", "<2sv>"]
+        page.select_option("#target", "vs")
+        shown(page, version)
+        assert page.inner_text("#beam-translation") == translator.translate([line], "vs")[0]
+    finally:
+        assert s.stop() == 0

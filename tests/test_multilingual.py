@@ -5,44 +5,18 @@ tokenizer keeps the tags whole, validation and eval score each direction, and tr
 --tgt-lang."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mtkit import checkpoint
 from mtkit.corpus import read_lines
 from mtkit.metrics import bleu
-from tests.conftest import TINY_MODEL, write_config
-
-SIZES = {"train": 4000, "valid": 60, "test": 60}
+from tests.conftest import MULTI_SIZES as SIZES
 
 
 @pytest.fixture(scope="module")
-def three_way(tmp_path_factory, demo_dir) -> Path:
-    folder = tmp_path_factory.mktemp("three_way")
-    for split, n in SIZES.items():
-        en, vs = (list(read_lines(demo_dir / f"{split}.{lang}"))[:n] for lang in ("en", "vs"))
-        for lang, lines in (("en", en), ("vs", vs), ("sv", [" ".join(reversed(line.split())) for line in vs])):
-            (folder / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def run(three_way, tmp_path_factory):
-    """`mtkit run` of a two-direction experiment: tokenizer, prepare, train, eval of each."""
-    from mtkit.cli import main
-
-    folder = tmp_path_factory.mktemp("multi")
-    config = write_config(folder, data={"dir": str(three_way), "directions": ["en-vs", "en-sv"]},
-                          tokenizer={"vocab_size": 300}, model=TINY_MODEL | {"d_model": 64, "ff_dim": 128},
-                          train={"precision": "fp32", "max_tokens": 1500, "warmup": 30, "max_steps": 500, "lr": 5e-3,
-                                 "log_every": 50, "eval_every": 250, "save_every": 250, "eval_sample": 40},
-                          decode={"beam_size": 2})
-    try:
-        main(["run", str(config)])
-    except SystemExit as e:
-        assert not e.code
-    return config, folder / "run"
+def run(multi_run):
+    return multi_run
 
 
 def test_the_tags_are_whole_pieces_and_each_direction_is_prepared(run):
