@@ -40,6 +40,9 @@ class DataSection(Section):
     # en-fr], instead of src/tgt: one model for all (with a target-language tag when it has more
     # than one target language).
     directions: tuple[str, ...] = ()
+    # With several directions, how train batches draw from them: 1 = as their sizes are; T > 1
+    # draws direction d with probability proportional to size_d ** (1 / T), oversampling small ones.
+    temperature: Annotated[float, Field(ge=1.0)] = 1.0
     train: SplitSpec = "train"
     valid: SplitSpec = "valid"
     test: SplitSpec = "test"
@@ -71,6 +74,8 @@ class DataSection(Section):
                 if src == tgt:
                     raise ValueError(f"data.directions: {src}-{tgt} translates a language into itself")
             return self._check_lengths()
+        if self.temperature != 1.0:
+            raise ValueError("data.temperature weighs several directions: it needs data.directions")
         if self.src is None and self.tgt is None:
             raise ValueError("data.src and data.tgt name the languages (e.g. de and en), or data.directions "
                              "several directions (e.g. [de-en, fr-en])")

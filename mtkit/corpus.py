@@ -138,6 +138,14 @@ def _listing_hint(root: Path) -> str:
     return f"{root} has: {', '.join(names) or 'no files'}; check data.dir, data.src/tgt and the split names"
 
 
+def directions_of(source: Source) -> list[Source]:
+    """A source of several directions as one source each (tags kept); any other, itself."""
+    if source.kind != "several":
+        return [source]
+    return [Source(split=source.split, kind="several", parts=(p,), tags=(t,), encoding_errors=source.encoding_errors)
+            for p, t in zip(source.parts, source.tags)]
+
+
 def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
     """Stream the raw (src, tgt) lines of a split, in order, unnormalized; an empty split is an error."""
     if source.kind == "several":

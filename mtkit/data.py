@@ -144,24 +144,42 @@ class TokenBucketSampler:
 
     POOL_BATCHES = 100  # a pool holds about this many batches' worth of sentences
 
-    def __init__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, seed: int):
+    def __init__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, seed: int,
+                 groups: list[tuple[int, int]] | None = None, temperature: float = 1.0):
+        """groups: [first, end) of each direction's sentences; with temperature T > 1 an epoch
+        draws direction d's share as size_d ** (1 / T) (multilingual temperature sampling)."""
         # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target.
         self.cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
         self.max_tokens, self.seed = max_tokens, seed
         per_batch = max(1, max_tokens // max(1, int(np.median(self.cost))))
         self.pool = per_batch * self.POOL_BATCHES
+        self.groups = groups if groups and len(groups) > 1 and temperature != 1.0 else None
+        self.temperature = temperature
         self.epoch, self.position = 0, 0  # epoch counts from 0; position = batches served in it
         self._batches: list[np.ndarray] | None = None
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.cost))
+        order = rng.permutation(len(self.cost)) if self.groups is None else self._draw(rng)
         batches = []
         for start in range(0, len(order), self.pool):
             pool = order[start:start + self.pool]
             pool = pool[np.argsort(self.cost[pool], kind="stable")]
             batches.extend(length_batches(pool, self.cost, self.max_tokens))
         return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        """An epoch's sentences (as many as there are), each direction's share by temperature: a
+        small direction's sentences come several times, a large one's not all."""
+        sizes = np.array([end - start for start, end in self.groups], dtype=np.float64)
+        share = sizes ** (1.0 / self.temperature)
+        counts = np.floor(share / share.sum() * sizes.sum()).astype(np.int64)
+        picked = []
+        for (start, end), n in zip(self.groups, counts):
+            whole, rest = divmod(int(n), end - start)  # every sentence `whole` times, then a sample
+            picked += [start + rng.permutation(end - start) for _ in range(whole)]
+            picked.append(start + rng.choice(end - start, rest, replace=False))
+        return rng.permutation(np.concatenate(picked))
 
     def __iter__(self):
         return self

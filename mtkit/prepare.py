@@ -71,8 +71,6 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     w.close()
             done = splits[split]["pairs_in"]
             bar.update(task, total=done, completed=done)
-            if source.kind == "several" and split != "train":  # kept whole and in order: where each direction is
-                splits[split]["directions"] = _ranges(source)
             unk = splits[split].pop("unk")
             for side in ("src", "tgt"):
                 splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name)) | {"unk": unk[side]}
@@ -100,16 +98,6 @@ def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -
                          hint="retrain it first: mtkit tokenizer train CONFIG (or use mtkit run CONFIG)")
 
 
-def _ranges(source: corpus.Source) -> dict[str, list[int]]:
-    """Direction -> [first, end) of its lines in a split read whole (valid, test)."""
-    ranges, start = {}, 0
-    for part in source.parts:
-        end = start + sum(1 for _ in corpus.read_pairs(part))
-        ranges[f"{part.src}-{part.tgt}"] = [start, end]
-        start = end
-    return ranges
-
-
 def _key(*parts: str) -> bytes:
     return hashlib.blake2b("\t".join(parts).encode(), digest_size=16).digest()
 
@@ -130,7 +118,31 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
     is_train = source.split == "train"
     threads = os.cpu_count() or 1
     counts: Counter = Counter()
-    pairs = corpus.read_pairs(source)
+    ends = []  # several directions: where each one's kept pairs end
+    for part in corpus.directions_of(source):
+        _prepare_part(corpus.read_pairs(part), is_train, tok, writers, filters, train_seen, counts, threads, report)
+        ends.append(counts["kept"])
+    if counts["kept"] == 0:
+        dropped = ", ".join(f"{counts[r]} {r}" for r in DROP_REASONS if counts[r])
+        raise MtkitError(f"every one of the {counts['pairs_in']} {source.split} pairs was dropped ({dropped})",
+                         hint="loosen data.max_len / data.min_len / data.max_ratio")
+    result = {"pairs_in": counts["pairs_in"], "kept": counts["kept"],
+              "unk": {"src": counts["unk_src"], "tgt": counts["unk_tgt"]}}
+    if source.kind == "several":  # where each direction's lines are, in the token arrays
+        result["directions"] = {f"{p.src}-{p.tgt}": [start, end]
+                                for p, start, end in zip(source.parts, [0, *ends], ends)}
+    if is_train:
+        result["dropped"] = {r: counts[r] for r in DROP_REASONS}
+    else:
+        result["empty_lines"] = counts["empty_lines"]
+        result["longer_than_max_len"] = counts["longer_than_max_len"]
+        result["overlap_with_train"] = {"src": counts["in_train_src"], "pair": counts["in_train_pair"]}
+    return result
+
+
+def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[ArrayWriter], filters: dict,
+                  train_seen: dict[str, set[bytes]], counts: Counter, threads: int, report) -> None:
+    """One direction's pairs (or a single pair's): normalized, filtered, encoded, written."""
     while chunk := list(itertools.islice(pairs, CHUNK)):
         srcs, tgts = [], []
         for src, tgt in chunk:
@@ -172,20 +184,6 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
         counts["pairs_in"] += len(chunk)
         counts["kept"] += len(src_ids)
         report(counts["pairs_in"])
-    if counts["kept"] == 0:
-        dropped = ", ".join(f"{counts[r]} {r}" for r in DROP_REASONS if counts[r])
-        raise MtkitError(f"every one of the {counts['pairs_in']} {source.split} pairs was dropped ({dropped})",
-                         hint="loosen data.max_len / data.min_len / data.max_ratio")
-    result = {"pairs_in": counts["pairs_in"], "kept": counts["kept"],
-              "unk": {"src": counts["unk_src"], "tgt": counts["unk_tgt"]}}
-    if is_train:
-        result["dropped"] = {r: counts[r] for r in DROP_REASONS}
-    else:
-        result["empty_lines"] = counts["empty_lines"]
-        result["longer_than_max_len"] = counts["longer_than_max_len"]
-        result["overlap_with_train"] = {"src": counts["in_train_src"], "pair": counts["in_train_pair"]}
-    return result
-
 
 def _keep(n_src: int, n_tgt: int, filters: dict, counts: Counter) -> bool:
     shorter, longer = min(n_src, n_tgt), max(n_src, n_tgt)

@@ -162,8 +162,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=t.lr, betas=t.betas, eps=1e-9)
+        groups = list(self.manifest["splits"]["train"].get("directions", {}).values())
         self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
-                                          cfg.experiment.seed)
+                                          cfg.experiment.seed, groups, cfg.data.temperature)
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:

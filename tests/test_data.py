@@ -86,3 +86,26 @@ def test_make_batch_places_bos_eos_and_padding(tmp_path):
     short = make_batch(src, tgt, np.array([1, 0]), pad_id=PAD, bos_id=BOS, eos_id=EOS, max_positions=3)
     assert short.src.tolist() == [[13, EOS, PAD], [10, 11, EOS]]
     assert short.tgt_out.tolist() == [[21, 22, EOS], [20, EOS, PAD]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 5.0])
+def test_temperature_sampling_flattens_the_directions_and_resumes_exactly(temperature):
+    """Two directions of 900 and 100 sentences: T = 1 draws them as they are (every sentence once
+    an epoch); T = 5 draws them as 900^0.2 : 100^0.2 (61% : 39%), the small one's sentences
+    several times each. An epoch is as many sentences as there are, and seeded as before."""
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(3, 30, 1000), rng.integers(3, 30, 1000)
+    sampler = TokenBucketSampler(src, tgt, max_tokens=600, seed=4, groups=[(0, 900), (900, 1000)],
+                                 temperature=temperature)
+    drawn = np.concatenate(sampler.epoch_batches(0))
+    small = (drawn >= 900).mean()
+    if temperature == 1.0:
+        assert sorted(drawn.tolist()) == list(range(1000))
+    else:
+        share = 100 ** 0.2 / (900 ** 0.2 + 100 ** 0.2)
+        assert small == pytest.approx(share, abs=0.01) and len(drawn) == pytest.approx(1000, abs=2)
+        assert np.bincount(drawn[drawn >= 900] - 900).min() >= 3  # each small-side sentence, 3 or 4 times
+        assert len(set(drawn[drawn < 900].tolist())) == (drawn < 900).sum()  # the large side: no repeats
+    again = TokenBucketSampler(src, tgt, max_tokens=600, seed=4, groups=[(0, 900), (900, 1000)],
+                               temperature=temperature)
+    assert all(np.array_equal(a, b) for a, b in zip(again.epoch_batches(0), sampler.epoch_batches(0)))

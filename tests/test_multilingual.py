@@ -30,7 +30,10 @@ def test_the_tags_are_whole_pieces_and_each_direction_is_prepared(run):
     assert manifest["settings"]["directions"] == ["en-vs", "en-sv"]
     for split in ("valid", "test"):
         assert manifest["splits"][split]["directions"] == {"en-vs": [0, 60], "en-sv": [60, 120]}
-    assert manifest["splits"]["train"]["pairs_in"] == 2 * SIZES["train"]
+    train = manifest["splits"]["train"]
+    assert train["pairs_in"] == 2 * SIZES["train"]
+    (a, b), (c, d) = train["directions"].values()  # each direction's kept pairs, one after the other
+    assert a == 0 and b == c and d == train["kept"] and 0 < b < d
 
 
 def test_validation_scores_each_direction_and_their_mean_decides(run):
