@@ -205,19 +205,21 @@ def forced_attention(model, src_row, tokens: list[int]) -> torch.Tensor:
     return torch.stack([w[0] for w in weights]).permute(2, 0, 1, 3)  # (L, H, T + 1, S) -> (T + 1, L, H, S)
 
 
+def searched(model, src, limit, beam: int, **options) -> list[list]:
+    """Greedy search (beam 1) or beam search with its whole n-best list, as lists of hypotheses."""
+    if beam == 1:
+        return [[h] for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit, **options)]
+    return beam_search(model, src, beam_size=beam, bos_id=BOS, eos_id=EOS, max_len=limit, n_best=beam, **options)
+
+
 @pytest.mark.parametrize("beam", [1, 4])
 def test_the_attention_returned_is_the_one_that_chose_each_hypothesis(copier, beam):
     src, _ = batch(b=3, s=7)
     limit = torch.tensor([10, 4, 10])
 
-    def search(attention):
-        if beam == 1:
-            return [[h] for h in greedy(copier, src, bos_id=BOS, eos_id=EOS, max_len=limit, attention=attention)]
-        return beam_search(copier, src, beam_size=beam, bos_id=BOS, eos_id=EOS, max_len=limit, n_best=beam,
-                           attention=attention)
-
-    found = search(attention=True)
-    assert [[h.tokens for h in hyps] for hyps in found] == [[h.tokens for h in hyps] for hyps in search(False)]
+    found = searched(copier, src, limit, beam, attention=True)
+    plain = searched(copier, src, limit, beam, attention=False)
+    assert [[h.tokens for h in hyps] for hyps in found] == [[h.tokens for h in hyps] for hyps in plain]
     for i, hyps in enumerate(found):
         row = src[i:i + 1, : int(src[i].ne(0).sum())]  # without the batch's padding
         for h in hyps:  # every hypothesis of the n-best list, not only the best
@@ -243,14 +245,8 @@ def test_a_trace_changes_nothing_found_and_records_what_chose_each_hypothesis(co
     src, _ = batch(b=3, s=7)
     limit = torch.tensor([10, 4, 10])
 
-    def search(trace):
-        if beam == 1:
-            return [[h] for h in greedy(copier, src, bos_id=BOS, eos_id=EOS, max_len=limit, alpha=0.6, trace=trace)]
-        return beam_search(copier, src, beam_size=beam, bos_id=BOS, eos_id=EOS, max_len=limit, n_best=beam,
-                           trace=trace)
-
     trace = Trace()
-    found, plain = search(trace), search(None)
+    found, plain = (searched(copier, src, limit, beam, alpha=0.6, trace=t) for t in (trace, None))
     assert [[(h.tokens, h.score, h.log_prob) for h in hyps] for hyps in found] == \
            [[(h.tokens, h.score, h.log_prob) for h in hyps] for hyps in plain]
     assert all(h.self_attention is None for hyps in plain for h in hyps)
