@@ -138,12 +138,14 @@ def _listing_hint(root: Path) -> str:
     return f"{root} has: {', '.join(names) or 'no files'}; check data.dir, data.src/tgt and the split names"
 
 
-def directions_of(source: Source) -> list[Source]:
-    """A source of several directions as one source each (tags kept); any other, itself."""
+def directions_of(source: Source) -> dict[str, Source]:
+    """A source of several directions as one source each (tags kept), by name ('de-en'); any
+    other, itself (named '')."""
     if source.kind != "several":
-        return [source]
-    return [Source(split=source.split, kind="several", parts=(p,), tags=(t,), encoding_errors=source.encoding_errors)
-            for p, t in zip(source.parts, source.tags)]
+        return {"": source}
+    return {f"{p.src}-{p.tgt}": Source(split=source.split, kind="several", parts=(p,), tags=(t,),
+                                        encoding_errors=source.encoding_errors)
+            for p, t in zip(source.parts, source.tags)}
 
 
 def read_pairs(source: Source) -> Iterator[tuple[str, str]]:

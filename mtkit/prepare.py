@@ -71,9 +71,14 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
                     w.close()
             done = splits[split]["pairs_in"]
             bar.update(task, total=done, completed=done)
-            unk = splits[split].pop("unk")
             for side in ("src", "tgt"):
-                splits[split][side] = _token_stats(TokenArray(tmp, split, side, dtype.name)) | {"unk": unk[side]}
+                lengths = TokenArray(tmp, split, side, dtype.name).lengths
+                for where, lines in [(splits[split], slice(None)), *(
+                        (splits[split]["by_direction"][name], slice(*ends))
+                        for name, ends in splits[split].get("directions", {}).items())]:
+                    where[side] = _token_stats(lengths[lines]) | {"unk": where["unk"][side]}
+            for where in [splits[split], *splits[split].get("by_direction", {}).values()]:
+                del where["unk"]
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "dtype": dtype.name,
             "tokenizer_fingerprint": tok.fingerprint, "src_vocab_size": tok.src_vocab_size,
@@ -118,19 +123,27 @@ def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWri
     is_train = source.split == "train"
     threads = os.cpu_count() or 1
     counts: Counter = Counter()
-    ends = []  # several directions: where each one's kept pairs end
-    for part in corpus.directions_of(source):
+    ends, by_direction = [], {}  # several directions: where each one's kept pairs end, and its counts
+    for name, part in corpus.directions_of(source).items():
+        before = counts.copy()
         _prepare_part(corpus.read_pairs(part), is_train, tok, writers, filters, train_seen, counts, threads, report)
         ends.append(counts["kept"])
+        by_direction[name] = _summary(counts - before, is_train)
     if counts["kept"] == 0:
         dropped = ", ".join(f"{counts[r]} {r}" for r in DROP_REASONS if counts[r])
         raise MtkitError(f"every one of the {counts['pairs_in']} {source.split} pairs was dropped ({dropped})",
                          hint="loosen data.max_len / data.min_len / data.max_ratio")
+    result = _summary(counts, is_train)
+    if source.kind == "several":  # where each direction's lines are, in the token arrays, and its counts
+        result["directions"] = {name: [start, end] for name, start, end in zip(by_direction, [0, *ends], ends)}
+        result["by_direction"] = by_direction
+    return result
+
+
+def _summary(counts: Counter, is_train: bool) -> dict:
+    """What the manifest records of a split (or of one direction in it)."""
     result = {"pairs_in": counts["pairs_in"], "kept": counts["kept"],
               "unk": {"src": counts["unk_src"], "tgt": counts["unk_tgt"]}}
-    if source.kind == "several":  # where each direction's lines are, in the token arrays
-        result["directions"] = {f"{p.src}-{p.tgt}": [start, end]
-                                for p, start, end in zip(source.parts, [0, *ends], ends)}
     if is_train:
         result["dropped"] = {r: counts[r] for r in DROP_REASONS}
     else:
@@ -199,21 +212,22 @@ def _keep(n_src: int, n_tgt: int, filters: dict, counts: Counter) -> bool:
     return False
 
 
-def _token_stats(array: TokenArray) -> dict:
-    lengths = array.lengths
-    return {"sentences": len(array), "tokens": int(lengths.sum()),
-            "mean_len": round(float(lengths.mean()), 2) if len(array) else 0.0,
-            "max_len": int(lengths.max()) if len(array) else 0}
+def _token_stats(lengths) -> dict:
+    return {"sentences": len(lengths), "tokens": int(lengths.sum()),
+            "mean_len": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+            "max_len": int(lengths.max()) if len(lengths) else 0}
 
 
 def _print_summary(manifest: dict) -> None:
     t = table("prepared data", ["split", "pairs", "kept", "dropped", "src tokens", "tgt tokens", "unk",
                                 "src seen in train"])
     for split, s in manifest["splits"].items():
-        dropped = ", ".join(f"{n:,} {r}" for r, n in s.get("dropped", {}).items() if n)
-        overlap = s.get("overlap_with_train")
-        t.add_row(split, f"{s['pairs_in']:,}", f"{s['kept']:,}", dropped or "-",
-                  f"{s['src']['tokens']:,}", f"{s['tgt']['tokens']:,}",
-                  f"{s['src']['unk'] + s['tgt']['unk']:,}", f"{overlap['src']:,}" if overlap else "")
+        # Several directions: a row for each under its split's, so that a leak is seen where it is.
+        for name, row in [(split, s), *((f"  {d}", r) for d, r in s.get("by_direction", {}).items())]:
+            dropped = ", ".join(f"{n:,} {r}" for r, n in row.get("dropped", {}).items() if n)
+            overlap = row.get("overlap_with_train")
+            t.add_row(name, f"{row['pairs_in']:,}", f"{row['kept']:,}", dropped or "-",
+                      f"{row['src']['tokens']:,}", f"{row['tgt']['tokens']:,}",
+                      f"{row['src']['unk'] + row['tgt']['unk']:,}", f"{overlap['src']:,}" if overlap else "")
     t.caption = "valid and test are never filtered or reordered"
     console.print(t)

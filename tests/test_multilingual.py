@@ -5,6 +5,8 @@ tokenizer keeps the tags whole, validation and eval score each direction, and tr
 --tgt-lang."""
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -34,6 +36,43 @@ def test_the_tags_are_whole_pieces_and_each_direction_is_prepared(run):
     assert train["pairs_in"] == 2 * SIZES["train"]
     (a, b), (c, d) = train["directions"].values()  # each direction's kept pairs, one after the other
     assert a == 0 and b == c and d == train["kept"] and 0 < b < d
+
+
+def test_prepare_counts_each_direction_and_finds_a_leak_where_it_is(three_way, tmp_path, capsys):
+    from mtkit.config import load_config
+    from mtkit.prepare import prepare
+    from mtkit.vocab import train_tokenizer
+    from tests.conftest import write_config
+
+    folder = tmp_path / "corpus"
+    shutil.copytree(three_way, folder)
+    leak = [read_lines(folder / f"valid.{lang}") for lang in ("en", "sv")]
+    leak = [list(lines)[:3] for lines in leak]  # three en-sv valid pairs put into train
+    for lang, lines in zip(("en", "sv"), leak):
+        with open(folder / f"train.{lang}", "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+    (folder / "train.vs").write_text((folder / "train.vs").read_text() + "x\n" * 3)  # keeps en-vs aligned
+    cfg = load_config(write_config(tmp_path, data={"dir": str(folder), "directions": ["en-vs", "en-sv"]},
+                                   tokenizer={"vocab_size": 300}))
+    train_tokenizer(cfg)
+    splits = prepare(cfg).manifest["splits"]
+    for split, s in splits.items():
+        parts = s["by_direction"]
+        assert list(parts) == ["en-vs", "en-sv"]
+        for key in ("pairs_in", "kept"):  # the directions add up to the split
+            assert sum(p[key] for p in parts.values()) == s[key]
+        for side in ("src", "tgt"):
+            assert sum(p[side]["tokens"] for p in parts.values()) == s[side]["tokens"]
+            assert sum(p[side]["sentences"] for p in parts.values()) == s[side]["sentences"]
+    assert splits["train"]["by_direction"]["en-sv"]["pairs_in"] == SIZES["train"] + 3
+    assert splits["valid"]["by_direction"]["en-sv"]["overlap_with_train"] == {"src": 3, "pair": 3}
+    # train.en is both directions' source: en-vs has the three sources too, as the pairs (x) that
+    # keep it aligned, and its own tag
+    assert splits["valid"]["by_direction"]["en-vs"]["overlap_with_train"] == {"src": 3, "pair": 0}
+    assert splits["valid"]["overlap_with_train"] == {"src": 6, "pair": 3}
+    assert splits["test"]["overlap_with_train"] == {"src": 0, "pair": 0}
+    table = capsys.readouterr().err
+    assert re.search(r"│ +en-sv +│ +60 +│ +60 +│ +- +│.*│ +3 +│", table), table  # the leak's row
 
 
 def test_validation_scores_each_direction_and_their_mean_decides(run):
