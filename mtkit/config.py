@@ -8,7 +8,7 @@ the line, the dotted key and the fix. `configs/base.yaml` documents every key.
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 # A split is a file prefix / split name / file path (one string), or two aligned text files.
 SplitSpec = Union[str, tuple[str, str]]
+LANGUAGE = r"^[A-Za-z0-9_]+$"  # a language code has no '-': it would split a direction (use pt_br)
 
 
 class Section(BaseModel):
@@ -31,6 +32,19 @@ class ExperimentSection(Section):
     seed: int = 1
 
 
+class CorpusSpec(Section):
+    """One entry of data.corpora: a folder of {split}.{lang} text files, the direction read from
+    it, its split names, and its weight in training's draw."""
+
+    dir: Path
+    src: Annotated[str, Field(pattern=LANGUAGE)]
+    tgt: Annotated[str, Field(pattern=LANGUAGE)]
+    train: SplitSpec = "train"
+    valid: SplitSpec = "valid"
+    test: SplitSpec = "test"
+    weight: Annotated[float, Field(gt=0.0)] = 1.0
+
+
 class DataSection(Section):
     format: Literal["text", "tsv", "hf", "demo"] = "text"
     dir: Path = Path("data")
@@ -40,8 +54,10 @@ class DataSection(Section):
     # en-fr], instead of src/tgt: one model for all (with a target-language tag when it has more
     # than one target language).
     directions: tuple[str, ...] = ()
+    # ... or several corpora, each in its own folder: [{dir, src, tgt, train, valid, test, weight}].
+    corpora: tuple[CorpusSpec, ...] = ()
     # With several directions, how train batches draw from them: 1 = as their sizes are; T > 1
-    # draws direction d with probability proportional to size_d ** (1 / T), oversampling small ones.
+    # draws direction d with probability proportional to weight_d * size_d ** (1 / T).
     temperature: Annotated[float, Field(ge=1.0)] = 1.0
     train: SplitSpec = "train"
     valid: SplitSpec = "valid"
@@ -59,23 +75,26 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "DataSection":
-        if self.directions:
+        if self.directions and self.corpora:
+            raise ValueError("give data.directions (one folder) or data.corpora (a folder each), not both")
+        if self.directions or self.corpora:
+            key = "data.directions" if self.directions else "data.corpora"
             if self.src is not None or self.tgt is not None:
-                raise ValueError("give data.src and data.tgt (one direction) or data.directions (several), not both")
+                raise ValueError(f"give data.src and data.tgt (one direction) or {key} (several), not both")
             if self.format != "text":
-                raise ValueError("data.directions reads one folder of {split}.{lang} files: it needs data.format: text")
+                raise ValueError(f"{key} reads {{split}}.{{lang}} files: it needs data.format: text")
             for direction in self.directions:
                 if not re.fullmatch(r"[A-Za-z0-9_]+-[A-Za-z0-9_]+", direction):
                     raise ValueError(f"data.directions: {direction!r} is not a direction: write source-target, "
                                      f"e.g. de-en (a language code without '-', e.g. pt_br)")
-            if len(set(self.directions)) < len(self.directions):
-                raise ValueError(f"data.directions names a direction twice: {', '.join(self.directions)}")
+            if len(set(self.names)) < len(self.names):
+                raise ValueError(f"{key} names a direction twice: {', '.join(self.names)}")
             for src, tgt in self.pairs:
                 if src == tgt:
-                    raise ValueError(f"data.directions: {src}-{tgt} translates a language into itself")
+                    raise ValueError(f"{key}: {src}-{tgt} translates a language into itself")
             return self._check_lengths()
         if self.temperature != 1.0:
-            raise ValueError("data.temperature weighs several directions: it needs data.directions")
+            raise ValueError("data.temperature weighs several directions: it needs data.directions or data.corpora")
         if self.src is None and self.tgt is None:
             raise ValueError("data.src and data.tgt name the languages (e.g. de and en), or data.directions "
                              "several directions (e.g. [de-en, fr-en])")
@@ -96,14 +115,28 @@ class DataSection(Section):
         return self
 
     @property
+    def parts(self) -> list[CorpusSpec]:
+        """Each direction with its folder and split names (data.corpora, or data.directions read
+        from data.dir); [] for a single pair."""
+        return list(self.corpora) or [self._corpus(*d.split("-")) for d in self.directions]
+
+    def _corpus(self, src: str, tgt: str) -> CorpusSpec:
+        return CorpusSpec(dir=self.dir, src=src, tgt=tgt, train=self.train, valid=self.valid, test=self.test)
+
+    @property
+    def names(self) -> list[str]:
+        """The directions' names, e.g. ['de-en', 'fr-en']; [] for a single pair."""
+        return [f"{p.src}-{p.tgt}" for p in self.parts]
+
+    @property
     def pairs(self) -> list[tuple[str, str]]:
-        """The (source, target) languages of every direction: data.directions, or src and tgt."""
-        return [tuple(d.split("-")) for d in self.directions] or [(self.src, self.tgt)]
+        """The (source, target) languages of every direction, or src and tgt."""
+        return [(p.src, p.tgt) for p in self.parts] or [(self.src, self.tgt)]
 
     @property
     def languages(self) -> dict:
         """The languages as the stages record them (a single pair as it always was)."""
-        return {"directions": list(self.directions)} if self.directions else {"src": self.src, "tgt": self.tgt}
+        return {"directions": self.names} if self.names else {"src": self.src, "tgt": self.tgt}
 
     @property
     def targets(self) -> list[str]:
@@ -115,11 +148,16 @@ class DataSection(Section):
         source, <2xx> (Johnson et al. 2017)."""
         return len(self.targets) > 1
 
-    def source_args(self, split: str) -> dict:
-        """What corpus.source_for needs to find `split`, as plain values."""
-        several = dict(directions=self.pairs, tagged=self.tagged) if self.directions else {}
-        return dict(split=split, spec=getattr(self, split), format=self.format, root=self.dir, src=self.src,
-                    tgt=self.tgt, encoding_errors=self.encoding_errors, hf_dataset=self.hf_dataset,
+    def source_args(self, split: str, direction: str | None = None) -> dict:
+        """What corpus.source_for needs to find `split`, as plain values: of every direction, or
+        of one (untagged: a translator adds the tag). A direction not trained (zero-shot) is read
+        from data.dir."""
+        one = self._corpus(*direction.split("-", 1)) if direction else self
+        one = next((p for p in self.parts if f"{p.src}-{p.tgt}" == direction), one)
+        several = {} if direction or not self.parts else dict(
+            directions=[(p.src, p.tgt, p.dir, getattr(p, split)) for p in self.parts], tagged=self.tagged)
+        return dict(split=split, spec=getattr(one, split), format=self.format, root=one.dir, src=one.src,
+                    tgt=one.tgt, encoding_errors=self.encoding_errors, hf_dataset=self.hf_dataset,
                     hf_config=self.hf_config, src_field=self.src_field, tgt_field=self.tgt_field,
                     streaming=self.streaming, **several)
 
@@ -377,9 +415,9 @@ def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_all_keys(ann, prefix + name + "."))
+        for ann in (field.annotation, *get_args(field.annotation)):  # a section, or a list of them (corpora)
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                keys.extend(_all_keys(ann, prefix + name + "."))
     return keys
 
 

@@ -78,16 +78,16 @@ def tag(lang: str) -> str:
 def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Path, src: str | None,
                tgt: str | None, encoding_errors: str = "strict", hf_dataset: str | None = None,
                hf_config: str | None = None, src_field: str | None = None, tgt_field: str | None = None,
-               streaming: bool = False, directions: list[tuple[str, str]] | None = None,
+               streaming: bool = False, directions: list[tuple[str, str, Path, str]] | None = None,
                tagged: bool = False) -> Source:
     """The Source of `split` ('train', 'valid' or 'test'), given as `spec`: a file prefix, a file
     or split name, or a pair of files (format text), in folder `root`. With `directions` (source
-    and target languages), the files of each, read one direction after another; `tagged`: each
-    source line starts with its target's tag."""
+    and target languages, folder and spec of each), their files, read one direction after
+    another; `tagged`: each source line starts with its target's tag."""
     if directions:
-        parts = tuple(source_for(split, spec, format=format, root=root, src=s, tgt=t, encoding_errors=encoding_errors)
-                      for s, t in directions)
-        return Source(split=split, kind="several", parts=parts, tags=tuple(tag(t) if tagged else "" for _, t in directions),
+        parts = tuple(source_for(split, part_spec, format=format, root=part_root, src=s, tgt=t,
+                                 encoding_errors=encoding_errors) for s, t, part_root, part_spec in directions)
+        return Source(split=split, kind="several", parts=parts, tags=tuple(tag(p.tgt) if tagged else "" for p in parts),
                       encoding_errors=encoding_errors)
     common = dict(split=split, src=src, tgt=tgt, encoding_errors=encoding_errors)
     root = Path(root)

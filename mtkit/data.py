@@ -145,15 +145,19 @@ class TokenBucketSampler:
     POOL_BATCHES = 100  # a pool holds about this many batches' worth of sentences
 
     def __init__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, seed: int,
-                 groups: list[tuple[int, int]] | None = None, temperature: float = 1.0):
-        """groups: [first, end) of each direction's sentences; with temperature T > 1 an epoch
-        draws direction d's share as size_d ** (1 / T) (multilingual temperature sampling)."""
+                 groups: list[tuple[int, int]] | None = None, temperature: float = 1.0,
+                 weights: list[float] | None = None):
+        """groups: [first, end) of each direction's sentences; with temperature T > 1 or weights
+        an epoch draws direction d's share as weight_d * size_d ** (1 / T) (multilingual
+        temperature sampling)."""
         # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target.
         self.cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
         self.max_tokens, self.seed = max_tokens, seed
         per_batch = max(1, max_tokens // max(1, int(np.median(self.cost))))
         self.pool = per_batch * self.POOL_BATCHES
-        self.groups = groups if groups and len(groups) > 1 and temperature != 1.0 else None
+        self.weights = np.asarray(weights if weights else [1.0] * len(groups or []), dtype=np.float64)
+        drawn = temperature != 1.0 or len(set(self.weights)) > 1
+        self.groups = groups if groups and len(groups) > 1 and drawn else None
         self.temperature = temperature
         self.epoch, self.position = 0, 0  # epoch counts from 0; position = batches served in it
         self._batches: list[np.ndarray] | None = None
@@ -172,7 +176,7 @@ class TokenBucketSampler:
         """An epoch's sentences (as many as there are), each direction's share by temperature: a
         small direction's sentences come several times, a large one's not all."""
         sizes = np.array([end - start for start, end in self.groups], dtype=np.float64)
-        share = sizes ** (1.0 / self.temperature)
+        share = self.weights * sizes ** (1.0 / self.temperature)
         counts = np.floor(share / share.sum() * sizes.sum()).astype(np.int64)
         picked = []
         for (start, end), n in zip(self.groups, counts):

@@ -26,7 +26,7 @@ def directions_of(cfg: Config, direction: str | None) -> list[str | None]:
     """What `mtkit eval` scores: the named direction (another than the trained ones too: zero-shot,
     when the model knows its target language), else each of the experiment's (None: its one pair)."""
     if direction is None:
-        return list(cfg.data.directions) or [None]
+        return cfg.data.names or [None]
     src, _, tgt = direction.partition("-")
     if not src or not tgt or src == tgt:
         raise MtkitError(f"--direction {direction!r}: a source and a target language, e.g. de-en")
@@ -41,9 +41,9 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     (<split>.<direction>.* for one of several directions); a rerun with the same checkpoint,
     data and decoding settings (precision included) reuses them."""
     split = split or cfg.eval.split
-    if direction is None and cfg.data.directions:
+    if direction is None and cfg.data.names:
         raise MtkitError("this experiment has several translation directions: score one at a time",
-                         hint=f"mtkit eval CONFIG --direction {cfg.data.directions[0]} (Python: direction=...)")
+                         hint=f"mtkit eval CONFIG --direction {cfg.data.names[0]} (Python: direction=...)")
     if split not in ("valid", "test"):
         raise MtkitError(f"the split to score is valid or test, not {split!r}")
     ckpt = checkpoint.resolve(model) if model else cfg.eval_checkpoint
@@ -51,11 +51,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-    args = cfg.data.source_args(split)
-    if direction is not None:  # its own files, untagged: the translator adds the tag
-        args = {k: v for k, v in args.items() if k not in ("directions", "tagged")} | dict(
-            zip(("src", "tgt"), direction.split("-", 1)))
-    source = corpus.source_for(**args)
+    source = corpus.source_for(**cfg.data.source_args(split, direction))
     tokenize = bleu_tokenizer(cfg, source.tgt)
     translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
     target_lang = source.tgt if direction is not None else None

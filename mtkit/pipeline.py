@@ -86,7 +86,7 @@ def run(cfg: Config) -> None:
     bleu_tokenizer(cfg)
     tok, data = prepare_data(cfg)
     trained, progress = train_if_needed(cfg)
-    results = [evaluate_split(cfg, "test", direction=d) for d in list(cfg.data.directions) or [None]]
+    results = [evaluate_split(cfg, "test", direction=d) for d in cfg.data.names or [None]]
     for result in results:
         console.print(f"[bold]sample translations ({result['split']})[/]")
         for s in result["samples"]:

@@ -162,9 +162,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=t.lr, betas=t.betas, eps=1e-9)
-        groups = list(self.manifest["splits"]["train"].get("directions", {}).values())
+        groups = self.manifest["splits"]["train"].get("directions", {})
+        weights = dict(zip(cfg.data.names, (p.weight for p in cfg.data.parts)))
         self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
-                                          cfg.experiment.seed, groups, cfg.data.temperature)
+                                          cfg.experiment.seed, list(groups.values()), cfg.data.temperature,
+                                          [weights[name] for name in groups])
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:

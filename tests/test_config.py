@@ -40,7 +40,7 @@ def test_base_yaml_documents_every_key_with_its_default():
             section = key
             continue
         documented[f"{section}.{key}"] = rest
-    leaf_keys = [k for k in _all_keys() if "." in k]
+    leaf_keys = [k for k in _all_keys() if k.count(".") == 1]  # (data.corpora's keys: in its comment)
     assert sorted(documented) == sorted(leaf_keys)
     undocumented = [k for k, rest in documented.items() if "#" not in rest]
     assert undocumented == []

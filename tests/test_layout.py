@@ -39,11 +39,12 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (508, "one run read top to bottom, validated per translation direction: build, step, validate, save, resume exactly (its "
+    "train.py": (510, "one run read top to bottom, validated per translation direction: build, step, validate, save, resume exactly (its "
                       "bookkeeping is in bookkeeping.py)"),
     "model.py": (415, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer"),
     "cli.py": (430, "one function per command (15), each with its options' help: the work lives in the stages"),
-    "config.py": (450, "every key typed and checked in one place; data.directions' rules and what they imply"),
+    "config.py": (485, "every key typed and checked in one place; several directions (data.directions, data.corpora): their rules "
+                       "and what they imply"),
 }
 FUNCTION_BUDGETS: dict[str, tuple[int, str]] = {}
 

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from mtkit import checkpoint
@@ -73,6 +74,50 @@ def test_prepare_counts_each_direction_and_finds_a_leak_where_it_is(three_way, t
     assert splits["test"]["overlap_with_train"] == {"src": 0, "pair": 0}
     table = capsys.readouterr().err
     assert re.search(r"│ +en-sv +│ +60 +│ +60 +│ +- +│.*│ +3 +│", table), table  # the leak's row
+
+
+def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
+    """data.corpora: en-vs from one folder, en-sv from another whose splits are named tr/dev/tst,
+    drawn three times as often as its size says."""
+    from mtkit import corpus
+    from mtkit.config import load_config
+    from mtkit.data import TokenArray
+    from mtkit.prepare import prepare
+    from mtkit.tokenizer import Tokenizer
+    from mtkit.train import Trainer
+    from mtkit.vocab import train_tokenizer
+    from tests.conftest import TINY_MODEL, write_config
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for split, name in (("train", "tr"), ("valid", "dev"), ("test", "tst")):
+        for lang in ("en", "vs"):
+            shutil.copy(three_way / f"{split}.{lang}", a / f"{split}.{lang}")
+        shutil.copy(three_way / f"{split}.sv", a / f"{split}.sv")  # a has Ihsev too, not trained from it
+        for lang in ("en", "sv"):  # b's en-sv pairs: the last 1,000 of train only
+            lines = list(read_lines(three_way / f"{split}.{lang}"))[-1000:]
+            (b / f"{name}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    cfg = load_config(write_config(
+        tmp_path, data={"dir": str(a), "corpora": [{"dir": str(a), "src": "en", "tgt": "vs"},
+                                                   {"dir": str(b), "src": "en", "tgt": "sv", "train": "tr",
+                                                    "valid": "dev", "test": "tst", "weight": 3}]},
+        tokenizer={"vocab_size": 300}, model=TINY_MODEL, train={"precision": "fp32"}))
+    assert cfg.data.names == ["en-vs", "en-sv"] and cfg.data.tagged
+    train_tokenizer(cfg)
+    splits = prepare(cfg).manifest["splits"]
+    assert splits["train"]["by_direction"]["en-sv"]["pairs_in"] == 1000
+    assert splits["valid"]["by_direction"]["en-sv"]["pairs_in"] == SIZES["valid"]
+    start, _ = splits["train"]["directions"]["en-sv"]
+    first = Tokenizer.load(cfg.tokenizer_dir).src.decode(TokenArray(cfg.data_cache_dir, "train", "src", "uint16")[start].tolist())
+    assert first == "<2sv> " + list(read_lines(b / "tr.en"))[0]
+    # a direction is scored on its own corpus's files; one not trained (zero-shot) on data.dir's
+    assert corpus.source_for(**cfg.data.source_args("test", "en-sv")).paths == (b / "tst.en", b / "tst.sv")
+    assert corpus.source_for(**cfg.data.source_args("test", "vs-sv")).paths == (a / "test.vs", a / "test.sv")
+    trainer = Trainer(cfg, resume=False)
+    drawn = np.concatenate(trainer.sampler.epoch_batches(0))
+    sizes = {name: end - begin for name, (begin, end) in splits["train"]["directions"].items()}
+    share = 3 * sizes["en-sv"] / (3 * sizes["en-sv"] + sizes["en-vs"])
+    assert (drawn >= start).mean() == pytest.approx(share, abs=0.01)
 
 
 def test_validation_scores_each_direction_and_their_mean_decides(run):
