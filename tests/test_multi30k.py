@@ -25,3 +25,21 @@ def test_multi30k_tokenizer_and_prepare(tmp_path, pair):
     assert result.manifest["src_vocab_size"] == 8000
     assert splits["test"]["src"]["unk"] < 20  # a joint BPE vocabulary covers the test set
     assert prepare(cfg).skipped and train_tokenizer(cfg).skipped
+
+
+def test_multi30k_four_directions_in_one_model(tmp_path):
+    """configs/multi30k_multi.yaml: de<->en and fr<->en, one joint vocabulary with the tags whole,
+    each direction's pairs counted and no test source seen in train."""
+    from mtkit.tokenizer import Tokenizer
+
+    cfg = load_config(REPO / "configs" / "multi30k_multi.yaml",
+                      [f"data.dir={MULTI30K}", f"experiment.workdir={tmp_path / 'run'}"])
+    train_tokenizer(cfg)
+    splits = prepare(cfg).manifest["splits"]
+    names = ["de-en", "en-de", "fr-en", "en-fr"]
+    for split, n in (("train", 29_000), ("valid", 1_014), ("test", 1_000)):
+        assert {d: s["pairs_in"] for d, s in splits[split]["by_direction"].items()} == dict.fromkeys(names, n)
+    assert all(s["overlap_with_train"]["src"] == 0 for s in splits["test"]["by_direction"].values())
+    tok = Tokenizer.load(cfg.tokenizer_dir)
+    for lang in ("en", "de", "fr"):
+        assert tok.src.encode(f"<2{lang}> Ein Hund.", out_type=str)[:2] == ["▁", f"<2{lang}>"]
