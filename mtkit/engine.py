@@ -22,6 +22,7 @@ from typing import BinaryIO, TextIO
 
 from pydantic import ValidationError
 
+from mtkit.config import DataSection
 from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, progress
 from mtkit.corpus import normalize, tag
@@ -75,10 +76,20 @@ class Engine:
         return self.translate_ids(self.encode(lines, target_lang), self.options(**settings))
 
     @property
+    def _data(self) -> DataSection:
+        """The data section the model was trained with (a hand-made checkpoint may have none)."""
+        data = self.config.get("data")
+        return DataSection.model_validate(data) if data else DataSection.model_construct(src=None, tgt=None)
+
+    @property
+    def directions(self) -> list[str]:
+        """What the model was trained to translate, e.g. ['de-en'] or ['de-en', 'en-fr']."""
+        return self._data.names or [f"{self._data.src}-{self._data.tgt}"]
+
+    @property
     def targets(self) -> list[str]:
         """The languages this model translates into (one, unless trained on several directions)."""
-        data = self.config.get("data", {})
-        return sorted({d.split("-")[1] for d in data.get("directions") or []} or {data.get("tgt")})
+        return self._data.targets
 
     def tag_for(self, target_lang: str | None) -> str:
         """What goes before each source line: a model with several target languages is told which

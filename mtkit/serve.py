@@ -295,7 +295,7 @@ def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
     state = checkpoint.load(translator.path, mmap=True)
     data = translator.config.get("data", {})
     return {"source_language": data.get("src"), "target_language": data.get("tgt"),
-            "directions": data.get("directions") or [f"{data.get('src')}-{data.get('tgt')}"],
+            "directions": translator.directions,
             "target_languages": translator.targets,
             "parameters": sum(p.numel() for p in translator.model.parameters()),
             "model": asdict(translator.model.cfg), "decode": defaults.model_dump(),

@@ -82,9 +82,12 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
     from mtkit import corpus
     from mtkit.config import load_config
     from mtkit.data import TokenArray
+    from mtkit.errors import MtkitError
     from mtkit.prepare import prepare
+    from mtkit.serve import model_facts
     from mtkit.tokenizer import Tokenizer
     from mtkit.train import Trainer
+    from mtkit.translate import Translator
     from mtkit.vocab import train_tokenizer
     from tests.conftest import TINY_MODEL, write_config
 
@@ -101,7 +104,8 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
         tmp_path, data={"dir": str(a), "corpora": [{"dir": str(a), "src": "en", "tgt": "vs"},
                                                    {"dir": str(b), "src": "en", "tgt": "sv", "train": "tr",
                                                     "valid": "dev", "test": "tst", "weight": 3}]},
-        tokenizer={"vocab_size": 300}, model=TINY_MODEL, train={"precision": "fp32"}))
+        tokenizer={"vocab_size": 300}, model=TINY_MODEL,
+        train={"precision": "fp32", "max_steps": 2, "eval_every": 2, "save_every": 2, "eval_sample": 4}))
     assert cfg.data.names == ["en-vs", "en-sv"] and cfg.data.tagged
     train_tokenizer(cfg)
     splits = prepare(cfg).manifest["splits"]
@@ -118,6 +122,13 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
     sizes = {name: end - begin for name, (begin, end) in splits["train"]["directions"].items()}
     share = 3 * sizes["en-sv"] / (3 * sizes["en-sv"] + sizes["en-vs"])
     assert (drawn >= start).mean() == pytest.approx(share, abs=0.01)
+    # the model it saves knows its directions and target languages, so it asks which to write
+    trainer.run()
+    translator = Translator.load(cfg.workdir)
+    assert translator.targets == ["sv", "vs"] and translator.directions == ["en-vs", "en-sv"]
+    with pytest.raises(MtkitError, match="say which with --tgt-lang"):
+        translator.translate(["The dog sees a cat."])
+    assert model_facts(translator, translator.options())["directions"] == ["en-vs", "en-sv"]
 
 
 def test_validation_scores_each_direction_and_their_mean_decides(run):
