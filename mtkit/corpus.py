@@ -75,6 +75,12 @@ def tag(lang: str) -> str:
     return f"<2{lang}>"
 
 
+def with_tag(label: str, line: str) -> str:
+    """`line` with `label` (a tag, or "" for none) before it; a blank line stays blank, as
+    training drops it and translation gives "" for it."""
+    return f"{label} {line}" if label and line.strip() else line
+
+
 def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Path, src: str | None,
                tgt: str | None, encoding_errors: str = "strict", hf_dataset: str | None = None,
                hf_config: str | None = None, src_field: str | None = None, tgt_field: str | None = None,
@@ -152,7 +158,7 @@ def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
     """Stream the raw (src, tgt) lines of a split, in order, unnormalized; an empty split is an error."""
     if source.kind == "several":
         for part, label in zip(source.parts, source.tags):
-            yield from ((f"{label} {src}" if label and src.strip() else src, tgt) for src, tgt in read_pairs(part))
+            yield from ((with_tag(label, src), tgt) for src, tgt in read_pairs(part))
         return
     if source.kind == "text":
         src_path, tgt_path = source.paths

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from mtkit.config import DataSection
 from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, progress
-from mtkit.corpus import normalize, tag
+from mtkit.corpus import normalize, tag, with_tag
 from mtkit.errors import MtkitError
 from mtkit.search import Hypothesis
 from mtkit.tokenizer import Tokenizer
@@ -117,8 +117,7 @@ class Engine:
                 raise TypeError(f"line {i} is {type(line).__name__}, not str" +
                                 (" (decode the bytes first)" if isinstance(line, bytes) else ""))
         label = self.tag_for(target_lang)
-        return self.tokenizer.encode_src([f"{label} {text}" if label and text else text
-                                          for text in map(normalize, lines)])
+        return self.tokenizer.encode_src([with_tag(label, normalize(line)) for line in lines])
 
     def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
         return [self._texts(hyps) for hyps in self.search(ids, opts)]
