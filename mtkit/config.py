@@ -2,17 +2,18 @@
 
 This module is the only home of defaults. `load_config(path, overrides)` reads the YAML, merges
 `--set a.b=c` overrides, validates, and turns every mistake into one message that names the file,
-the line, the dotted key and the fix. `configs/base.yaml` documents every key.
+the line, the dotted key and the fix (the text side of that: config_text.py). `configs/base.yaml`
+documents every key.
 """
 
-import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtkit.config_text import all_keys, apply_override, config_error, key_lines
 from mtkit.errors import MtkitError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -351,7 +352,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
                          hint="save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        lines = key_lines(yaml.compose(text))
     except MtkitError as e:
         raise MtkitError(f"invalid config {path}: {e.message}", hint="delete one of them") from None
     except yaml.YAMLError as e:
@@ -367,118 +368,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     raw = {name: {} if section is None else section for name, section in raw.items()}  # `train:` alone: defaults
     set_by_override = {}
     for item in overrides:
-        key = _apply_override(raw, item)
+        key = apply_override(raw, item)
         set_by_override[key] = item
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise _config_error(path, e, lines, set_by_override) from None
-
-
-def _apply_override(raw: dict, item: str) -> str:
-    key, eq, value = item.partition("=")
-    key = key.strip()
-    if not eq or not key or any(not part for part in key.split(".")):
-        raise MtkitError(f"bad override {item!r}", hint="write --set section.key=value, e.g. --set train.lr=5e-4")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value  # not YAML: keep the literal string and let validation judge it
-    *parents, leaf = key.split(".")
-    node = raw
-    for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise MtkitError(f"bad override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
-        node = child
-    node[leaf] = parsed
-    return key
-
-
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[str, int]:
-    """Map each dotted key in the YAML document to its 1-based line, for error messages."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = prefix + (str(key_node.value),)
-            key, line = ".".join(path), key_node.start_mark.line + 1
-            if key in lines:  # YAML itself would keep the last one without a word
-                raise MtkitError(f"line {line}: `{key}` is given twice (first on line {lines[key]})")
-            lines[key] = line
-            lines.update(_key_lines(value_node, path))
-    return lines
-
-
-def _all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        for ann in (field.annotation, *get_args(field.annotation)):  # a section, or a list of them (corpora)
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                keys.extend(_all_keys(ann, prefix + name + "."))
-    return keys
-
-
-def _config_error(path: Path, error: ValidationError, lines: dict[str, int],
-                  overrides: dict[str, str]) -> MtkitError:
-    messages = []  # (line, text): shown in file order, --set overrides last
-    for err in error.errors():
-        # Tuple fields (betas, split pairs) put an element index into loc; the key is the field.
-        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-        detail = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "value_error":
-            # A cross-field rule is reported on its section; its message names the real key.
-            key = _named_key(detail, key) or key
-            msg = detail
-        elif err["type"] == "extra_forbidden":
-            close = _closest_key(key)
-            msg = f"unknown key `{key}`" + (f": did you mean `{close}`?" if close else "")
-        elif err["type"] == "missing":
-            msg = f"`{key}` is required"
-        elif err["type"] == "model_type":  # a section given as a value
-            msg = f"`{key}` must be a section (its keys indented below it), not {err.get('input')!r}"
-        else:
-            msg = f"`{key}`: {detail} (got {err.get('input')!r})"
-        line, where = _where(key, lines, overrides)
-        messages.append((line, where + msg))
-    messages = [text for _, text in sorted(messages, key=lambda m: m[0])]
-    if len(messages) == 1:
-        text = f"invalid config {path}: {messages[0]}"
-    else:
-        text = f"invalid config {path}:" + "".join(f"\n  {m}" for m in messages)
-    return MtkitError(text, hint="configs/base.yaml documents every key and its allowed values")
-
-
-def _named_key(message: str, section: str) -> str:
-    return next((k for k in _all_keys() if k.startswith(section) and "." in k and k in message), "")
-
-
-def _closest_key(key: str) -> str | None:
-    """The valid key a typo most likely meant: a near name in the same section, else the same
-    name in another section (train.dropout -> model.dropout), else a near name anywhere."""
-    section, _, leaf = key.rpartition(".")
-    valid = _all_keys()
-    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
-    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
-    if close:
-        return f"{section}.{close[0]}" if section else close[0]
-    same = [k for k in valid if k.rpartition(".")[2] == leaf]
-    if same:
-        return same[0]
-    leaves = {k.rpartition(".")[2]: k for k in valid if "." in k}
-    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
-    return leaves[close[0]] if close else None
-
-
-def _where(key: str, lines: dict[str, int], overrides: dict[str, str]) -> tuple[int, str]:
-    """The line a key is on (a missing key: its section's) and how to say where it came from."""
-    if key in overrides:
-        return 1 << 30, f"(from --set {overrides[key]}) "
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):
-        line = lines.get(".".join(parts[:n]))
-        if line:
-            return line, f"line {line}: "
-    return 0, ""
+        raise config_error(path, e, lines, set_by_override, all_keys(Config)) from None

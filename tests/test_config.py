@@ -6,7 +6,8 @@ import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mtkit.config import Config, DataSection, _all_keys, load_config, to_yaml
+from mtkit.config import Config, DataSection, load_config, to_yaml
+from mtkit.config_text import all_keys
 from mtkit.errors import MtkitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_base_yaml_documents_every_key_with_its_default():
             section = key
             continue
         documented[f"{section}.{key}"] = rest
-    leaf_keys = [k for k in _all_keys() if k.count(".") == 1]  # (data.corpora's keys: in its comment)
+    leaf_keys = [k for k in all_keys(Config) if k.count(".") == 1]  # (data.corpora's keys: in its comment)
     assert sorted(documented) == sorted(leaf_keys)
     undocumented = [k for k, rest in documented.items() if "#" not in rest]
     assert undocumented == []
@@ -131,8 +132,8 @@ def test_config_show_prints_resolved_yaml(cli, tmp_path):
 # what is wrong (MtkitError); never another exception. A loaded config shows (`mtkit config show`)
 # as YAML that loads back to the same config.
 
-SECTIONS = [k for k in _all_keys() if "." not in k]
-LEAVES = sorted({k.rpartition(".")[2] for k in _all_keys() if "." in k})
+SECTIONS = [k for k in all_keys(Config) if "." not in k]
+LEAVES = sorted({k.rpartition(".")[2] for k in all_keys(Config) if "." in k})
 VALUES = (st.none() | st.booleans() | st.integers(-10, 100_000) | st.floats(allow_nan=True) | st.text(max_size=8)
           | st.sampled_from(["de", "en", "fr", "bpe", "unigram", "auto", "fp32", "bf16", "best", "demo", "text"])
           | st.lists(st.integers(-2, 5), max_size=3))
@@ -145,7 +146,7 @@ OWN_KEYS = st.sampled_from(SECTIONS).flatmap(lambda section: st.tuples(st.just(s
 DOCUMENT = (st.lists(OWN_KEYS, max_size=4).map(dict) | st.dictionaries(
     st.sampled_from(SECTIONS) | st.text(max_size=6), SECTION | VALUES, max_size=5)).map(
     lambda doc: {**doc, "data": {"src": "de", "tgt": "en", **(doc.get("data") if isinstance(doc.get("data"), dict) else {})}})
-OVERRIDE = st.builds("{}={}".format, st.sampled_from(_all_keys()) | st.text(max_size=10), st.text(max_size=8))
+OVERRIDE = st.builds("{}={}".format, st.sampled_from(all_keys(Config)) | st.text(max_size=10), st.text(max_size=8))
 
 
 def loads_or_says_why(path: Path, overrides: list[str]) -> Config | None:
