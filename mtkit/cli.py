@@ -30,8 +30,14 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even whe
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Decode in auto (the training precision where the "
                                            "device computes it natively, else fp32), fp32, bf16 or fp16 (GPU).")]
+InitOpt = Annotated[Optional[Path], typer.Option("--init", help="Start from this trained model (a checkpoint, or a "
+                                                 "workdir: its best.pt): --set train.init=PATH.")]
 TgtLangOpt = Annotated[Optional[str], typer.Option("--tgt-lang", help="The language to translate into (needed by a "
                                                    "model trained on several).")]
+
+
+def _with_init(overrides: Optional[list[str]], init: Optional[Path]) -> list[str]:
+    return [*(overrides or []), *([f"train.init={init}"] if init else [])]
 
 
 def _load(config: Path, overrides: Optional[list[str]], writes: bool = True):
@@ -64,23 +70,32 @@ def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> 
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(config: ConfigArg, set_: SetOpt = None, init: InitOpt = None) -> None:
     """Run every stage of the experiment in order, skipping those whose output is current."""
     from mtkit.pipeline import run as run_pipeline
 
-    run_pipeline(_load(config, set_))
+    run_pipeline(_load(config, _with_init(set_, init)))
 
 
 @app.command()
-def train(config: ConfigArg, set_: SetOpt = None,
+def train(config: ConfigArg, set_: SetOpt = None, init: InitOpt = None,
           resume: Annotated[bool, typer.Option("--resume", help="Continue from <workdir>/checkpoints/last.pt.")] = False
           ) -> None:
     """Train the Transformer (building the tokenizer and prepared data first when missing or stale)."""
     from mtkit.pipeline import prepare_and_train
 
-    result = prepare_and_train(_load(config, set_), resume=resume)
+    result = prepare_and_train(_load(config, _with_init(set_, init)), resume=resume)
     if result.stopped_by == "interrupted":
         raise typer.Exit(code=130)
+
+
+def _say_lineage(translator) -> None:
+    """A fine-tuned model says what it was fine-tuned from (train.init), back to the first run."""
+    if translator.init_from:
+        from mtkit.console import info
+        from mtkit.lineage import describe
+
+        info(f"translate: {translator.path}, fine-tuned from {describe(translator.init_from)}")
 
 
 @app.command()
@@ -129,6 +144,7 @@ def translate(
             raise MtkitError(f"--compute-type {compute_type} is CTranslate2's setting",
                              hint="add --engine ctranslate2 (with a folder from mtkit export), or drop it")
         translator = Translator.load(checkpoint, device, precision)
+        _say_lineage(translator)
     overrides = _overrides(set_, "translate")["decode"]
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's

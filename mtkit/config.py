@@ -225,9 +225,17 @@ class TrainSection(Section):
     ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     max_nonfinite: PositiveInt = 10
     tensorboard: bool = False
+    # Start from a trained model (a checkpoint, or a workdir: its best.pt): its tokenizer, shape and
+    # weights; the optimizer, schedule and progress start fresh (mtkit/lineage.py).
+    init: Path | None = None
+    freeze: tuple[Literal["embeddings", "encoder", "decoder"], ...] = ()  # parts of it kept as they are
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSection":
+        if self.freeze and not self.init:
+            raise ValueError("train.freeze keeps parts of a trained model as they are: it needs train.init")
+        if {"embeddings", "encoder", "decoder"} <= set(self.freeze):
+            raise ValueError("train.freeze names every part of the model: nothing would be trained")
         if self.average_last > self.keep_last:
             raise ValueError(f"train.average_last ({self.average_last}) needs that many checkpoints kept: "
                              f"raise train.keep_last ({self.keep_last}) to {self.average_last} or more")

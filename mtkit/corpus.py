@@ -13,7 +13,7 @@ import re
 import unicodedata
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mtkit import demo
@@ -51,6 +51,7 @@ class Source:
     streaming: bool = False
     src_field: str | None = None
     tgt_field: str | None = None
+    lines: tuple[str, str] = ()  # a part of the split, "name[start:end]": ("0", "50%") -> its first half
     parts: tuple["Source", ...] = ()  # kind "several": one Source per direction, read one after another
     tags: tuple[str, ...] = ()  # and the tag put before each one's source lines ("" for none)
 
@@ -60,7 +61,7 @@ class Source:
         if self.kind == "hf":
             where = str(self.hf_file) if self.hf_file else f"{self.hf_dataset} [{self.hf_split}]"
             return f"HF dataset {where}"
-        return " + ".join(str(p) for p in self.paths)
+        return " + ".join(str(p) for p in self.paths) + (f" lines [{':'.join(self.lines)}]" if self.lines else "")
 
 
 def ensure_demo(format: str, root: Path) -> None:
@@ -97,6 +98,10 @@ def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Pa
                       encoding_errors=encoding_errors)
     common = dict(split=split, src=src, tgt=tgt, encoding_errors=encoding_errors)
     root = Path(root)
+    if format != "hf" and isinstance(spec, str) and (part := _PART.fullmatch(spec)):
+        lines = _check_part(spec, part["start"], part["end"], split)
+        whole = source_for(split, part["name"], format=format, root=root, src=src, tgt=tgt, encoding_errors=encoding_errors)
+        return replace(whole, lines=lines)
     if format in ("text", "demo"):
         if isinstance(spec, str):
             paths = (_find_file(root, f"{spec}.{src}", split), _find_file(root, f"{spec}.{tgt}", split))
@@ -119,6 +124,29 @@ def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Pa
                          hint="set data.hf_dataset to a hub name or a local dataset folder, "
                               "or give a .jsonl/.parquet/.csv file as the split")
     return Source(kind="hf", hf_dataset=hf_dataset, hf_config=hf_config, hf_split=spec, **fields, **common)
+
+
+# "train[:14500]", "train[50%:]": part of a split, written as HuggingFace datasets writes it (format
+# hf leaves the name to datasets.load_dataset, which reads the same syntax).
+_PART = re.compile(r"(?P<name>.+)\[(?P<start>\d*%?):(?P<end>\d*%?)\]")
+
+
+def _check_part(spec: str, start: str, end: str, split: str) -> tuple[str, str]:
+    bounds = [b for b in (start, end) if b]
+    if any(b.endswith("%") and int(b[:-1]) > 100 for b in bounds) or (
+            len(bounds) == 2 and start.endswith("%") == end.endswith("%") and int(start.rstrip("%")) >= int(end.rstrip("%"))):
+        raise MtkitError(f"data.{split}: {spec!r} is an empty or impossible part of a split",
+                         hint="write name[start:end] with start < end, in lines or percent (e.g. train[:50%], train[14500:])")
+    return start, end
+
+
+def _line_range(source: Source) -> tuple[int, int | None]:
+    """The lines [start, end) a part of a split stands for; percent counts the lines first."""
+    total = None
+    if any(b.endswith("%") for b in source.lines):
+        total = sum(1 for _ in read_lines(source.paths[0], source.encoding_errors))
+    start, end = (None if not b else int(b[:-1]) * total // 100 if b.endswith("%") else int(b) for b in source.lines)
+    return start or 0, end
 
 
 def _find_file(root: Path, name: str, split: str) -> Path:
@@ -168,6 +196,8 @@ def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
         pairs = _read_tsv(source.paths[0], source.encoding_errors)
     else:
         pairs = _read_hf(source)
+    if source.lines:
+        pairs = itertools.islice(pairs, *_line_range(source))
     empty = True
     for pair in pairs:
         empty = False
@@ -308,4 +338,4 @@ def fingerprint(source: Source) -> str:
     if source.kind == "hf":
         # datasets fingerprints every Dataset from its source files and transforms.
         return sha256_json(["hf", _load_hf(source)._fingerprint, source.src_field, source.tgt_field])
-    return sha256_json([source.kind] + [sha256_file(p) for p in source.paths])
+    return sha256_json([source.kind] + [sha256_file(p) for p in source.paths] + ([list(source.lines)] if source.lines else []))

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtkit import corpus
+from mtkit import corpus, lineage
 from mtkit.config import Config
 from mtkit.console import console, info, progress, table
 from mtkit.data import ArrayWriter, TokenArray, token_dtype
@@ -92,7 +92,15 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
 
 def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -> None:
-    """Refuse to encode with a tokenizer that the config or the train data no longer describe."""
+    """Refuse to encode with a tokenizer that the config or the train data no longer describe
+    (with train.init: that is not the tokenizer of the model the run starts from)."""
+    if cfg.train.init or "inherited_from" in trained:
+        wanted = Tokenizer(*lineage.load(cfg)["tokenizer"]).fingerprint if cfg.train.init else None
+        if trained.get("fingerprint") != wanted:
+            what = f"the tokenizer of {lineage.parent(cfg)} (train.init)" if wanted else "one trained on this data"
+            raise MtkitError(f"the tokenizer in {cfg.tokenizer_dir} is not {what}",
+                             hint="make it so first: mtkit tokenizer train CONFIG (or use mtkit run CONFIG)")
+        return
     wanted = {**cfg.tokenizer.model_dump(mode="json"), **cfg.data.languages}
     had = trained.get("settings", {})
     changed = [f"{k}={had.get(k)!r} (config: {v!r})" for k, v in wanted.items() if had.get(k) != v]

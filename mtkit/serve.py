@@ -31,6 +31,7 @@ from mtkit.console import info
 from mtkit.engine import Engine, cut
 from mtkit.errors import MtkitError
 from mtkit.explain import MAX_BEAM, BadInput, explain, explorer_page
+from mtkit.lineage import describe
 from mtkit.translate import Translator
 
 
@@ -300,6 +301,7 @@ def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
             "parameters": sum(p.numel() for p in translator.model.parameters()),
             "model": asdict(translator.model.cfg), "decode": defaults.model_dump(),
             "checkpoint": str(translator.path), "step": state.get("step"),
+            "init_from": state.get("init_from"), "lineage": describe(state.get("init_from")),
             "valid_bleu": state.get("progress", {}).get("best_bleu"),
             "precision": translator.precision, "device": str(translator.device)}
 

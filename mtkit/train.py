@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtkit import checkpoint, corpus, distributed
+from mtkit import checkpoint, corpus, distributed, lineage
 from mtkit.bookkeeping import (Progress, RunLog, StopRequest, TrainResult, clock, print_summary, stop_reason,
                                workdir_lock)
 from mtkit.config import Config
@@ -85,7 +85,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool, world: World | None = None):
         distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
-        self.cfg, t = cfg, cfg.train
+        cfg = lineage.adopt(cfg)  # train.init: the shape of the model it starts from
+        self.cfg, t, self.init_from = cfg, cfg.train, None
         self.world = world or distributed.start(t.device)
         self.ckpt_dir = cfg.workdir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,10 @@ class Trainer:
             self._restore(state)
         else:
             self.precision, self.precision_reason = self._choose_precision()
+            if t.init:
+                self.init_from = lineage.start(cfg, self.model, asdict(self.model_config), self.tok.fingerprint)
+                if self.ema_model is not None:
+                    self.ema_model.load_state_dict(self.model.state_dict())
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.world.device.type)
             if state is not None and "scaler" in state:
@@ -153,12 +158,14 @@ class Trainer:
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
         self.model = self.world.place(Transformer(self.model_config))
+        lineage.freeze(self.model, t.freeze)
         # Several processes: DDP averages the gradients of their copies in every backward pass.
         self.net = self.model if self.world.size == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
         # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.
         self.ema_model = copy.deepcopy(self.model).eval() if t.ema else None
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # biases, LayerNorms
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.dim() >= 2]
+        no_decay = [p for p in trained if p.dim() < 2]  # biases, LayerNorms
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=t.lr, betas=t.betas, eps=1e-9)
@@ -183,6 +190,9 @@ class Trainer:
         return state
 
     def _restore(self, state: dict) -> None:
+        if state.get("init_from") and not self.cfg.train.init:
+            raise MtkitError(f"{self.last_path}'s run started from {state['init_from']['path']} (train.init)",
+                             hint=f"resume it as it started: --resume --init {state['init_from']['path']}")
         if state["model_config"] != asdict(self.model_config):
             raise MtkitError(f"the model section of the config differs from {self.last_path}'s model",
                              hint="resume with the config it was trained with")
@@ -194,6 +204,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.progress = Progress.from_dict(state["progress"])
+        self.init_from = state.get("init_from")
         # Why the last session stopped is history: this session's checkpoints must not carry it
         # (a later `mtkit run` would take a half-trained run for a finished one).
         self.progress.stopped_by = None
@@ -346,7 +357,8 @@ class Trainer:
                 "rng": self._rng_state(),
                 "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
                 "tokenizer": list(self.tok.protos),  # the checkpoint translates on its own
-                "data_fingerprint": self.manifest["fingerprint"], "step": self.progress.step}
+                "data_fingerprint": self.manifest["fingerprint"], "step": self.progress.step,
+                "init_from": self.init_from}
 
     def _rng_state(self) -> dict:
         """Every random generator the run draws from: a resumed run continues their sequences."""

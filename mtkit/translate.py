@@ -33,6 +33,7 @@ class Translator(Engine):
                              hint="the file was altered or comes from another program; use another checkpoint"
                              ) from None
         self.trained_precision = state.get("precision", "fp32")
+        self.init_from = state.get("init_from")  # the model it was fine-tuned from (train.init), if any
         super().__init__(tokenizer, state.get("config", {}), path, distributed.decode_precision(
             precision, device, self.trained_precision, *distributed.machine_facts(device)))
         self.device = torch.device(device)

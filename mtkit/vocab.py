@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtkit import corpus
+from mtkit import corpus, lineage
 from mtkit.config import Config
 from mtkit.console import console, info, progress
+from mtkit.errors import MtkitError
 from mtkit.files import atomic_dir, read_json, write_json
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_model
 
@@ -33,12 +34,19 @@ def settings_of(cfg: Config) -> dict:
 
 
 def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
+    if cfg.train.init:
+        return _inherit(cfg)
     out = cfg.tokenizer_dir
     corpus.ensure_demo(cfg.data.format, cfg.data.dir)
     source = corpus.source_for(**cfg.data.source_args("train"))
     settings = settings_of(cfg)
     train_sha256 = corpus.fingerprint(source)
     previous = read_json(out / "tokenizer.json") or {}
+    if "inherited_from" in previous and not force:  # its data and checkpoints were made with that tokenizer
+        parent = previous["inherited_from"]["path"]
+        raise MtkitError(f"the run in {cfg.workdir} started from {parent} (train.init), whose tokenizer it uses; "
+                         "this config has no train.init", hint=f"add --init {parent} (e.g. --resume --init {parent}), "
+                         "or train from scratch in another workdir")
     if not force and (previous.get("train_sha256"), previous.get("settings")) == (train_sha256, settings):
         info(f"tokenizer: up to date ({out})")
         return TokenizerResult(out, True, previous["fingerprint"])
@@ -66,6 +74,26 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
             "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
         })
     info(f"tokenizer: done in {time.perf_counter() - start:.1f}s -> {out}")
+    return TokenizerResult(out, False, tok.fingerprint)
+
+
+def _inherit(cfg: Config) -> TokenizerResult:
+    """train.init: the tokenizer of the model the run starts from becomes this run's, so that
+    prepare encodes the new data as that model reads."""
+    lineage.adopt(cfg)  # a config that asks for another vocabulary is said now, not after prepare
+    out, tok = cfg.tokenizer_dir, Tokenizer(*lineage.load(cfg)["tokenizer"])
+    inherited = {"path": str(lineage.parent(cfg)), "fingerprint": tok.fingerprint}
+    if (read_json(out / "tokenizer.json") or {}).get("inherited_from") == inherited:
+        info(f"tokenizer: up to date ({out}, taken over from {inherited['path']})")
+        return TokenizerResult(out, True, tok.fingerprint)
+    with atomic_dir(out) as tmp:
+        tok.save(tmp)
+        write_json(tmp / "tokenizer.json", {
+            "fingerprint": tok.fingerprint, "inherited_from": inherited,
+            "src_vocab_size": tok.src_vocab_size, "tgt_vocab_size": tok.tgt_vocab_size,
+            "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        })
+    info(f"tokenizer: taken over from {inherited['path']} (train.init) -> {out}")
     return TokenizerResult(out, False, tok.fingerprint)
 
 

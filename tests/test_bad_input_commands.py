@@ -66,6 +66,18 @@ COMMANDS = {
         ["prepare", "{fresh}", "--force"], "fresh", Handled(exit_ok("prepare: done"))),
     "train --resume with nothing to resume": (
         ["train", "{fresh}", "--resume"], None, Refused("nothing to resume:")),
+    "train --init a file that is not there": (
+        ["train", "{fresh}", "--init", "{tmp}/nowhere.pt"], None, Refused("checkpoint not found: {tmp}/nowhere.pt")),
+    "run --init a folder without a model": (
+        ["run", "{fresh}", "--init", "{tmp}"], None, Refused("no best checkpoint in {tmp}")),
+    "train --init a model whose vocabulary the config changes": (
+        ["train", "{fresh}", "--init", "{run}"], None,
+        Refused("this config asks for another model: tokenizer.vocab_size is 60 (the model's: 300)")),
+    "train --init a model whose shape the config changes": (
+        ["train", "{fresh}", "--init", "{ckpt}", "--set", "tokenizer.vocab_size=300", "--set", "model.heads=4"], None,
+        Refused("this config asks for another model: model.heads is 4 (the model's: 2)")),
+    "train --init a text file": (
+        ["train", "{fresh}", "--init", "{tmp}/text.txt"], None, Refused("is not a readable checkpoint (not a PyTorch file)")),
     # translate
     "translate --alpha below 0": (["translate", "{run}", "--alpha", "-1"], None,
                                   Refused("Invalid value for '--alpha': Input should be greater than or equal to 0")),

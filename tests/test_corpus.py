@@ -135,6 +135,31 @@ def test_tsv_gz(tmp_path):
     assert read(tmp_path, format="tsv") == PAIRS
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_part_of_a_split_in_lines_or_percent(tmp_path, packed):
+    """train[start:end] reads lines start..end-1 of the split (percent of its lines too): the two
+    halves are the whole, in order, and each has its own fingerprint."""
+    pairs = [(f"Satz {i}.", f"Sentence {i}.") for i in range(10)]
+    suffix = ".gz" if packed else ""
+    write_lines(tmp_path / f"train.de{suffix}", [s for s, _ in pairs], packed)
+    write_lines(tmp_path / f"train.en{suffix}", [t for _, t in pairs], packed)
+    write_lines(tmp_path / "train.tsv", [f"{s}\t{t}" for s, t in pairs])
+    for fmt in ("text", "tsv"):
+        assert read(tmp_path, format=fmt, train="train[:50%]") == pairs[:5]
+        assert read(tmp_path, format=fmt, train="train[50%:]") == pairs[5:]
+        assert read(tmp_path, format=fmt, train="train[3:7]") == pairs[3:7]
+        assert read(tmp_path, format=fmt, train="train[8:]") == pairs[8:]
+        assert read(tmp_path, format=fmt, train="train[:]") == pairs
+    prints = {spec: corpus.fingerprint(source_for(data(tmp_path, train=spec), "train"))
+              for spec in ("train", "train[:50%]", "train[50%:]", "train[:5]")}
+    assert len(set(prints.values())) == 4  # (the first 50% and the first 5 lines are the same lines, named apart)
+    assert "lines [:50%]" in source_for(data(tmp_path, train="train[:50%]"), "train").describe()
+    assert "the train split is empty" in error(tmp_path, train="train[10:]")
+    for spec in ("train[7:3]", "train[5:5]", "train[:150%]"):
+        assert f"data.train: '{spec}' is an empty or impossible part of a split" in error(tmp_path, train=spec)
+    assert "no train file: looked for" in error(tmp_path, train="other[:5]")
+
+
 def test_normalize():
     assert corpus.normalize("  Cafe\u0301\t\tau\x00lait \u00a0 ") == "Café au lait"
     assert corpus.normalize("\x1b[31mred") == "[31mred"
