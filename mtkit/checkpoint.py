@@ -121,7 +121,7 @@ def average(paths: list[Path]) -> dict:
             total += weights(s)[name].double()
         mean[name] = (total / len(states)).to(tensor.dtype)
     last = states[-1]
-    kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", "step")
+    kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", "step", "init_from")
     return {key: last[key] for key in kept if key in last} | {
         "model": mean, "averaged_from": [str(p) for p in paths]}
 

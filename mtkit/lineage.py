@@ -55,6 +55,9 @@ def adopt(cfg: Config) -> Config:
                          f"{', '.join(map(str, cfg.data.targets))}: the model has no tag for that",
                          hint="fine-tune on directions into the model's own target languages (all of them, "
                               "for a model of several), or train from scratch")
+    if shape["max_positions"] < cfg.data.max_len + 2:  # (the config's own rule, for the model's positions)
+        clashes.append(f"data.max_len is {cfg.data.max_len} (the model holds {shape['max_positions'] - 2} tokens "
+                       "and BOS and EOS)")
     if clashes:
         raise MtkitError(f"train.init starts from {parent(cfg)}, but this config asks for another model: "
                          + "; ".join(clashes),

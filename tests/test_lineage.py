@@ -89,6 +89,14 @@ def test_the_lineage_is_shown_and_chains(cli, trained, child):
     assert facts["init_from"]["init_from"]["path"] == str(trained / "checkpoints" / "best.pt")
     assert facts["lineage"] == (f"{first / 'checkpoints' / 'last.pt'} (step 4) <- "
                                 f"{trained / 'checkpoints' / 'best.pt'} (step 800)")
+    # averaging a fine-tuned run's checkpoints keeps what they started from
+    steps = sorted((config.parent / "run2" / "checkpoints").glob("step_*.pt"))
+    assert cli("average", *steps, "-o", config.parent / "averaged.pt")[0] == 0
+    assert checkpoint.load(config.parent / "averaged.pt")["init_from"] == checkpoint.load(steps[-1])["init_from"]
+    # the model's positions bound the new data's lengths as the config's own would
+    code, _, err = cli("train", config, "--init", trained, "--set", "data.max_len=200",
+                       "--set", "experiment.workdir=" + str(config.parent / "run3"))
+    assert code == 2 and "data.max_len is 200 (the model holds 126 tokens and BOS and EOS)" in err
 
 
 def test_a_run_from_a_model_resumes_exactly(cli, trained, child, tmp_path):
