@@ -128,7 +128,7 @@ def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Pa
 
 # "train[:14500]", "train[50%:]": part of a split, written as HuggingFace datasets writes it (format
 # hf leaves the name to datasets.load_dataset, which reads the same syntax).
-_PART = re.compile(r"(?P<name>.+)\[(?P<start>\d*%?):(?P<end>\d*%?)\]")
+_PART = re.compile(r"(?P<name>.+)\[(?P<start>(?:\d+%?)?):(?P<end>(?:\d+%?)?)\]")
 
 
 def _check_part(spec: str, start: str, end: str, split: str) -> tuple[str, str]:

@@ -158,6 +158,7 @@ def test_part_of_a_split_in_lines_or_percent(tmp_path, packed):
     for spec in ("train[7:3]", "train[5:5]", "train[:150%]"):
         assert f"data.train: '{spec}' is an empty or impossible part of a split" in error(tmp_path, train=spec)
     assert "no train file: looked for" in error(tmp_path, train="other[:5]")
+    assert "no train file: looked for" in error(tmp_path, train="train[%:]")  # not a part: a (missing) file name
 
 
 def test_normalize():
