@@ -1,6 +1,8 @@
 """Prepare benchmark: pairs/s and peak RSS of `mtkit prepare` (normalize, filter, encode, write
 the memory-mapped arrays) on Multi30k de->en train, and on a ~1,000,000-pair corpus made by
-repeating it (memory must stay flat as the corpus grows).
+repeating it (memory must stay flat as the corpus grows), and on Multi30k as four directions in one
+model (configs/multi30k_multi.yaml: de-en, en-de, fr-en, en-fr, 116,000 train pairs; memory must
+stay flat as the directions add up).
 
     python3 scripts/bench_prepare.py --data-dir ../shared/data/multi30k [--pairs 1000000]
 
@@ -27,12 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(data_dir: Path, workdir: Path, dedup: bool, encode_step: bool) -> None:
+def child(data_dir: Path, workdir: Path, dedup: bool, encode_step: bool, config: str) -> None:
     from mtkit.config import load_config
     from mtkit.prepare import prepare
     from mtkit.vocab import train_tokenizer
 
-    cfg = load_config(REPO / "configs" / "multi30k_de_en.yaml",
+    cfg = load_config(REPO / "configs" / config,
                       [f"data.dir={data_dir}", f"experiment.workdir={workdir}", "tokenizer.sample_pairs=29000",
                        f"data.dedup={str(dedup).lower()}"])
     tokenizer = train_tokenizer(cfg)
@@ -75,9 +77,10 @@ def repeat_corpus(data_dir: Path, out: Path, pairs: int) -> int:
     return times * n
 
 
-def run_case(data_dir: Path, workdir: Path, dedup: bool, encode_step: bool = False) -> dict:
+def run_case(data_dir: Path, workdir: Path, dedup: bool, encode_step: bool = False,
+             config: str = "multi30k_de_en.yaml") -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", str(data_dir), str(workdir), str(dedup),
-                             str(encode_step)],
+                             str(encode_step), config],
                             capture_output=True, text=True, env={**os.environ, "MTKIT_QUIET": "1"})
     if result.returncode:
         raise SystemExit(result.stderr)
@@ -86,7 +89,7 @@ def run_case(data_dir: Path, workdir: Path, dedup: bool, encode_step: bool = Fal
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "True", sys.argv[5] == "True")
+        return child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "True", sys.argv[5] == "True", sys.argv[6])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--pairs", type=int, default=1_000_000, help="size of the repeated corpus")
@@ -100,9 +103,10 @@ def main() -> None:
         n_big = repeat_corpus(data_dir, big, args.pairs)
         cases = {"train": run_case(data_dir, tmp / "run-train", True, encode_step=True),
                  "repeated_no_dedup": run_case(big, tmp / "run-big", False),
-                 "repeated_dedup": run_case(big, tmp / "run-big-dedup", True)}
+                 "repeated_dedup": run_case(big, tmp / "run-big-dedup", True),
+                 "four_directions": run_case(data_dir, tmp / "run-multi", True, config="multi30k_multi.yaml")}
     figures = {"repeated_train_pairs": n_big, **cases}
-    t = table("prepare multi30k de->en (all splits; tokenizer not timed)",
+    t = table("prepare Multi30k: de->en, repeated, four directions (all splits; tokenizer not timed)",
               ["case", "pairs", "train kept", "seconds", "pairs/s", "peak RSS MB"])
     for name, c in cases.items():
         t.add_row(name, f"{c['pairs']:,}", f"{c['kept']:,}", f"{c['seconds']:.1f}", f"{c['pairs_per_s']:,.0f}",
