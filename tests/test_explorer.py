@@ -69,6 +69,7 @@ def test_a_sentence_typed_shows_its_search_and_mtkit_translates_translation(page
                                                                              trained):
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('about').textContent.includes('parameters')")
+    assert not page.is_visible("#target-field")  # one target language: no "Into" choice
     version = ask(page, sentence, 0)
     assert page.inner_text("#beam-translation") == translated(cli, tmp_path, trained, [sentence], "--beam", "5")[0]
     assert page.inner_text("#greedy-translation") == translated(cli, tmp_path, trained, [sentence], "--greedy")[0]
