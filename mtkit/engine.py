@@ -75,7 +75,7 @@ class Engine:
         with alpha 0 it is the plain log-probability."""
         return self.translate_ids(self.encode(lines, target_lang), self.options(**settings))
 
-    @property
+    @functools.cached_property  # read once: tag_for asks for it at every call
     def _data(self) -> DataSection:
         """The data section the model was trained with (a hand-made checkpoint may have none)."""
         data = self.config.get("data")
