@@ -181,10 +181,11 @@ class ModelSection(Section):
     ff_dim: PositiveInt = 1024
     dropout: Fraction = 0.1
     attention_dropout: Fraction = 0.0
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "silu"] = "relu"
     norm: Literal["pre", "post"] = "pre"
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    positions: Literal["sinusoidal", "sinusoidal-halves", "learned"] = "sinusoidal"
     tie_embeddings: bool = True
+    logits_bias: bool = False
     max_positions: PositiveInt = 256
 
     @model_validator(mode="after")
@@ -194,7 +195,7 @@ class ModelSection(Section):
                 f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads}); "
                 f"e.g. heads {' or '.join(map(str, _divisors_near(self.d_model, self.heads)))}"
             )
-        if self.positions == "sinusoidal" and self.d_model % 2:
+        if self.positions.startswith("sinusoidal") and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even model.d_model (got {self.d_model})")
         return self
 

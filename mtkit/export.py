@@ -84,7 +84,8 @@ def _spec(cfg: ModelConfig, w: dict[str, np.ndarray]):
     pre = cfg.norm == "pre"
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.enc_layers, cfg.dec_layers), cfg.heads, pre_norm=pre, no_final_norm=not pre,
-        activation=common_spec.Activation.GELU if cfg.activation == "gelu" else common_spec.Activation.RELU)
+        activation={"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU,
+                    "silu": common_spec.Activation.SWISH}[cfg.activation])
 
     def linear(target, name: str) -> None:
         target.weight = w[f"{name}.weight"]
@@ -97,7 +98,7 @@ def _spec(cfg: ModelConfig, w: dict[str, np.ndarray]):
     def positions(side: str) -> np.ndarray:
         if cfg.positions == "learned":
             return w[f"{side}_embed.learned.weight"]
-        return sinusoidal_positions(cfg.max_positions, cfg.d_model).numpy()
+        return sinusoidal_positions(cfg.max_positions, cfg.d_model, halves=cfg.positions == "sinusoidal-halves").numpy()
 
     def sublayer(target, linears: list[str], norm_name: str) -> None:
         """An attention block (linear = [fused projections..., out]) or a feed-forward block."""
@@ -124,6 +125,8 @@ def _spec(cfg: ModelConfig, w: dict[str, np.ndarray]):
         norm(enc.layer_norm, "enc_norm")
         norm(dec.layer_norm, "dec_norm")
     dec.projection.weight = w["tgt_embed.tokens.weight"] if cfg.tie_embeddings else w["generator.weight"]
+    if cfg.logits_bias:
+        dec.projection.bias = w["logits_bias"]
     return spec
 
 

@@ -18,7 +18,7 @@ from mtkit.files import sha256_file
 
 # What the weights fix: a config may repeat these keys, but not change them.
 SHAPE = ("d_model", "heads", "enc_layers", "dec_layers", "ff_dim", "activation", "norm", "positions",
-         "tie_embeddings", "max_positions")
+         "tie_embeddings", "logits_bias", "max_positions")
 VOCABULARY = ("type", "joint", "vocab_size")
 
 
@@ -42,7 +42,8 @@ def adopt(cfg: Config) -> Config:
     if not cfg.train.init:
         return cfg
     state = load(cfg)
-    shape, vocabulary = state["model_config"], state.get("config", {}).get("tokenizer", {})
+    shape = {"logits_bias": False, **state["model_config"]}  # (older checkpoints do not say: they have none)
+    vocabulary = state.get("config", {}).get("tokenizer", {})
     clashes = [f"model.{key} is {getattr(cfg.model, key)!r} (the model's: {shape[key]!r})"
                for key in SHAPE if key in cfg.model.model_fields_set and getattr(cfg.model, key) != shape[key]]
     clashes += [f"tokenizer.{key} is {getattr(cfg.tokenizer, key)!r} (the model's: {vocabulary[key]!r})"
@@ -85,7 +86,7 @@ def describe(init_from: dict | None) -> str:
 
 
 # Each part train.freeze can name, as the prefixes of its parameters' names in model.py.
-PARTS = {"embeddings": ("src_embed.", "tgt_embed.", "generator."), "encoder": ("encoder.", "enc_norm."),
+PARTS = {"embeddings": ("src_embed.", "tgt_embed.", "generator.", "logits_bias"), "encoder": ("encoder.", "enc_norm."),
          "decoder": ("decoder.", "dec_norm.")}
 
 

@@ -37,13 +37,14 @@ class ModelConfig:
     ff_dim: int                       # the feed-forward's inner width (the paper: 4 D)
     dropout: float
     attention_dropout: float
-    activation: str                   # "relu" (the paper) or "gelu"
+    activation: str                   # "relu" (the paper), "gelu" or "silu" (x * sigmoid(x), Marian's "swish")
     norm: str                         # "pre": x + f(LN(x)); "post": LN(x + f(x)), the paper's Add & Norm
-    positions: str                    # "sinusoidal" (the paper) or "learned"
-    max_positions: int
+    positions: str                    # "sinusoidal" (the paper), "sinusoidal-halves" (Marian's layout of
+    max_positions: int                # the same table) or "learned"
     tie_embeddings: bool              # decoder input embedding == output projection
     share_src_tgt: bool = False       # source embedding too (needs one joint vocabulary)
     pad_id: int = 0
+    logits_bias: bool = False         # a learned bias added to the output logits (Marian's final_logits_bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,11 +76,16 @@ class Dropout(nn.Module):
 # Positions. Attention itself is blind to order (it is a weighted sum over a set), so each
 # token's embedding gets a vector that says where it is.
 
-def sinusoidal_positions(n: int, d: int) -> Tensor:
+def sinusoidal_positions(n: int, d: int, halves: bool = False) -> Tensor:
     """(n, D): position p, dimension 2i -> sin(p / 10000^(2i/D)), 2i+1 -> cos(same). Each pair of
-    dimensions is a clock with its own period, so nearby positions get similar vectors."""
-    position = torch.arange(n, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    dimensions is a clock with its own period, so nearby positions get similar vectors.
+    halves: Marian's layout of the same numbers, all the sines in the first D/2 dimensions and the
+    cosines in the second (computed in float64 as Marian's are, so an imported model matches)."""
+    dtype = torch.float64 if halves else torch.float32
+    position = torch.arange(n, dtype=dtype)[:, None]
+    frequency = torch.exp(torch.arange(0, d, 2, dtype=dtype) * (-math.log(10000.0) / d))
+    if halves:
+        return torch.cat([torch.sin(position * frequency), torch.cos(position * frequency)], dim=1).float()
     table = torch.zeros(n, d)
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)
@@ -102,7 +108,9 @@ class Embedding(nn.Module):
         else:
             self.learned = None
             # persistent=False: computed, not learned, so it stays out of checkpoints.
-            self.register_buffer("table", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+            self.register_buffer("table", sinusoidal_positions(cfg.max_positions, cfg.d_model,
+                                                               halves=cfg.positions == "sinusoidal-halves"),
+                                 persistent=False)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
@@ -235,7 +243,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.inner = nn.Linear(cfg.d_model, cfg.ff_dim)
         self.outer = nn.Linear(cfg.ff_dim, cfg.d_model)
-        self.activation = F.gelu if cfg.activation == "gelu" else F.relu
+        self.activation = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[cfg.activation]
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -351,6 +359,7 @@ class Transformer(nn.Module):
         final_norm = nn.LayerNorm if cfg.norm == "pre" else nn.Identity
         self.enc_norm, self.dec_norm = final_norm(cfg.d_model), final_norm(cfg.d_model)
         self.generator = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
+        self.logits_bias = nn.Parameter(torch.zeros(cfg.tgt_vocab)) if cfg.logits_bias else None
         for name, p in self.named_parameters():
             # Xavier for every projection matrix (fairseq, the Annotated Transformer); embeddings
             # keep their normal init, biases start at zero, LayerNorms at (1, 0).
@@ -403,9 +412,8 @@ class Transformer(nn.Module):
 
     def project(self, y: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits; tied: the output layer is the target embedding matrix."""
-        if self.generator is None:
-            return F.linear(y, self.tgt_embed.tokens.weight)
-        return self.generator(y)
+        weight = self.tgt_embed.tokens.weight if self.generator is None else self.generator.weight
+        return F.linear(y, weight, self.logits_bias)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V)."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mtkit.config import ModelSection
-from mtkit.model import DecoderCache, ModelConfig, Transformer
+from mtkit.model import DecoderCache, ModelConfig, Transformer, sinusoidal_positions
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -31,7 +31,9 @@ def batch(b=3, s=7, t=6, vocab=37, seed=1):
 
 
 VARIANTS = [dict(), dict(norm="post"), dict(positions="learned"), dict(activation="gelu"),
-            dict(tie_embeddings=False, share_src_tgt=False, tgt_vocab=41)]
+            dict(tie_embeddings=False, share_src_tgt=False, tgt_vocab=41),
+            # Marian's (mtkit import marian): SiLU, post-norm, the halves layout, a logits bias
+            dict(activation="silu", norm="post", positions="sinusoidal-halves", logits_bias=True)]
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
@@ -202,3 +204,22 @@ def test_tiny_model_overfits_a_tiny_batch():
 def test_share_needs_one_vocabulary():
     with pytest.raises(ValueError, match="joint vocabulary"):
         tiny(tgt_vocab=40)
+
+
+def test_the_halves_layout_holds_the_same_sines_and_cosines():
+    interleaved, halves = sinusoidal_positions(50, 16), sinusoidal_positions(50, 16, halves=True)
+    assert torch.allclose(halves[:, :8], interleaved[:, 0::2], atol=1e-5)
+    assert torch.allclose(halves[:, 8:], interleaved[:, 1::2], atol=1e-5)
+    assert not torch.allclose(halves, interleaved, atol=1e-2)  # (not the same table)
+
+
+def test_the_logits_bias_is_added_to_every_position_and_learned():
+    model = tiny(logits_bias=True, activation="silu")
+    assert model.logits_bias.requires_grad and model.logits_bias.shape == (37,)
+    src, tgt = batch()
+    before = model(src, tgt)
+    with torch.no_grad():
+        model.logits_bias[5] = 3.0
+    after = model(src, tgt)
+    assert torch.allclose(after - before, F.one_hot(torch.tensor(5), 37).float() * 3.0, atol=1e-5)
+    assert model.decoder[0].feed_forward.activation is F.silu
