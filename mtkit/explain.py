@@ -22,7 +22,7 @@ from mtkit.console import console, info
 from mtkit.corpus import normalize
 from mtkit.errors import MtkitError
 from mtkit.search import BeamStep, GreedyStep, Hypothesis, Trace, length_penalty, max_lengths
-from mtkit.tokenizer import BOS_ID, EOS_ID
+from mtkit.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # named in annotations only: a stage does not import another stage
     from mtkit.translate import Translator
@@ -64,20 +64,20 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
         settings = opts.model_copy(update={"beam_size": beam, "n_best": beam})
         hyps = translator.search([ids], settings, attention=name == "beam", trace=trace)[0]  # the winner's attention
         runs[name] = (hyps, trace)
-    pieces = translator.tokenizer.tgt.id_to_piece
+    tok = translator.tokenizer
     (best, *_), trace = runs["beam"]
     result = {
-        "source": {"text": line, "ids": ids + [EOS_ID], "pieces": translator.tokenizer.src.id_to_piece(ids) + ["</s>"]},
+        "source": {"text": line, "ids": ids + [tok.eos_id], "pieces": tok.src_pieces(ids) + ["</s>"]},
         "settings": {"beam_size": opts.beam_size, "alpha": opts.alpha,
                      "max_len": int(_limit(translator, ids, opts))},
-        "beam": _run(*runs["beam"], pieces, translator, opts.alpha),
-        "greedy": _run(*runs["greedy"], pieces, translator, opts.alpha),  # its own tree, even when the same search
+        "beam": _run(*runs["beam"], tok, opts.alpha),
+        "greedy": _run(*runs["greedy"], tok, opts.alpha),  # its own tree, even when the same search
         "attention": {"cross": _rows(best.attention.permute(1, 2, 0, 3)),  # (L, H, T + 1, S + 1)
                       "decoder": _rows(best.self_attention.permute(1, 2, 0, 3)),  # (L, H, T + 1, T + 1)
                       "encoder": _rows(torch.stack(trace.encoder)[:, 0])},  # (L, H, S + 1, S + 1)
         "warnings": warnings,
     }
-    result["parting"] = parting(result["beam"], result["greedy"])
+    result["parting"] = parting(result["beam"], result["greedy"], tok.eos_id)
     for n in result["beam"]["tree"] + result["greedy"]["tree"]:
         del n["path"]  # the tokens so far: a key while building, redundant in the answer (parent links)
     if whatif is not None:
@@ -91,30 +91,30 @@ def _limit(translator: "Translator", ids: list[int], opts: DecodeOptions) -> int
                        translator.model.cfg.max_positions - 1)[0]
 
 
-def _run(hyps: list[Hypothesis], trace: Trace, pieces, translator: "Translator", alpha: float) -> dict:
+def _run(hyps: list[Hypothesis], trace: Trace, tok: Tokenizer, alpha: float) -> dict:
     """One search: its finished hypotheses (best first) and its tree."""
     if isinstance(trace.steps[0], GreedyStep):
-        tree = _greedy_tree(trace.steps, pieces, hyps[0])
+        tree = _greedy_tree(trace.steps, tok, hyps[0])
     else:
-        tree = _beam_tree(trace.steps, pieces)
-    winner = tuple(hyps[0].tokens) + (EOS_ID,)
+        tree = _beam_tree(trace.steps, tok)
+    winner = tuple(hyps[0].tokens) + (tok.eos_id,)
     node = next(n for n in tree if n["fate"] == "finished" and tuple(n["path"]) == winner)
     while node is not None:
         node["best"] = True
         node = tree[node["parent"]] if node["parent"] is not None else None
-    texts = translator.tokenizer.decode_tgt([h.tokens for h in hyps])
+    texts = tok.decode_tgt([h.tokens for h in hyps])
     return {"translation": texts[0],
-            "hypotheses": [{"text": t, "ids": h.tokens, "pieces": pieces(h.tokens) + ["</s>"], "score": h.score,
+            "hypotheses": [{"text": t, "ids": h.tokens, "pieces": tok.tgt_pieces(h.tokens) + ["</s>"], "score": h.score,
                             "log_prob": h.log_prob, "length": len(h.tokens) + 1,
                             "penalty": length_penalty(len(h.tokens) + 1.0, alpha)} for h, t in zip(hyps, texts)],
             "tree": tree}
 
 
-def parting(beam: dict, greedy: dict) -> dict | None:
+def parting(beam: dict, greedy: dict, eos_id: int) -> dict | None:
     """Where greedy's translation leaves beam search's (None: they agree), and what beam search
     did with greedy's subword there: weighed and pruned it, kept it alive, finished it, had it
     when it stopped, or never had it among its best candidates ("unseen")."""
-    ours, theirs = beam["hypotheses"][0]["ids"] + [EOS_ID], greedy["hypotheses"][0]["ids"] + [EOS_ID]
+    ours, theirs = beam["hypotheses"][0]["ids"] + [eos_id], greedy["hypotheses"][0]["ids"] + [eos_id]
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     if at is None:
         return None
@@ -124,25 +124,30 @@ def parting(beam: dict, greedy: dict) -> dict | None:
 
 
 def _node(tree: list[dict], path: tuple, parent: int | None, piece: str, log_prob: float, fate: str,
-          score: float | None = None) -> dict:
-    node = {"id": len(tree), "parent": parent, "step": len(path), "token": path[-1] if path else BOS_ID,
+          score: float | None = None, token: int | None = None) -> dict:
+    node = {"id": len(tree), "parent": parent, "step": len(path), "token": path[-1] if path else token,
             "piece": piece, "log_prob": log_prob, "fate": fate, "score": score, "best": False, "path": path}
     tree.append(node)
     return node
 
 
-def _beam_tree(steps: list[BeamStep], pieces) -> list[dict]:
+def _root(tree: list[dict], tok: Tokenizer) -> None:
+    """The start of every hypothesis: the token the decoder starts from."""
+    _node(tree, (), None, tok.tgt_pieces([tok.bos_id])[0], 0.0, "root", token=tok.bos_id)
+
+
+def _beam_tree(steps: list[BeamStep], tok: Tokenizer) -> list[dict]:
     """Beam search's steps (of one sentence) as a tree: one node per candidate it weighed, keyed
     by its tokens. A candidate lived on if it is among the next step's beams; after the last step
     (K hypotheses finished, or the length limit) the unfinished ones were "stopped", not pruned."""
     tree: list[dict] = []
-    _node(tree, (), None, "<s>", 0.0, "root")
+    _root(tree, tok)
     at = {(): 0}
     for t, step in enumerate(steps):
         following = steps[t + 1] if t + 1 < len(steps) else None
         next_beams = set() if following is None else {
             tuple(row) for row, s in zip(following.beams.tolist(), following.beam_scores[0].tolist()) if math.isfinite(s)}
-        names = pieces(step.candidates[:, -1].tolist())
+        names = tok.tgt_pieces(step.candidates[:, -1].tolist())
         for c, (row, score, filed) in enumerate(zip(step.candidates.tolist(), step.scores[0].tolist(),
                                                     step.filed[0].tolist())):
             if not math.isfinite(score):
@@ -155,23 +160,23 @@ def _beam_tree(steps: list[BeamStep], pieces) -> list[dict]:
     return tree
 
 
-def _greedy_tree(steps: list[GreedyStep], pieces, found: Hypothesis) -> list[dict]:
+def _greedy_tree(steps: list[GreedyStep], tok: Tokenizer, found: Hypothesis) -> list[dict]:
     """Greedy search's steps (of one sentence) as a chain: at each step the token it took and the
     most likely others (pruned). The last node is the hypothesis itself, with its score: an EOS
     forced by the length limit costs nothing (see search.greedy)."""
     tree: list[dict] = []
-    _node(tree, (), None, "<s>", 0.0, "root")
+    _root(tree, tok)
     parent, path, total = 0, (), 0.0
     for step in steps[:len(found.tokens) + 1]:
         token, gained = int(step.token[0]), float(step.log_prob[0])
         for lp, other in zip(step.top_log_probs[0].tolist(), step.top_ids[0].tolist()):
             if other != token:
-                _node(tree, path + (other,), parent, pieces(other), total + lp, "pruned")
+                _node(tree, path + (other,), parent, tok.tgt_pieces([other])[0], total + lp, "pruned")
         path, total = path + (token,), total + gained
-        if token == EOS_ID:
+        if token == tok.eos_id:
             _node(tree, path, parent, "</s>", found.log_prob, "finished", found.score)
         else:
-            parent = _node(tree, path, parent, pieces(token), total, "kept")["id"]
+            parent = _node(tree, path, parent, tok.tgt_pieces([token])[0], total, "kept")["id"]
     return tree
 
 
@@ -187,12 +192,13 @@ def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeOpt
         raise BadInput("translation", f"the what-if translation has {len(target)} subwords; the search lets "
                                       f"this sentence's translation have at most {limit}")
     log_probs = translator.read(ids, target)  # (T + 1, V)
-    gold = torch.tensor(target + [EOS_ID])
+    tok = translator.tokenizer
+    gold = torch.tensor(target + [tok.eos_id])
     given = log_probs.gather(1, gold[:, None])[:, 0]
     choice = log_probs.max(dim=-1)
     parts = next((i for i, (g, c) in enumerate(zip(gold.tolist(), choice.indices.tolist())) if g != c), None)
     total = given.sum().item()
-    pieces = translator.tokenizer.tgt.id_to_piece
+    pieces = tok.tgt_pieces
     return {"text": text, "log_prob": total, "score": total / length_penalty(len(target) + 1.0, opts.alpha),
             "length": len(target) + 1, "parts_at": parts,
             "tokens": [{"id": g, "piece": p, "log_prob": lp, "choice": c, "choice_piece": cp, "choice_log_prob": clp}

@@ -9,7 +9,8 @@ experiment's decoding settings, so it translates on its own.
 
 What differs from mtkit's own search: CTranslate2 normalizes beam scores by length^alpha, not by
 GNMT's ((5 + length) / 6)^alpha, so beam outputs can differ where two hypotheses are close.
-Greedy search does the same computation, in float32 up to rounding.
+Greedy search does the same computation, in float32 up to rounding (told, as mtkit's search
+is, never to write padding or the start token, and that an empty output may be the best).
 """
 
 import json
@@ -51,8 +52,12 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     cfg = ModelConfig(**state["model_config"])
     spec = _spec(cfg, {name: t.float().numpy() for name, t in checkpoint.weights(state).items()})
     tok = Tokenizer(*state["tokenizer"])
-    spec.register_source_vocabulary([tok.src.id_to_piece(i) for i in range(tok.src_vocab_size)])
-    spec.register_target_vocabulary([tok.tgt.id_to_piece(i) for i in range(tok.tgt_vocab_size)])
+    spec.register_source_vocabulary(tok.src_pieces(range(tok.src_vocab_size)))
+    spec.register_target_vocabulary(tok.tgt_pieces(range(tok.tgt_vocab_size)))
+    # The special tokens by name (a Marian model's decoder starts from <pad>, and it has no <s>).
+    start, end, unknown = tok.tgt_pieces([tok.bos_id, tok.eos_id, tok.unk_id])
+    spec.config.decoder_start_token, spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = \
+        start, start, end, unknown
     spec.validate()
     try:
         spec.optimize(quantization=quantization)
@@ -145,6 +150,9 @@ class CT2Translator(Engine):
         except ValueError as e:  # an unknown compute type
             raise MtkitError(f"--compute-type {compute_type}: {e}", hint="e.g. int8, float32 or default") from None
         self.positions = settings["max_positions"]
+        # As mtkit's search: padding and the start token are never written (CTranslate2 would).
+        self.never = [[piece] for piece in dict.fromkeys(self.tokenizer.tgt_pieces([self.tokenizer.pad_id,
+                                                                                  self.tokenizer.bos_id]))]
 
     @classmethod
     def load(cls, path: Path, compute_type: str = "default") -> "CT2Translator":
@@ -171,13 +179,14 @@ class CT2Translator(Engine):
                 limit = max(1, min(int(n * opts.max_len_a + opts.max_len_b), self.max_source_tokens))
                 groups.setdefault(limit, []).append(i)
         for limit, rows in groups.items():
-            sources = [self.tokenizer.src.id_to_piece(ids[i][:self.max_source_tokens]) + ["</s>"] for i in rows]
+            sources = [self.tokenizer.src_pieces(ids[i][:self.max_source_tokens] + [self.tokenizer.eos_id])
+                       for i in rows]
             found = self.engine.translate_batch(
                 sources, beam_size=opts.beam_size, num_hypotheses=opts.n_best, length_penalty=opts.alpha,
                 max_decoding_length=limit, return_scores=True, max_batch_size=opts.max_tokens,
-                batch_type="tokens")
+                batch_type="tokens", min_decoding_length=0, suppress_sequences=self.never)
             for i, result in zip(rows, found):
-                results[i] = [Hypothesis(self.tokenizer.tgt.piece_to_id(tokens), score, score)
+                results[i] = [Hypothesis(self.tokenizer.tgt_ids(tokens), score, score)
                               for tokens, score in zip(result.hypotheses, result.scores)]
         return results
 

@@ -20,7 +20,7 @@ from mtkit.console import console, info, progress, table
 from mtkit.data import ArrayWriter, TokenArray, token_dtype
 from mtkit.errors import MtkitError
 from mtkit.files import atomic_dir, read_json, sha256_json, write_json
-from mtkit.tokenizer import UNK_ID, Tokenizer
+from mtkit.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 CHUNK = 10_000
@@ -198,8 +198,8 @@ def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[ArrayWrit
             counts["longer_than_max_len"] += sum(len(ids) > filters["max_len"] for ids in src_ids)
         # Unknown tokens are counted here, not by reading the arrays back: a memory map of a
         # large output would count against this process's RSS.
-        counts["unk_src"] += sum(ids.count(UNK_ID) for ids in src_ids)
-        counts["unk_tgt"] += sum(ids.count(UNK_ID) for ids in tgt_ids)
+        counts["unk_src"] += sum(ids.count(tok.unk_id) for ids in src_ids)
+        counts["unk_tgt"] += sum(ids.count(tok.unk_id) for ids in tgt_ids)
         writers[0].add(src_ids)
         writers[1].add(tgt_ids)
         counts["pairs_in"] += len(chunk)

@@ -5,7 +5,9 @@ likely token at every step. It is fast and often good, but it can never take bac
 token that looks best now may lead to a poor sentence. Beam search keeps the K best prefixes
 ("beams") alive: at every step each beam is extended by every token, and the K best extensions
 by total log-probability survive. Finished hypotheses (ending in EOS) are scored with a length
-penalty, because a sum of log-probabilities favours short outputs.
+penalty, because a sum of log-probabilities favours short outputs. Neither ever writes the padding
+token or the start token (the distribution is taken over all tokens, then those two are struck
+out, as Hugging Face's generate() does for Marian models, whose decoder starts from <pad>).
 
 Both only call model.encode and model.decode, and decode incrementally: the DecoderCache keeps
 each layer's keys/values, so each step feeds just the newest token. Beam search folds the K beams
@@ -56,6 +58,7 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
     weighs lengths."""
     memory = model.encode(src, attention=trace.encoder if trace is not None else None)
     b, longest = src.size(0), int(max_len.max()) + 1
+    never = [model.cfg.pad_id, bos_id]
     last = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(b, dtype=torch.bool, device=src.device)
     log_prob = torch.zeros(b, device=src.device)
@@ -68,6 +71,7 @@ def greedy(model: Transformer, src: Tensor, *, bos_id: int, eos_id: int, max_len
         if attention:
             looked.append(step_attention(weights))
         log_probs = logits[:, -1].float().log_softmax(dim=-1)
+        log_probs[:, never] = float("-inf")
         best = log_probs.argmax(dim=-1)
         best = torch.where(step >= max_len, eos_id, best)  # out of room: end the sentence here
         best = best.masked_fill(finished, eos_id)
@@ -178,7 +182,7 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
         new = {"attention": step_attention(weights)} if attention else {}
         if trace is not None:
             new["self_attention"] = F.pad(step_attention(mine), (0, longest - step - 1))
-        cand = candidates(logits[:, -1], beams, at_limit, new, k=k, eos_id=eos_id)
+        cand = candidates(logits[:, -1], beams, at_limit, new, k=k, eos_id=eos_id, never=[model.cfg.pad_id, bos_id])
         filed = done.add(beams.alive, cand, step=step, alpha=alpha, eos_id=eos_id)
         if trace is not None:
             trace.steps.append(BeamStep(beams.alive, beams.records["tokens"], beams.scores,
@@ -215,11 +219,13 @@ class Candidates:
 
 
 def candidates(logits: Tensor, beams: Beams, at_limit: Tensor, new: dict[str, Tensor], *, k: int,
-               eos_id: int) -> Candidates:
+               eos_id: int, never: list[int]) -> Candidates:
     """Add each beam's score to its next-token log-probabilities, (A, K, V); flatten to (A, K*V)
-    and take the top 2K. new: this step's per-row records (A*K, ...) besides the token."""
+    and take the top 2K. new: this step's per-row records (A*K, ...) besides the token. never:
+    tokens no output may have (padding, the start token)."""
     a = beams.alive.numel()
     log_probs = logits.float().log_softmax(dim=-1).view(a, k, -1)  # (A, K, V)
+    log_probs[:, :, never] = float("-inf")
     vocab = log_probs.size(-1)
     log_probs[at_limit] = float("-inf")
     log_probs[at_limit, :, eos_id] = 0.0

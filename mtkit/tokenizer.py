@@ -4,10 +4,18 @@ Special ids are fixed for every model mtkit trains, so that tensors can be padde
     PAD_ID = 0 (<pad>)   UNK_ID = 1 (<unk>)   BOS_ID = 2 (<s>)   EOS_ID = 3 (</s>)
 A joint vocabulary is one model for both languages (files spm.model/.vocab); separate vocabularies
 are src.model and tgt.model.
+
+A model brought in from elsewhere (mtkit import marian) may number its vocabulary its own way: a
+Marian model has a source and a target SentencePiece model whose pieces map, through one shared
+vocabulary (vocab.json), to ids that are not SentencePiece's, with its own special ids (</s> is 0,
+<pad> is the last id and also starts the decoder, as Marian does). The Tokenizer then carries that
+vocabulary (file vocab.json) and maps pieces to its ids; everything else asks the tokenizer for
+ids and pieces and never assumes the numbers above.
 """
 
 import hashlib
 import io
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -57,14 +65,29 @@ def _training_error(message: str, vocab_size: int, what: str) -> MtkitError:
 
 
 class Tokenizer:
-    """The source and target subword models of one experiment (the same model when joint)."""
+    """The source and target subword models of one experiment (the same model when joint), and
+    the special ids."""
 
-    def __init__(self, src_model: bytes, tgt_model: bytes | None = None):
+    def __init__(self, src_model: bytes, tgt_model: bytes | None = None, vocab: bytes | None = None):
+        """vocab: a vocabulary of the model's own that both sides' pieces map into, as the JSON of
+        {piece: id} (a Marian model's vocab.json); without it the ids are SentencePiece's."""
         self.joint = tgt_model is None
         self.protos = (src_model,) if self.joint else (src_model, tgt_model)  # what checkpoints embed
         self.src = spm.SentencePieceProcessor(model_proto=src_model)
         self.tgt = self.src if self.joint else spm.SentencePieceProcessor(model_proto=tgt_model)
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+        self.pieces = None  # id -> piece, when the ids are not SentencePiece's
+        if vocab is not None:
+            self.protos += (vocab,)
+            self._map(json.loads(vocab))
         self.fingerprint = hashlib.sha256(b"".join(self.protos)).hexdigest()
+
+    def _map(self, vocab: dict[str, int]) -> None:
+        if sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError("the vocabulary's ids are not 0, 1, ... without gaps")
+        self.vocab, self.pieces = vocab, sorted(vocab, key=vocab.get)
+        # Marian's decoder starts from <pad>, and has no <s>.
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = vocab["<pad>"], vocab["<unk>"], vocab["<pad>"], vocab["</s>"]
 
     @classmethod
     def load(cls, folder: Path) -> "Tokenizer":
@@ -72,7 +95,9 @@ class Tokenizer:
         if (folder / "spm.model").is_file():
             return cls((folder / "spm.model").read_bytes())
         if (folder / "src.model").is_file() and (folder / "tgt.model").is_file():
-            return cls((folder / "src.model").read_bytes(), (folder / "tgt.model").read_bytes())
+            vocab = folder / "vocab.json"
+            return cls((folder / "src.model").read_bytes(), (folder / "tgt.model").read_bytes(),
+                       vocab.read_bytes() if vocab.is_file() else None)
         raise MtkitError(f"no tokenizer in {folder} (expected spm.model, or src.model and tgt.model)",
                          hint="train one first: mtkit tokenizer train CONFIG")
 
@@ -83,26 +108,57 @@ class Tokenizer:
             # The .vocab listing is for people: one piece and its score per line, id = line - 1.
             vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
             (folder / f"{name}.vocab").write_text(vocab, encoding="utf-8")
+        if self.pieces is not None:
+            (folder / "vocab.json").write_bytes(self.protos[2])
+
+    @property
+    def one_vocabulary(self) -> bool:
+        """Do source and target ids name the same pieces (so that their embeddings can be shared)?"""
+        return self.joint or self.pieces is not None
 
     @property
     def src_vocab_size(self) -> int:
-        return self.src.get_piece_size()
+        return len(self.pieces) if self.pieces is not None else self.src.get_piece_size()
 
     @property
     def tgt_vocab_size(self) -> int:
-        return self.tgt.get_piece_size()
+        return len(self.pieces) if self.pieces is not None else self.tgt.get_piece_size()
 
     def encode_src(self, lines: Sequence[str], threads: int = 1) -> list[list[int]]:
-        return self.src.encode(list(lines), out_type=int, num_threads=threads)
+        return self._encode(self.src, lines, threads)
 
     def encode_tgt(self, lines: Sequence[str], threads: int = 1) -> list[list[int]]:
-        return self.tgt.encode(list(lines), out_type=int, num_threads=threads)
+        return self._encode(self.tgt, lines, threads)
+
+    def _encode(self, sp: spm.SentencePieceProcessor, lines: Sequence[str], threads: int) -> list[list[int]]:
+        if self.pieces is None:
+            return sp.encode(list(lines), out_type=int, num_threads=threads)
+        # Through the vocabulary by the pieces' text, as Marian does: a character SentencePiece
+        # does not know comes out as itself, and has an id when the vocabulary holds it.
+        unk = self.unk_id
+        return [[self.vocab.get(p, unk) for p in row] for row in sp.encode(list(lines), out_type=str,
+                                                                         num_threads=threads)]
+
+    def src_pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.pieces[i] for i in ids] if self.pieces is not None else self.src.id_to_piece(list(ids))
+
+    def tgt_pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.pieces[i] for i in ids] if self.pieces is not None else self.tgt.id_to_piece(list(ids))
+
+    def tgt_ids(self, pieces: Sequence[str]) -> list[int]:
+        """Target pieces -> ids (what CTranslate2 hands back are pieces)."""
+        if self.pieces is None:
+            return self.tgt.piece_to_id(list(pieces))
+        return [self.vocab.get(p, self.unk_id) for p in pieces]
 
     def decode_tgt(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Output ids -> one line of text each. A model with byte_fallback can emit the pieces of
         any byte, <0x0A> (a newline) and <0x09> (a tab) among them; they would split an output
         line or a TSV row, so every line break, tab and control character becomes a space (the
         training text had none: corpus.normalize made them spaces)."""
-        texts = self.tgt.decode([list(map(int, seq)) for seq in ids])
+        if self.pieces is not None:
+            texts = self.tgt.decode([self.tgt_pieces(seq) for seq in ids])
+        else:
+            texts = self.tgt.decode([list(map(int, seq)) for seq in ids])
         # strip: a model may end on a lone word-boundary piece, which decodes to a trailing space.
         return [_BREAKS.sub(" ", text).strip() for text in texts]

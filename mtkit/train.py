@@ -30,7 +30,7 @@ from mtkit.metrics import bleu, bleu_tokenizer, check_tokenizer
 from mtkit.files import read_json
 from mtkit.model import ModelConfig, Transformer
 from mtkit.search import search_sorted
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mtkit.tokenizer import Tokenizer
 
 
 def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max_steps: int) -> float:
@@ -69,7 +69,7 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float, s
 def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
     """The model section plus what the data decides (vocabulary sizes, padding id)."""
     return ModelConfig(**cfg.model.model_dump(), src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size,
-                       share_src_tgt=cfg.model.tie_embeddings and tok.joint, pad_id=PAD_ID)
+                       share_src_tgt=cfg.model.tie_embeddings and tok.one_vocabulary, pad_id=tok.pad_id)
 
 
 def train(cfg: Config, resume: bool = False, world: World | None = None) -> TrainResult:
@@ -254,7 +254,7 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, indices: np.ndarray, split: str = "train"):
         src, tgt = (self.train_src, self.train_tgt) if split == "train" else (self.valid_src, self.valid_tgt)
-        return self.world.place(make_batch(src, tgt, indices, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        return self.world.place(make_batch(src, tgt, indices, pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
                                            max_positions=self.model_config.max_positions))
 
     def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> float:
@@ -262,7 +262,7 @@ class Trainer:
         with self._autocast(precision), contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync():
             logits = self.net(batch.src, batch.tgt_in)
         # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=self.tok.pad_id,
                                label_smoothing=self.cfg.train.label_smoothing, reduction="sum")
         self.scaler.scale(loss * scale).backward()
         return loss.item()
@@ -323,7 +323,7 @@ class Trainer:
             for ix in self.valid_batches:
                 b = self._batch(ix, "valid")
                 logits = model(b.src, b.tgt_in).float()
-                loss_sum += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD_ID,
+                loss_sum += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=self.tok.pad_id,
                                             reduction="sum").item()
                 n_tokens += b.n_tgt_tokens
             hyps = self._greedy(model, self.bleu_sample)
@@ -343,7 +343,7 @@ class Trainer:
         d = self.cfg.decode
         found = search_sorted(model, [self.valid_src[i] for i in indices], beam_size=1, alpha=0.0, n_best=1,
                               max_len_a=d.max_len_a, max_len_b=d.max_len_b, max_tokens=d.max_tokens,
-                              pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+                              pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
         return self.tok.decode_tgt([hyps[0].tokens for hyps in found])
 
     # -- checkpoints ------------------------------------------------------------------------

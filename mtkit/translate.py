@@ -13,7 +13,7 @@ from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.engine import Engine, check_options
 from mtkit.errors import MtkitError
 from mtkit.search import Hypothesis, Trace, search_sorted
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from mtkit.tokenizer import Tokenizer
 
 
 class Translator(Engine):
@@ -71,8 +71,8 @@ class Translator(Engine):
         """The map of hypothesis `hyp` of source `ids` (cut, as the search cuts it, to the positions)."""
         if not isinstance(hyp, Hypothesis) or hyp.attention is None:
             raise TypeError("attention_map needs a Hypothesis found by search(..., attention=True)")
-        pieces = self.tokenizer.src.id_to_piece(ids[:self.max_source_tokens]) + ["</s>"]
-        out = self.tokenizer.tgt.id_to_piece(hyp.tokens) + ["</s>"]
+        pieces = self.tokenizer.src_pieces(ids[:self.max_source_tokens]) + ["</s>"]
+        out = self.tokenizer.tgt_pieces(hyp.tokens) + ["</s>"]
         return AttentionMap(line, self.tokenizer.decode_tgt([hyp.tokens])[0], hyp.score, pieces, out,
                             hyp.attention.float().cpu())
 
@@ -85,7 +85,8 @@ class Translator(Engine):
         with self._autocast():
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
-                                  max_tokens=opts.max_tokens, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                                  max_tokens=opts.max_tokens, pad_id=self.tokenizer.pad_id,
+                                  bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
                                   attention=attention, trace=trace)
         results: list[list[Hypothesis]] = [[] for _ in ids]
         for i, hyps in zip(todo, found):
@@ -102,9 +103,10 @@ class Translator(Engine):
             if any(not 0 <= x < size for x in seq):
                 raise ValueError(f"{name} id {next(x for x in seq if not 0 <= x < size)} is not in the vocabulary "
                                  f"(0..{size - 1})")
-        src = torch.tensor([ids[:self.max_source_tokens] + [EOS_ID]], device=self.device)
+        tok = self.tokenizer
+        src = torch.tensor([ids[:self.max_source_tokens] + [tok.eos_id]], device=self.device)
         with self._autocast():
-            logits = self.model(src, torch.tensor([[BOS_ID] + target], device=self.device))
+            logits = self.model(src, torch.tensor([[tok.bos_id] + target], device=self.device))
         return logits[0].float().log_softmax(dim=-1).cpu()
 
     def _autocast(self):

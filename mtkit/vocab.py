@@ -15,7 +15,7 @@ from mtkit.config import Config
 from mtkit.console import console, info, progress
 from mtkit.errors import MtkitError
 from mtkit.files import atomic_dir, read_json, write_json
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_model
+from mtkit.tokenizer import Tokenizer, train_model
 
 FORMAT_VERSION = 1
 
@@ -71,7 +71,7 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
             "fingerprint": tok.fingerprint, "settings": settings, "train_source": source.describe(),
             "train_sha256": train_sha256, "pairs_seen": n_pairs, "pairs_used": len(src_lines),
             "src_vocab_size": tok.src_vocab_size, "tgt_vocab_size": tok.tgt_vocab_size,
-            "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+            "special_ids": special_ids(tok),
         })
     info(f"tokenizer: done in {time.perf_counter() - start:.1f}s -> {out}")
     return TokenizerResult(out, False, tok.fingerprint)
@@ -91,10 +91,14 @@ def _inherit(cfg: Config) -> TokenizerResult:
         write_json(tmp / "tokenizer.json", {
             "fingerprint": tok.fingerprint, "inherited_from": inherited,
             "src_vocab_size": tok.src_vocab_size, "tgt_vocab_size": tok.tgt_vocab_size,
-            "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+            "special_ids": special_ids(tok),
         })
     info(f"tokenizer: taken over from {inherited['path']} (train.init) -> {out}")
     return TokenizerResult(out, False, tok.fingerprint)
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    return {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id}
 
 
 def _sample(source: corpus.Source, cap: int, seed: int) -> tuple[list[str], list[str], int]:

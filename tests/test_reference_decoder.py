@@ -4,7 +4,7 @@ The optimized path (Translator -> search_sorted -> greedy / beam_search) sorts s
 length, batches them, decodes incrementally with the KV cache and precomputed cross-attention K/V,
 folds the beams into the batch and drops finished sentences from it. The reference below does
 none of that: one sentence at a time, a Python list of beams, and every step re-runs the decoder
-over the whole prefix. Same model, same rules (top 2K candidates, EOS within the first K
+over the whole prefix. Same model, same rules (padding and the start token never written, top 2K candidates, EOS within the first K
 finishes, EOS forced at the length limit, GNMT length penalty), so the outputs must be the same.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from mtkit.corpus import read_lines
 from mtkit.search import length_penalty, max_lengths
-from mtkit.tokenizer import BOS_ID, EOS_ID
+from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from mtkit.translate import Translator
 
 
@@ -27,6 +27,7 @@ def reference_beam(model, src: list[int], k: int, limit: int, alpha: float) -> l
         totals = []
         for prefix, log_prob in beams:
             next_lp = model.decode(torch.tensor([prefix]), memory)[0][0, -1].float().log_softmax(-1)
+            next_lp[[PAD_ID, BOS_ID]] = float("-inf")  # never written
             if step >= limit:  # out of room: only EOS may follow, at no cost
                 next_lp = torch.full_like(next_lp, float("-inf"))
                 next_lp[EOS_ID] = 0.0

@@ -1,12 +1,13 @@
 """Greedy search: the cached, batched search equals the obvious slow one."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mtkit.search import BeamStep, GreedyStep, Trace, beam_search, greedy, max_lengths
-from tests.test_model import BOS, EOS, batch, tiny
+from tests.test_model import BOS, EOS, PAD, batch, tiny
 
 
 def slow_greedy(model, src, limit):
@@ -14,7 +15,9 @@ def slow_greedy(model, src, limit):
     memory = model.encode(src)
     out = [BOS]
     while len(out) <= limit:
-        next_id = model.decode(torch.tensor([out]), memory)[0][0, -1].argmax().item()
+        scores = model.decode(torch.tensor([out]), memory)[0][0, -1]
+        scores[[PAD, BOS]] = float("-inf")  # never written
+        next_id = scores.argmax().item()
         if next_id == EOS:
             break
         out.append(next_id)
@@ -43,6 +46,21 @@ def test_greedy_stops_at_eos():
     assert [h.tokens for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=torch.tensor([7, 7]))] == [[], []]
 
 
+def test_padding_and_the_start_token_are_never_written():
+    model = tiny()
+    with torch.no_grad():  # as in the test above, but the start token's and padding's rows win
+        model.dec_norm.weight.zero_()
+        model.dec_norm.bias.fill_(1.0)
+        model.tgt_embed.tokens.weight[BOS] = 10.0
+        model.tgt_embed.tokens.weight[PAD] = 9.0
+    src, _ = batch(b=2)
+    limit = torch.tensor([6, 6])
+    found = [h.tokens for h in greedy(model, src, bos_id=BOS, eos_id=EOS, max_len=limit)]
+    found += [h.tokens for hyps in beam_search(model, src, beam_size=3, bos_id=BOS, eos_id=EOS, max_len=limit,
+                                              n_best=3) for h in hyps]
+    assert any(found) and all(BOS not in tokens and PAD not in tokens for tokens in found)
+
+
 def test_max_lengths():
     assert max_lengths(torch.tensor([1, 10, 100]), 1.5, 10, 60).tolist() == [11, 25, 60]
 
@@ -67,6 +85,7 @@ class Scripted:
     the search's own cache.reorder keeps it right."""
 
     vocab = 6
+    cfg = SimpleNamespace(pad_id=PAD)
 
     def encode(self, src, attention=None):
         from mtkit.model import Memory
