@@ -19,8 +19,10 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train the SentencePiece tokenizer.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect experiment configs.")
+import_app = typer.Typer(no_args_is_help=True, help="Bring in a model trained elsewhere.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(config_app, name="config")
+app.add_typer(import_app, name="import")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/demo.yaml.",
                                            show_default=False)]
@@ -175,6 +177,23 @@ def export(
         raise MtkitError(f"--format {format!r}: only ctranslate2 is supported")
     export_ctranslate2(checkpoint, output, quantization)
     info(f"exported -> {output} (translate with: mtkit translate --engine ctranslate2 {output})")
+
+
+@import_app.command("marian")
+def import_marian(
+    source: Annotated[str, typer.Argument(help="A MarianMTModel folder (as save_pretrained writes it), or a hub "
+                                          "name such as Helsinki-NLP/opus-mt-de-en (needs a network).",
+                                          show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The workdir to write (new or empty).",
+                                         show_default=False)],
+) -> None:
+    """Import an OPUS-MT/Marian model (pip install 'mtkit[hf]'): it then translates, exports and fine-tunes (--init) as
+    any mtkit model."""
+    from mtkit.console import info
+    from mtkit.marian import import_marian as run_import
+
+    path = run_import(source, output)
+    info(f"imported -> {path} (translate with: mtkit translate {output}; fine-tune with: mtkit run CONFIG --init {output})")
 
 
 @app.command("attention")

@@ -55,6 +55,15 @@ def fifo(tmp: Path) -> None:
     threading.Thread(target=lambda: (tmp / "fifo").write_text(TEXT), daemon=True).start()
 
 
+def hf_folder(**config) -> Callable:
+    """A folder {tmp}/m with a config.json (a Marian one, changed by `config`), and nothing else."""
+    def setup(tmp: Path) -> None:
+        (tmp / "m").mkdir()
+        (tmp / "m" / "config.json").write_text(json.dumps({"model_type": "marian", "scale_embedding": True,
+                                                           "d_model": 16, **config}))
+    return setup
+
+
 # name: (argv, with {run} the trained workdir, {config} its config, {ckpt} its best.pt, {ct2} its
 #        CTranslate2 export, {fresh} a config of a small clean corpus, {tmp} a folder of the row's
 #        own holding text.txt, text.gz, hyp.txt and ref.txt; how to set up {tmp} further; outcome)
@@ -139,6 +148,25 @@ COMMANDS = {
                                 Refused("--format 'onnx': only ctranslate2")),
     "export --quantization unknown": (["export", "{run}", "-o", "{tmp}/x", "--quantization", "int3"], None,
                                       Refused("--quantization int3: int3 is not a valid quantization type")),
+    # import marian
+    "import marian a folder that is not there": (["import", "marian", "{tmp}/nowhere", "-o", "{tmp}/out"], None,
+                                                 Refused("{tmp}/nowhere: no such folder")),
+    "import marian a folder that is no model": (["import", "marian", "{tmp}", "-o", "{tmp}/out"], None,
+                                                Refused("is not a Hugging Face model folder (no readable config.json)")),
+    "import marian a model of another kind": (["import", "marian", "{tmp}/m", "-o", "{tmp}/out"],
+                                              hf_folder(model_type="bert"), Refused("holds a bert model, not a Marian one")),
+    "import marian a Marian model mtkit cannot represent": (
+        ["import", "marian", "{tmp}/m", "-o", "{tmp}/out"], hf_folder(scale_embedding=False, normalize_before=True),
+        Refused("mtkit's model cannot represent this Marian model: scale_embedding: false (mtkit scales embeddings "
+                "by sqrt(d_model)); normalize_before: true (pre-norm Marian models)")),
+    "import marian without its tokenizer files": (
+        ["import", "marian", "{tmp}/m", "-o", "{tmp}/out"], hf_folder(),
+        Refused("has no source.spm and no target.spm and no vocab.json")),
+    "import marian --output into a folder of files": (["import", "marian", "{tmp}", "--output", "{tmp}"], None,
+                                                      Refused("-o {tmp} is a folder that holds files already")),
+    "import marian a hub name with no network": (
+        ["import", "marian", "Helsinki-NLP/opus-mt-xx-yy", "-o", "{tmp}/out"], None,
+        Refused("Helsinki-NLP/opus-mt-xx-yy: not a folder, and it could not be fetched from the Hugging Face hub")),
     # attention
     "attention with a missing checkpoint": (["attention", "{tmp}/nope.pt", "A dog."], None,
                                             Refused("checkpoint not found")),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.conftest import REPO, write_config
 
-COMMANDS = ["tokenizer", "prepare", "train", "average", "translate", "attention", "explore", "eval", "plot", "export", "serve", "run", "config"]
+COMMANDS = ["tokenizer", "prepare", "train", "average", "translate", "attention", "explore", "eval", "plot", "export", "import", "serve", "run", "config"]
 
 
 # The console script pip installed beside this interpreter (a venv's bin/, or the system's).

@@ -26,7 +26,7 @@ LAYERS = {
     0: {"errors", "model", "metrics"},
     1: {"config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
     2: {"corpus", "search", "engine"},
-    3: {"vocab", "prepare", "train", "translate", "export", "figures", "explain"},
+    3: {"vocab", "prepare", "train", "translate", "export", "marian", "figures", "explain"},
     4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
     5: {"pipeline"},
     6: {"cli", "api", "__init__", "__main__"},
@@ -41,8 +41,9 @@ FUNCTION_LINES = 60
 FILE_BUDGETS = {
     "train.py": (521, "one run read top to bottom, validated per translation direction, started from scratch or from a model: build, "
                       "step, validate, save, resume exactly (its bookkeeping is in bookkeeping.py, starting from a model in lineage.py)"),
-    "model.py": (415, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer"),
-    "cli.py": (443, "one function per command (15), each with its options' help: the work lives in the stages"),
+    "model.py": (420, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer, "
+                      "and has the options an imported Marian model needs beside the others"),
+    "cli.py": (462, "one function per command (16), each with its options' help: the work lives in the stages"),
 }
 FUNCTION_BUDGETS: dict[str, tuple[int, str]] = {}
 
