@@ -92,12 +92,14 @@ def train(config: ConfigArg, set_: SetOpt = None, init: InitOpt = None,
 
 
 def _say_lineage(translator) -> None:
-    """A fine-tuned model says what it was fine-tuned from (train.init), back to the first run."""
-    if translator.init_from:
-        from mtkit.console import info
-        from mtkit.lineage import describe
+    """A fine-tuned model says what it was fine-tuned from (train.init), back to the first run; an
+    imported one where it came from."""
+    from mtkit.console import info
+    from mtkit.lineage import describe
 
-        info(f"translate: {translator.path}, fine-tuned from {describe(translator.init_from)}")
+    if translator.init_from or translator.imported_from:
+        info(f"translate: {translator.path}, " + (f"fine-tuned from {describe(translator.init_from)}"
+             if translator.init_from else f"imported from {translator.imported_from['source']}"))
 
 
 @app.command()

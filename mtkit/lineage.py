@@ -72,15 +72,19 @@ def record(cfg: Config, state: dict) -> dict:
     """What a checkpoint of the run says of where it started: the parent's path, SHA-256 and step,
     and where the parent itself started (a chain back to the first run)."""
     path = parent(cfg)
+    imported = {"imported_from": state["imported_from"]} if state.get("imported_from") else {}  # mtkit import
     return {"path": str(path), "sha256": sha256_file(path), "step": state.get("step"),
-            "init_from": state.get("init_from")}
+            "init_from": state.get("init_from"), **imported}
 
 
 def describe(init_from: dict | None) -> str:
-    """'path (step N)', then its own parent, and so on: the chain a model was fine-tuned along."""
+    """'path (step N)', then its own parent, and so on: the chain a model was fine-tuned along
+    (back to the model mtkit import brought in, if it started there)."""
     chain = []
     while init_from:
-        chain.append(f"{init_from['path']} (step {init_from.get('step')})")
+        imported = init_from.get("imported_from")
+        chain.append(f"{init_from['path']} (" + (f"imported from {imported['source']})" if imported else
+                                                 f"step {init_from.get('step')})"))
         init_from = init_from.get("init_from")
     return " <- ".join(chain)
 

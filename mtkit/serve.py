@@ -302,6 +302,7 @@ def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
             "model": asdict(translator.model.cfg), "decode": defaults.model_dump(),
             "checkpoint": str(translator.path), "step": state.get("step"),
             "init_from": state.get("init_from"), "lineage": describe(state.get("init_from")),
+            "imported_from": state.get("imported_from"),
             "valid_bleu": state.get("progress", {}).get("best_bleu"),
             "precision": translator.precision, "device": str(translator.device)}
 

@@ -34,6 +34,7 @@ class Translator(Engine):
                              ) from None
         self.trained_precision = state.get("precision", "fp32")
         self.init_from = state.get("init_from")  # the model it was fine-tuned from (train.init), if any
+        self.imported_from = state.get("imported_from")  # where mtkit import found it, if it did
         super().__init__(tokenizer, state.get("config", {}), path, distributed.decode_precision(
             precision, device, self.trained_precision, *distributed.machine_facts(device)))
         self.device = torch.device(device)

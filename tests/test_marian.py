@@ -15,6 +15,7 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.corpus import read_lines
+from mtkit.lineage import describe
 from mtkit.tokenizer import train_model
 from mtkit.translate import Translator
 from tests.conftest import write_config
@@ -143,7 +144,7 @@ def test_greedy_and_beam_search_find_what_generate_finds(both, beams):
     assert texts == [text.strip() for text in hf_tokenizer.batch_decode(theirs, skip_special_tokens=True)]
 
 
-def test_the_imported_model_fine_tunes_with_init_and_resumes_exactly(cli, imported, demo_dir, tmp_path):
+def test_the_imported_model_fine_tunes_with_init_and_resumes_exactly(cli, imported, marian_dir, demo_dir, tmp_path):
     data = {"format": "demo", "dir": str(demo_dir), "src": "en", "tgt": "vs", "max_len": 60}
     runs = {}
     for name, steps in (("straight", 6), ("resumed", 4)):
@@ -162,6 +163,7 @@ def test_the_imported_model_fine_tunes_with_init_and_resumes_exactly(cli, import
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
     parent = checkpoint.load(imported / "checkpoints" / "best.pt")
     assert straight["init_from"]["path"] == str(imported / "checkpoints" / "best.pt")
+    assert describe(straight["init_from"]) == f"{imported / 'checkpoints' / 'best.pt'} (imported from {marian_dir})"
     assert {**straight["model_config"], "dropout": 0.0} == parent["model_config"]  # (the fine-tune's own dropout)
     assert not torch.equal(straight["model"]["logits_bias"], parent["model"]["logits_bias"])  # it learned
 
@@ -185,6 +187,7 @@ def test_the_command_imports_a_model_that_translates_draws_and_explains(cli, mar
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
     code, out, err = cli("translate", tmp_path / "w", "-i", tmp_path / "in.txt")
     assert code == 0 and len(out.splitlines()) == 3, err
+    assert f"imported from {marian_dir}" in err  # where it came from, as a fine-tuned model says its parent
     translator = Translator.load(tmp_path / "w")
     assert translator.targets == ["vs"]  # the direction, from tokenizer_config.json
     config = write_config(tmp_path, data={"format": "demo", "dir": str(demo_dir), "src": "en", "tgt": "vs"})
@@ -192,6 +195,11 @@ def test_the_command_imports_a_model_that_translates_draws_and_explains(cli, mar
     assert code == 0 and json.loads(out)["bleu"]["score"] >= 0.0, err
     code, _, err = cli("attention", tmp_path / "w", lines[0], "-o", tmp_path / "map.png")
     assert code == 0 and (tmp_path / "map.png").stat().st_size > 1000, err
+    pytest.importorskip("fastapi")
+    from mtkit.serve import model_facts
+
+    facts = model_facts(translator, translator.options())  # GET /v1/model
+    assert facts["imported_from"]["source"] == str(marian_dir) and facts["directions"] == ["en-vs"]
     shown = explain(translator, lines[0], translator.options())  # what the Explorer draws
     assert shown["beam"]["tree"][0]["piece"] == "<pad>"  # Marian's decoder starts from <pad>
     assert shown["beam"]["translation"] == translator.translate(lines[:1])[0]
