@@ -68,6 +68,7 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
     (best, *_), trace = runs["beam"]
     result = {
         "source": {"text": line, "ids": ids + [tok.eos_id], "pieces": tok.src_pieces(ids) + ["</s>"]},
+        "eos_id": tok.eos_id,  # what ends every hypothesis (its ids leave it out)
         "settings": {"beam_size": opts.beam_size, "alpha": opts.alpha,
                      "max_len": int(_limit(translator, ids, opts))},
         "beam": _run(*runs["beam"], tok, opts.alpha),

@@ -222,3 +222,31 @@ def test_a_folder_whose_weights_or_vocabulary_do_not_fit_is_refused(cli, marian_
     code, _, err = cli("import", "marian", short, "-o", tmp_path / "b")
     assert code == 2 and "its tokenizer files could not be read" in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_the_explorer_shows_an_imported_model_with_its_own_ids(imported, both):
+    """In a real browser: the page draws the imported model's search with Marian's numbering."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Chromium: apt-get install chromium")
+    from tests.test_serve import Server
+
+    hf_model, hf_tokenizer, ours, lines = both
+    server = Server(imported)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#text", lines[0])
+            page.wait_for_function("document.body.dataset.version > 0 && document.body.dataset.state === 'ready'",
+                                   timeout=60_000)
+            assert page.inner_text("#beam-translation") == ours.translate(lines[:1])[0]
+            ends = [page.locator(f"#{side}-pieces .piece small").last.inner_text() for side in ("src", "tgt")]
+            assert ends == ["0", "0"]  # </s> is 0 in Marian's numbering, on both sides
+            browser.close()
+    finally:
+        server.stop()

@@ -103,7 +103,7 @@ function chips(target, pieces, ids, kind) {
 function renderTokens() {
   const best = data.beam.hypotheses[0];
   chips($("src-pieces"), data.source.pieces, data.source.ids, "source");
-  chips($("tgt-pieces"), best.pieces, best.ids.concat([3]), "target");
+  chips($("tgt-pieces"), best.pieces, best.ids.concat([data.eos_id]), "target");
   $("beam-translation").textContent = data.beam.translation;
   $("beam-score").textContent = `score ${fixed(best.score)}`;
   const greedy = data.greedy.hypotheses[0];
