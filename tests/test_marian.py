@@ -247,6 +247,8 @@ def test_the_explorer_shows_an_imported_model_with_its_own_ids(imported, both):
             assert page.inner_text("#beam-translation") == ours.translate(lines[:1])[0]
             ends = [page.locator(f"#{side}-pieces .piece small").last.inner_text() for side in ("src", "tgt")]
             assert ends == ["0", "0"]  # </s> is 0 in Marian's numbering, on both sides
+            labels = page.locator("#decoder th").all_inner_texts()
+            assert "<pad>" in labels and "<s>" not in labels  # the decoder starts from <pad>, and reads it
             browser.close()
     finally:
         server.stop()

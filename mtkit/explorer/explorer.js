@@ -261,7 +261,8 @@ function mirror(name, axis, weights) {
 
 function drawAttention() {
   const src = data.source.pieces, tgt = data.beam.hypotheses[0].pieces;
-  const inputs = ["<s>"].concat(tgt.slice(0, -1));  // the decoder reads <s> and what it wrote before
+  // The decoder reads its start token (<s>; <pad> in a Marian model: the tree's root) and what it wrote before.
+  const inputs = [data.beam.tree[0].piece].concat(tgt.slice(0, -1));
   heatmap($("cross"), pick(data.attention.cross), tgt, src, "cross", false);
   heatmap($("encoder"), pick(data.attention.encoder), src, src, "encoder", false);
   heatmap($("decoder"), pick(data.attention.decoder), inputs, inputs, "decoder", true);
