@@ -80,8 +80,9 @@ def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_pat
         config = tiny_config(tmp_path / name, demo_dir)
         subprocess.run([MTKIT, "train", config, "--set", f"experiment.seed={seed}"], env=env, check=True,
                        capture_output=True)
-        translated = subprocess.run([MTKIT, "translate", tmp_path / name / "run", "-i", demo_dir / "test.en",
-                                     "--beam", "3"], env=env, check=True, capture_output=True).stdout
+        translated = name != "c" and subprocess.run(  # (c's curve is enough)
+            [MTKIT, "translate", tmp_path / name / "run", "-i", demo_dir / "test.en", "--beam", "3"], env=env, check=True,
+            capture_output=True).stdout
         runs[name] = (losses(tmp_path / name / "run"), translated,
                       checkpoint.load(tmp_path / name / "run/checkpoints/last.pt")["model"])
     (curve_a, text_a, weights_a), (curve_b, text_b, weights_b), (curve_c, _, _) = runs.values()
@@ -250,13 +251,14 @@ def test_sigint_and_sigterm_save_and_exit_cleanly(tmp_path, demo_dir, sig):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_every_precision_learns_the_demo_corpus(tmp_path, demo_dir, cli, precision):
     config = tiny_config(tmp_path, demo_dir, precision=precision, max_steps=150, eval_every=150, save_every=150,
-                         log_every=50, warmup=30, lr=3e-3, max_tokens=2000, eval_sample=200)
+                         log_every=50, warmup=30, lr=3e-3, max_tokens=1000, eval_sample=200)
     code, _, err = cli("train", config)
     assert code == 0, err
     events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     train_losses = [e["loss"] for e in events if e["event"] == "train"]
     valid = [e for e in events if e["event"] == "valid"][-1]
-    # Untrained: ln(300) = 5.7 per token. Measured after 150 steps: 2.99 in both precisions.
+    # Untrained: ln(300) = 5.7 per token. Measured after 150 steps of 1,000 tokens (AVX2 EPYC): train 3.89,
+    # valid 3.13, in each precision.
     assert train_losses[-1] < train_losses[0] - 1.0 and valid["loss"] < 3.4, events
     last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
     assert last["precision"] == precision and ("scaler" in last) == (precision == "fp16")  # fp16's loss scale
