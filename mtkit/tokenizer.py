@@ -134,10 +134,13 @@ class Tokenizer:
         if self.pieces is None:
             return sp.encode(list(lines), out_type=int, num_threads=threads)
         # Through the vocabulary by the pieces' text, as Marian does: a character SentencePiece
-        # does not know comes out as itself, and has an id when the vocabulary holds it.
+        # does not know comes out as itself, and has an id when the vocabulary holds it. A
+        # multilingual Marian model is told the target language by a first token such as >>fra<<,
+        # which is one piece of the vocabulary, never cut by SentencePiece.
+        codes = [line[:line.find("<<") + 2] if line.startswith(">>") and "<<" in line else "" for line in lines]
+        rows = sp.encode([line[len(code):] for line, code in zip(lines, codes)], out_type=str, num_threads=threads)
         unk = self.unk_id
-        return [[self.vocab.get(p, unk) for p in row] for row in sp.encode(list(lines), out_type=str,
-                                                                         num_threads=threads)]
+        return [[self.vocab.get(p, unk) for p in [code] * bool(code) + row] for code, row in zip(codes, rows)]
 
     def src_pieces(self, ids: Sequence[int]) -> list[str]:
         return [self.pieces[i] for i in ids] if self.pieces is not None else self.src.id_to_piece(list(ids))

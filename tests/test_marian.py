@@ -252,3 +252,23 @@ def test_the_explorer_shows_an_imported_model_with_its_own_ids(imported, both):
             browser.close()
     finally:
         server.stop()
+
+
+def test_a_target_language_token_is_one_piece_as_marian_reads_it(marian_dir, tmp_path):
+    """Multilingual OPUS-MT models take the target language as a first token (>>fra<<)."""
+    import shutil
+
+    from mtkit.tokenizer import Tokenizer
+
+    folder = tmp_path / "multi"
+    shutil.copytree(marian_dir, folder)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    pad = vocab.pop("<pad>")
+    vocab |= {">>vs<<": pad, ">>sv<<": pad + 1, "<pad>": pad + 2}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    theirs = transformers.MarianTokenizer.from_pretrained(folder)
+    ours = Tokenizer(*((folder / name).read_bytes() for name in ("source.spm", "target.spm", "vocab.json")))
+    lines = [">>vs<< The dog sees a cat.", ">>sv<<A boy runs.", "No code here.", ">>xx<< an unknown code",
+             "a >>vs<< in the middle", ""]
+    assert [ids + [ours.eos_id] for ids in ours.encode_src(lines)] == theirs(lines)["input_ids"]
+    assert ours.encode_src(lines[:1])[0][0] == pad
