@@ -181,7 +181,7 @@ def _weights(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
                 for kind in ("weight", "bias"):
                     w[f"{side}.{i}.{ours}.{kind}"] = torch.cat([hf[f"model.{side}.layers.{i}.{t}.{kind}"]
                                                                 for t in theirs])
-    return {name: tensor.detach().clone().float() for name, tensor in w.items()}
+    return {name: tensor.float() for name, tensor in w.items()}  # (load_state_dict copies them)
 
 
 def _languages(folder: Path) -> dict:

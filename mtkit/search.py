@@ -175,6 +175,7 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
                   torch.full((b * k, 1), bos_id, dtype=torch.long, device=src.device), records)
     src_lengths = (~memory.src_pad).sum(dim=1).tolist()
     done = Finished.empty(b, k, longest, records, eos_id)
+    never = [model.cfg.pad_id, bos_id]
     for step in range(longest):
         weights, mine = [] if attention else None, [] if trace is not None else None
         logits, cache = model.decode(beams.last, memory, cache=cache, attention=weights, self_attention=mine)
@@ -182,7 +183,7 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
         new = {"attention": step_attention(weights)} if attention else {}
         if trace is not None:
             new["self_attention"] = F.pad(step_attention(mine), (0, longest - step - 1))
-        cand = candidates(logits[:, -1], beams, at_limit, new, k=k, eos_id=eos_id, never=[model.cfg.pad_id, bos_id])
+        cand = candidates(logits[:, -1], beams, at_limit, new, k=k, eos_id=eos_id, never=never)
         filed = done.add(beams.alive, cand, step=step, alpha=alpha, eos_id=eos_id)
         if trace is not None:
             trace.steps.append(BeamStep(beams.alive, beams.records["tokens"], beams.scores,

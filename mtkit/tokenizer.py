@@ -140,7 +140,7 @@ class Tokenizer:
         codes = [line[:line.find("<<") + 2] if line.startswith(">>") and "<<" in line else "" for line in lines]
         rows = sp.encode([line[len(code):] for line, code in zip(lines, codes)], out_type=str, num_threads=threads)
         unk = self.unk_id
-        return [[self.vocab.get(p, unk) for p in [code] * bool(code) + row] for code, row in zip(codes, rows)]
+        return [[self.vocab.get(p, unk) for p in ([code] if code else []) + row] for code, row in zip(codes, rows)]
 
     def src_pieces(self, ids: Sequence[int]) -> list[str]:
         return [self.pieces[i] for i in ids] if self.pieces is not None else self.src.id_to_piece(list(ids))
