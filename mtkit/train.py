@@ -40,7 +40,7 @@ def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max
     inverse_sqrt: linear warm-up to `lr`, then lr * sqrt(warmup / step).
     noam (the paper): lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); here `lr` is the
         paper's scale factor (around 1-2), not the peak.
-    cosine: linear warm-up to `lr`, then half a cosine down to 0 at max_steps.
+    cosine: linear warm-up to `lr`, then half a cosine down to 0 at max_steps (schedule_end).
     """
     if step <= 0:
         return 0.0
@@ -54,6 +54,15 @@ def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max
         done = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return lr * 0.5 * (1.0 + math.cos(math.pi * done))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def schedule_end(steps_done: int, seconds: float, *, max_steps: int, max_time: float | None) -> int:
+    """Where a decaying schedule (cosine) reaches 0: max_steps, or the step at which max_time is
+    expected to stop the run, at the speed so far, so that it anneals to its last minute on a fast
+    CPU and a slow one alike (its rates then follow the clock: not reproduced exactly)."""
+    if not max_time or steps_done <= 0 or seconds <= 0:
+        return max_steps
+    return min(max_steps, round(steps_done * max_time / seconds))
 
 
 @torch.no_grad()
@@ -299,8 +308,9 @@ class Trainer:
             self.scaler.update()
         else:
             self.progress.nonfinite_in_row = 0
+            end = schedule_end(step - 1, self.progress.seconds, max_steps=t.max_steps, max_time=t.max_time)
             lr = lr_at(step, lr=t.lr, schedule=t.schedule, warmup=t.warmup, d_model=self.model_config.d_model,
-                       max_steps=t.max_steps)
+                       max_steps=end)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             self.scaler.step(self.optimizer)  # the optimizer's step (and, in fp16, the scaler's bookkeeping)
@@ -394,7 +404,8 @@ class Trainer:
             while True:
                 p.seconds = seconds_before + time.perf_counter() - clock_start
                 stopped_by = stop_reason(t, p, self.sampler.epoch) or ("interrupted" if stop.signal else None)
-                stopped_by = w.from_main(stopped_by)  # one decision (clocks, Ctrl-C) for every process
+                # One decision (clocks, Ctrl-C) for every process, and one clock for the schedule.
+                stopped_by, p.seconds = w.from_main((stopped_by, p.seconds))
                 if stopped_by:
                     break
                 step_start = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.config import load_config
-from mtkit.train import ema_update, lr_at
+from mtkit.train import ema_update, lr_at, schedule_end
 from tests.conftest import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -40,6 +40,31 @@ def test_lr_at_known_steps():
     assert lr_at(100, schedule="noam", **noam) == pytest.approx(2.0 / 16 / 10)
     assert lr_at(50, schedule="noam", **noam) == pytest.approx(lr_at(100, schedule="noam", **noam) / 2)
     assert lr_at(400, schedule="noam", **noam) == pytest.approx(lr_at(100, schedule="noam", **noam) / 2)
+
+
+def test_schedule_end_is_max_steps_or_where_the_clock_will_stop_the_run():
+    assert schedule_end(300, 600.0, max_steps=100_000, max_time=None) == 100_000
+    assert schedule_end(300, 600.0, max_steps=100_000, max_time=1200) == 600  # 0.5 steps/s, 1,200 s
+    assert schedule_end(300, 600.0, max_steps=450, max_time=1200) == 450  # the step limit comes first
+    assert schedule_end(0, 0.0, max_steps=1000, max_time=1200) == 1000  # no speed measured yet
+    assert schedule_end(300, 1300.0, max_steps=1000, max_time=1200) == 277  # overran: the bottom
+    kw = dict(schedule="cosine", lr=1e-3, warmup=100, d_model=256)
+    assert lr_at(350, max_steps=schedule_end(349, 600.0, max_steps=10**5, max_time=1200), **kw) == \
+        pytest.approx(lr_at(350, max_steps=698, **kw))
+    # Time running out during the warm-up leaves the steps after it at 0, not at a negative rate.
+    assert lr_at(150, max_steps=schedule_end(149, 1200.0, max_steps=10**5, max_time=1200), **kw) == 0.0
+
+
+def test_a_cosine_schedule_bounded_by_the_clock_decays_to_near_zero_at_the_time_limit(tmp_path, demo_dir, cli):
+    config = tiny_config(tmp_path, demo_dir, schedule="cosine", warmup=5, max_steps=100_000, max_time=6,
+                         log_every=1, eval_every=100_000, save_every=100_000)
+    cli("train", config)
+    lrs = [(e["step"], e["lr"]) for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if e["event"] == "train"]
+    assert len(lrs) > 20
+    peak = max(lr for _, lr in lrs)
+    assert peak > 0.5 * 1e-3  # the warm-up reached (near) train.lr
+    assert lrs[-1][1] < 0.05 * peak  # ...and the run ended at the bottom of the schedule
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the loss scaler's state resumes too
