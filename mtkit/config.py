@@ -209,6 +209,7 @@ class TrainSection(Section):
     schedule: Literal["inverse_sqrt", "noam", "cosine"] = "inverse_sqrt"
     warmup: Annotated[int, Field(ge=0)] = 1000
     label_smoothing: Fraction = 0.1
+    rdrop: Annotated[float, Field(ge=0.0)] = 0.0
     clip: Annotated[float, Field(ge=0.0)] = 1.0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

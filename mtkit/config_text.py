@@ -94,16 +94,17 @@ def _named_key(message: str, section: str, valid: list[str]) -> str:
 
 
 def _closest_key(key: str, valid: list[str]) -> str | None:
-    """The valid key a typo most likely meant: a near name in the same section, else the same
-    name in another section (train.dropout -> model.dropout), else a near name anywhere."""
+    """The valid key a typo most likely meant: the same name in another section (train.dropout ->
+    model.dropout, not the near train.rdrop), else a near name in the same section, else a near
+    name anywhere."""
     section, _, leaf = key.rpartition(".")
+    same = [k for k in valid if k.rpartition(".")[2] == leaf]
+    if same:
+        return same[0]
     siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
     if close:
         return f"{section}.{close[0]}" if section else close[0]
-    same = [k for k in valid if k.rpartition(".")[2] == leaf]
-    if same:
-        return same[0]
     leaves = {k.rpartition(".")[2]: k for k in valid if "." in k}
     close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
     return leaves[close[0]] if close else None

@@ -75,6 +75,24 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float, s
         a.lerp_(w.detach(), 1.0 - d)
 
 
+def translation_loss(logits: torch.Tensor, target: torch.Tensor, *, pad_id: int, smoothing: float,
+                     rdrop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimize, the cross-entropy to report), both sums over the target tokens, in fp32.
+    With rdrop > 0 the batch went through the model twice, stacked (so each copy had its own dropout
+    masks): the loss is the mean of the two cross-entropies plus rdrop / 4 times the two outputs'
+    symmetric KL divergence; R-Drop (Liang et al. 2021) with the paper's alpha, halved so that the
+    cross-entropy part keeps the scale of one pass."""
+    logits = logits.float()
+    copies = 2 if rdrop > 0 else 1
+    ce = F.cross_entropy(logits.flatten(0, 1), target.repeat(copies, 1).flatten(), ignore_index=pad_id,
+                         label_smoothing=smoothing, reduction="sum") / copies
+    if not rdrop:
+        return ce, ce
+    a, b = F.log_softmax(logits, dim=-1).chunk(2)
+    kl = F.kl_div(a, b, log_target=True, reduction="none") + F.kl_div(b, a, log_target=True, reduction="none")
+    return ce + rdrop / 4 * kl.masked_fill((target == pad_id).unsqueeze(-1), 0.0).sum(), ce
+
+
 def model_config(cfg: Config, tok: Tokenizer) -> ModelConfig:
     """The model section plus what the data decides (vocabulary sizes, padding id)."""
     return ModelConfig(**cfg.model.model_dump(), src_vocab=tok.src_vocab_size, tgt_vocab=tok.tgt_vocab_size,
@@ -268,13 +286,14 @@ class Trainer:
 
     def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> float:
         # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
+        copies = 2 if self.cfg.train.rdrop else 1  # R-Drop: each sentence twice in one batch
         with self._autocast(precision), contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync():
-            logits = self.net(batch.src, batch.tgt_in)
+            logits = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1))
         # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=self.tok.pad_id,
-                               label_smoothing=self.cfg.train.label_smoothing, reduction="sum")
+        loss, ce = translation_loss(logits, batch.tgt_out, pad_id=self.tok.pad_id,
+                                    smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
         self.scaler.scale(loss * scale).backward()
-        return loss.item()
+        return ce.item()  # what is logged: the cross-entropy (a NaN in the KL shows in the gradient)
 
     def _step(self) -> tuple[float, int, int]:
         """One optimizer update over `accum` batches; returns (loss per target token, target

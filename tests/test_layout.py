@@ -39,9 +39,9 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (532, "one run read top to bottom, validated per translation direction, started from scratch or from a model: build, "
+    "train.py": (552, "one run read top to bottom, validated per translation direction, started from scratch or from a model: build, "
                       "step, validate, save, resume exactly (its bookkeeping is in bookkeeping.py, starting from a model in lineage.py); "
-                      "a schedule that anneals to the time limit"),
+                      "a schedule that anneals to the time limit; R-Drop's loss"),
     "model.py": (420, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer, "
                       "and has the options an imported Marian model needs beside the others"),
     "cli.py": (464, "one function per command (16), each with its options' help: the work lives in the stages"),

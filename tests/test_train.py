@@ -16,7 +16,7 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.config import load_config
-from mtkit.train import ema_update, lr_at, schedule_end
+from mtkit.train import ema_update, lr_at, schedule_end, translation_loss
 from tests.conftest import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -155,6 +155,52 @@ def test_ema_is_saved_resumed_exactly_and_translated_with(tmp_path, demo_dir, cl
     assert cli("train", plain)[0] == 0
     code, _, err = cli("train", plain, "--resume", "--set", "train.ema=0.9", "--set", "train.max_steps=8")
     assert code == 2 and "without train.ema" in err
+
+
+def test_rdrop_loss_is_the_mean_cross_entropy_plus_the_symmetric_kl_of_the_real_tokens():
+    torch.manual_seed(0)
+    target = torch.tensor([[5, 6, 7], [8, 9, 0]])  # 0 is padding
+    one, other = torch.randn(2, 2, 3, 11).unbind(0)
+    ce = torch.nn.functional.cross_entropy(one.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
+    loss, reported = translation_loss(one, target, pad_id=0, smoothing=0.0)
+    assert torch.equal(loss, ce) and torch.equal(reported, ce)
+    # Two identical copies: no divergence, and the loss is that of one copy.
+    loss, reported = translation_loss(torch.cat([one, one]), target, pad_id=0, smoothing=0.0, rdrop=5.0)
+    assert torch.allclose(loss, ce) and torch.allclose(reported, ce)
+    # Two different copies: the mean cross-entropy, plus alpha / 4 times KL(p||q) + KL(q||p).
+    loss, reported = translation_loss(torch.cat([one, other]), target, pad_id=0, smoothing=0.0, rdrop=5.0)
+    p, q = one.softmax(-1), other.softmax(-1)
+    kl = (p * (p.log() - q.log()) + q * (q.log() - p.log())).sum(-1)[target != 0].sum()
+    ce_other = torch.nn.functional.cross_entropy(other.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
+    assert torch.allclose(reported, (ce + ce_other) / 2)
+    assert torch.allclose(loss, (ce + ce_other) / 2 + 5.0 / 4 * kl) and kl > 0
+    # What the model says at a padding position counts for nothing.
+    moved = other.clone()
+    moved[1, 2] += 3.0
+    assert torch.allclose(translation_loss(torch.cat([one, moved]), target, pad_id=0, smoothing=0.0, rdrop=5.0)[0], loss)
+
+
+def test_rdrop_trains_on_two_dropout_masks_and_without_dropout_is_plain_training(tmp_path, demo_dir, cli):
+    def last_weights(name: str, *overrides: str) -> tuple[dict, list]:
+        (tmp_path / name).mkdir()
+        code, _, err = cli("train", tiny_config(tmp_path / name, demo_dir, max_steps=6), *overrides)
+        assert code == 0, err
+        return checkpoint.load(tmp_path / name / "run/checkpoints/last.pt")["model"], losses(tmp_path / name / "run")
+
+    plain, plain_losses = last_weights("plain", "--set", "model.dropout=0")
+    twice, twice_losses = last_weights("twice", "--set", "model.dropout=0", "--set", "train.rdrop=5")
+    # Without dropout both copies give the same output: no divergence, the same training. (Not
+    # bit for bit: the doubled batch rounds differently, and Adam turns a rounding difference in a
+    # near-zero gradient into a step of up to lr, 1e-3.)
+    assert [s for s, _ in plain_losses] == [s for s, _ in twice_losses]
+    assert all(math.isclose(a, b, rel_tol=1e-4) for (_, a), (_, b) in zip(plain_losses, twice_losses))
+    for name, tensor in plain.items():
+        assert torch.allclose(tensor, twice[name], atol=2e-3), name
+    # With dropout the copies differ and the divergence moves the weights.
+    dropped, _ = last_weights("dropped", "--set", "model.dropout=0.3")
+    rdropped, rdropped_losses = last_weights("rdropped", "--set", "model.dropout=0.3", "--set", "train.rdrop=5")
+    assert not torch.equal(dropped["decoder.0.feed_forward.inner.weight"], rdropped["decoder.0.feed_forward.inner.weight"])
+    assert all(math.isfinite(loss) for _, loss in rdropped_losses)
 
 
 def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
