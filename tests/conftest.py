@@ -9,6 +9,10 @@ import tempfile
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mtkit-hf-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs two tests at a time (`-n 2` in pyproject.toml, one per core of the CI machine):
+# one torch thread per test, in process and in the commands it starts, so that the two never
+# fight over the cores (two tests of two threads each ran the slowest ones 2-3x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 

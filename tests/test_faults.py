@@ -3,7 +3,7 @@ the middle of checkpoint writes, then resumed. After every kill each checkpoint 
 `save_every` logged steps may be lost, and in fp32 the run must end with the very parameters of an
 uninterrupted one.
 
-CI runs a short version; the long one is `MTKIT_FAULT_KILLS=25 pytest tests/test_faults.py -s`.
+CI runs a short version; the long one is `MTKIT_FAULT_KILLS=25 pytest tests/test_faults.py -n 0 -s`.
 """
 
 import json
