@@ -111,6 +111,17 @@ def machine_facts(device: str) -> tuple[tuple[int, int] | None, bool]:
     return None, bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def cpu_description(cpuinfo: str) -> str:
+    """What the benchmarks print with every figure, from /proc/cpuinfo's text: the CPU's model name
+    and which of the flags that decide its bf16 speed it has (the machine's CPU changes between
+    sessions: AVX2 only, AVX-512 BF16, or AMX matrix units)."""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    fast = [f for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{model} ({', '.join(fast) if fast else 'no bf16 or AMX flags'})"
+
+
 def choose_device(setting: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return torch.device(device_for(setting, gpus, local_rank, option))

@@ -20,6 +20,7 @@ import torch
 from mtkit import metrics
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
+from mtkit.distributed import cpu_description
 from mtkit.translate import Translator
 
 
@@ -52,7 +53,8 @@ def main() -> None:
         translator = Translator.load(args.checkpoint, precision=args.precision)
     figures = {"checkpoint": str(args.checkpoint), "engine": args.engine, "sentences": len(sources),
                "threads": torch.get_num_threads(),
-               "precision": translator.precision, "torch": torch.__version__, "machine": platform.machine()}
+               "precision": translator.precision, "torch": torch.__version__, "machine": platform.machine(),
+               "cpu": cpu_description(Path("/proc/cpuinfo").read_text())}
     translator.translate(sources[:16], beam_size=1)  # warm-up (allocator, kernels)
     for name, beam in (("greedy", 1), ("beam5", 5)):
         opts = translator.options(beam_size=beam, n_best=1, max_tokens=args.max_tokens)

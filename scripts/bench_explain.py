@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
+from mtkit.distributed import cpu_description
 from mtkit.tokenizer import Tokenizer
 from mtkit import checkpoint as checkpoints
 
@@ -71,8 +72,7 @@ def main() -> None:
         t.add_row(str(r["pieces"]), "yes" if r["whatif"] else "no", f"{r['median_ms']:.0f}", f"{r['max_ms']:.0f}",
                   str(r["kb"]), str(r["tree_nodes"]))
     console.print(t)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_description(Path("/proc/cpuinfo").read_text())
     print(json.dumps({"benchmark": "explain", "cpu": cpu, "checkpoint": str(args.checkpoint), "rows": rows}))
 
 

@@ -28,6 +28,7 @@ import torch
 
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
+from mtkit.distributed import cpu_description
 from mtkit.translate import Translator
 
 
@@ -135,7 +136,8 @@ def main() -> None:
     process, host, port = start_server(args.checkpoint, args.wait_ms)
     figures = {"checkpoint": str(args.checkpoint), "sentences": len(sentences), "threads": torch.get_num_threads(),
                "batch_wait_ms": args.wait_ms,
-               "torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_name(), "runs": []}
+               "torch": torch.__version__, "machine": platform.machine(),
+               "cpu": cpu_description(Path("/proc/cpuinfo").read_text()), "runs": []}
     try:
         load(host, port, sentences[:64], 8, 1)  # warm-up
         rss_start = rss_mb(process.pid)
@@ -172,13 +174,6 @@ def main() -> None:
         process.terminate()
         figures["server_exit_code"] = process.wait(120)
     print(json.dumps(figures))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtkit import checkpoint, distributed
-from mtkit.distributed import World, decode_precision, device_for, train_precision
+from mtkit.distributed import World, cpu_description, decode_precision, device_for, train_precision
 from mtkit.errors import MtkitError
 from tests.conftest import tiny_config
 
@@ -109,3 +109,14 @@ def test_decoding_precision_is_a_choice_and_fp32_agrees_with_the_ctranslate2_exp
     code, theirs, err = cli("translate", tmp_path / "ct2", "--engine", "ctranslate2", "-i", source, "--greedy")
     assert code == 0, err
     assert ours == theirs and ours.count("\n") == 1000
+
+
+def test_cpu_description_names_the_model_and_its_bf16_flags():
+    def info(model: str, flags: str) -> str:
+        return f"processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n\nprocessor\t: 1\nmodel name\t: {model}\n"
+
+    assert cpu_description(info("AMD EPYC", "fpu avx2 avx512f avx512_bf16")) == "AMD EPYC (avx512_bf16)"
+    assert (cpu_description(info("Intel(R) Xeon(R) Platinum", "avx512_bf16 amx_bf16 amx_tile amx_int8"))
+            == "Intel(R) Xeon(R) Platinum (avx512_bf16, amx_bf16, amx_int8)")
+    assert cpu_description(info("AMD EPYC", "fpu avx2")) == "AMD EPYC (no bf16 or AMX flags)"
+    assert cpu_description("") == "unknown CPU (no bf16 or AMX flags)"

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 # (6) also from their own layer, and a stage (3) from no other stage: what two stages share moves
 # down into the core.
 LAYERS = {
-    0: {"errors", "model", "metrics"},
+    0: {"errors", "model", "loss", "metrics"},
     1: {"config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
     2: {"corpus", "search", "engine"},
     3: {"vocab", "prepare", "train", "translate", "export", "marian", "figures", "explain"},
@@ -39,9 +39,9 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (552, "one run read top to bottom, validated per translation direction, started from scratch or from a model: build, "
-                      "step, validate, save, resume exactly (its bookkeeping is in bookkeeping.py, starting from a model in lineage.py); "
-                      "a schedule that anneals to the time limit; R-Drop's loss"),
+    "train.py": (536, "one run read top to bottom, validated per translation direction, started from scratch or from a model: build, "
+                      "step, validate, save, resume exactly (its bookkeeping is in bookkeeping.py, starting from a model in lineage.py, "
+                      "its loss in loss.py); a schedule that anneals to the time limit"),
     "model.py": (420, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer, "
                       "and has the options an imported Marian model needs beside the others"),
     "cli.py": (464, "one function per command (16), each with its options' help: the work lives in the stages"),

@@ -16,7 +16,7 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.config import load_config
-from mtkit.train import ema_update, lr_at, schedule_end, translation_loss
+from mtkit.train import ema_update, lr_at, schedule_end
 from tests.conftest import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -155,29 +155,6 @@ def test_ema_is_saved_resumed_exactly_and_translated_with(tmp_path, demo_dir, cl
     assert cli("train", plain)[0] == 0
     code, _, err = cli("train", plain, "--resume", "--set", "train.ema=0.9", "--set", "train.max_steps=8")
     assert code == 2 and "without train.ema" in err
-
-
-def test_rdrop_loss_is_the_mean_cross_entropy_plus_the_symmetric_kl_of_the_real_tokens():
-    torch.manual_seed(0)
-    target = torch.tensor([[5, 6, 7], [8, 9, 0]])  # 0 is padding
-    one, other = torch.randn(2, 2, 3, 11).unbind(0)
-    ce = torch.nn.functional.cross_entropy(one.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
-    loss, reported = translation_loss(one, target, pad_id=0, smoothing=0.0)
-    assert torch.equal(loss, ce) and torch.equal(reported, ce)
-    # Two identical copies: no divergence, and the loss is that of one copy.
-    loss, reported = translation_loss(torch.cat([one, one]), target, pad_id=0, smoothing=0.0, rdrop=5.0)
-    assert torch.allclose(loss, ce) and torch.allclose(reported, ce)
-    # Two different copies: the mean cross-entropy, plus alpha / 4 times KL(p||q) + KL(q||p).
-    loss, reported = translation_loss(torch.cat([one, other]), target, pad_id=0, smoothing=0.0, rdrop=5.0)
-    p, q = one.softmax(-1), other.softmax(-1)
-    kl = (p * (p.log() - q.log()) + q * (q.log() - p.log())).sum(-1)[target != 0].sum()
-    ce_other = torch.nn.functional.cross_entropy(other.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
-    assert torch.allclose(reported, (ce + ce_other) / 2)
-    assert torch.allclose(loss, (ce + ce_other) / 2 + 5.0 / 4 * kl) and kl > 0
-    # What the model says at a padding position counts for nothing.
-    moved = other.clone()
-    moved[1, 2] += 3.0
-    assert torch.allclose(translation_loss(torch.cat([one, moved]), target, pad_id=0, smoothing=0.0, rdrop=5.0)[0], loss)
 
 
 def test_rdrop_trains_on_two_dropout_masks_and_without_dropout_is_plain_training(tmp_path, demo_dir, cli):
