@@ -13,7 +13,7 @@ and its gradient with respect to the logits is the softmax minus that target dis
 
 PyTorch's F.cross_entropy computes the same numbers, but on a CPU its backward pass over the
 vocabulary (fill a zero gradient, scatter, add the smoothing part, the log-softmax backward, casts)
-took twice the time of the two lines here: 39 against 20 ms a step for 1,000 target tokens and 8,000
+is slow: forward and backward took 39 ms against this class's 20 for 1,000 target tokens and 8,000
 words, a tenth of a training step. The formula above is the whole backward pass.
 """
 
