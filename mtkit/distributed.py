@@ -14,6 +14,7 @@ every combination a GPU could report is tested on a machine without one.
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,10 +112,13 @@ def machine_facts(device: str) -> tuple[tuple[int, int] | None, bool]:
     return None, bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def cpu_description(cpuinfo: str) -> str:
-    """What the benchmarks print with every figure, from /proc/cpuinfo's text: the CPU's model name
-    and which of the flags that decide its bf16 speed it has (the machine's CPU changes between
-    sessions: AVX2 only, AVX-512 BF16, or AMX matrix units)."""
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """What the benchmarks print with every figure, from /proc/cpuinfo's text (read when not given;
+    a machine without it gives "unknown CPU"): the CPU's model name and which of the flags that
+    decide its bf16 speed it has (the machine's CPU changes between sessions: AVX2 only, AVX-512
+    BF16, or AMX matrix units)."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  "unknown CPU")
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])

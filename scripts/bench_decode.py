@@ -54,7 +54,7 @@ def main() -> None:
     figures = {"checkpoint": str(args.checkpoint), "engine": args.engine, "sentences": len(sources),
                "threads": torch.get_num_threads(),
                "precision": translator.precision, "torch": torch.__version__, "machine": platform.machine(),
-               "cpu": cpu_description(Path("/proc/cpuinfo").read_text())}
+               "cpu": cpu_description()}
     translator.translate(sources[:16], beam_size=1)  # warm-up (allocator, kernels)
     for name, beam in (("greedy", 1), ("beam5", 5)):
         opts = translator.options(beam_size=beam, n_best=1, max_tokens=args.max_tokens)

@@ -72,7 +72,7 @@ def main() -> None:
         t.add_row(str(r["pieces"]), "yes" if r["whatif"] else "no", f"{r['median_ms']:.0f}", f"{r['max_ms']:.0f}",
                   str(r["kb"]), str(r["tree_nodes"]))
     console.print(t)
-    cpu = cpu_description(Path("/proc/cpuinfo").read_text())
+    cpu = cpu_description()
     print(json.dumps({"benchmark": "explain", "cpu": cpu, "checkpoint": str(args.checkpoint), "rows": rows}))
 
 

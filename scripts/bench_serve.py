@@ -137,7 +137,7 @@ def main() -> None:
     figures = {"checkpoint": str(args.checkpoint), "sentences": len(sentences), "threads": torch.get_num_threads(),
                "batch_wait_ms": args.wait_ms,
                "torch": torch.__version__, "machine": platform.machine(),
-               "cpu": cpu_description(Path("/proc/cpuinfo").read_text()), "runs": []}
+               "cpu": cpu_description(), "runs": []}
     try:
         load(host, port, sentences[:64], 8, 1)  # warm-up
         rss_start = rss_mb(process.pid)

@@ -89,7 +89,7 @@ def main() -> None:
         "fraction_of_own_peak": round(flops / seconds / peak, 3),
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "torch": torch.__version__, "cpu": cpu_description(Path("/proc/cpuinfo").read_text()),
+        "torch": torch.__version__, "cpu": cpu_description(),
     }
     t = table(f"train {cfg.experiment.name}: {figures['steps']} steps in {figures['seconds']} s, "
               f"{figures['threads']} threads, {figures['precision']}", ["figure", "value"])
