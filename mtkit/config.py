@@ -73,6 +73,11 @@ class DataSection(Section):
     max_len: PositiveInt = 100
     max_ratio: Annotated[float, Field(ge=1.0)] = 3.0
     dedup: bool = True
+    # Subword regularization: train on copies of the train split each cut by SentencePiece's
+    # sampling (BPE-dropout's merge-drop probability for bpe, the smoothing alpha for unigram), a
+    # new copy each epoch; 0 = the one deterministic cut. Valid, test and translation never sample.
+    subword_sampling: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    sampled_copies: PositiveInt = 16
 
     @model_validator(mode="after")
     def _check(self) -> "DataSection":

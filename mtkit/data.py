@@ -50,6 +50,34 @@ class TokenArray:
         return np.diff(self.offsets)
 
 
+class Stacked:
+    """Several encodings of one split read as one array, item k * n + i being sentence i of copy
+    k: the subword-sampled copies of a train split (TokenBucketSampler reads copy e % k in epoch e)."""
+
+    def __init__(self, arrays: list[TokenArray]):
+        self.arrays, self.n = arrays, len(arrays[0])
+
+    def __len__(self) -> int:
+        return self.n * len(self.arrays)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.arrays[i // self.n][i % self.n]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([a.lengths for a in self.arrays])
+
+
+def train_arrays(folder: Path, manifest: dict) -> tuple[TokenArray | Stacked, TokenArray | Stacked, int]:
+    """The train split's source and target as training reads them, and how many copies they hold:
+    the subword-sampled copies when prepare made them (data.subword_sampling), else the one cut."""
+    copies = manifest["splits"]["train"].get("sampling", {}).get("copies", 0)
+    if not copies:
+        return (*(TokenArray(folder, "train", side, manifest["dtype"]) for side in ("src", "tgt")), 1)
+    return (*(Stacked([TokenArray(folder, f"train.s{k}", side, manifest["dtype"]) for k in range(copies)])
+              for side in ("src", "tgt")), copies)
+
+
 class ArrayWriter:
     """Appends encoded sentences to `<stem>.bin` / `<stem>.idx` (the format TokenArray reads)."""
 
@@ -146,12 +174,14 @@ class TokenBucketSampler:
 
     def __init__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, seed: int,
                  groups: list[tuple[int, int]] | None = None, temperature: float = 1.0,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, copies: int = 1):
         """groups: [first, end) of each direction's sentences; with temperature T > 1 or weights
         an epoch draws direction d's share as weight_d * size_d ** (1 / T) (multilingual
-        temperature sampling)."""
+        temperature sampling). copies: the lengths are those of k encodings of the same sentences
+        one after another (a Stacked array); epoch e reads copy e % k."""
         # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target.
         self.cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
+        self.copies, self.size = copies, len(self.cost) // copies
         self.max_tokens, self.seed = max_tokens, seed
         per_batch = max(1, max_tokens // max(1, int(np.median(self.cost))))
         self.pool = per_batch * self.POOL_BATCHES
@@ -164,7 +194,8 @@ class TokenBucketSampler:
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.cost)) if self.groups is None else self._draw(rng)
+        order = rng.permutation(self.size) if self.groups is None else self._draw(rng)
+        order += (epoch % self.copies) * self.size  # the epoch's copy
         batches = []
         for start in range(0, len(order), self.pool):
             pool = order[start:start + self.pool]

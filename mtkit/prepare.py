@@ -46,6 +46,9 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     settings = {**d.languages, "min_len": d.min_len, "max_len": d.max_len,
                 "max_ratio": d.max_ratio, "dedup": d.dedup, "encoding_errors": d.encoding_errors,
                 "format_version": FORMAT_VERSION}
+    if d.subword_sampling:  # (only then: data prepared without it keeps its fingerprint)
+        settings |= {"subword_sampling": d.subword_sampling, "sampled_copies": d.sampled_copies,
+                     "seed": cfg.experiment.seed}
     fingerprint = sha256_json({"inputs": inputs, "tokenizer": tok.fingerprint, "settings": settings})
     previous = read_json(out / "manifest.json")
     if not force and previous and previous.get("fingerprint") == fingerprint:
@@ -62,23 +65,10 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         for split, source in sources.items():
             expected = tok_info.get("pairs_seen") if split == "train" else None
             task = bar.add_task(f"prepare {split}", total=expected)
-            writers = [ArrayWriter(tmp / f"{split}.{side}", dtype) for side in ("src", "tgt")]
-            try:
-                splits[split] = _prepare_split(source, tok, writers, settings, train_seen,
-                                               lambda n, task=task: bar.update(task, completed=n))
-            finally:
-                for w in writers:
-                    w.close()
-            done = splits[split]["pairs_in"]
-            bar.update(task, total=done, completed=done)
-            for side in ("src", "tgt"):
-                lengths = TokenArray(tmp, split, side, dtype.name).lengths
-                for where, lines in [(splits[split], slice(None)), *(
-                        (splits[split]["by_direction"][name], slice(*ends))
-                        for name, ends in splits[split].get("directions", {}).items())]:
-                    where[side] = _token_stats(lengths[lines]) | {"unk": where["unk"][side]}
-            for where in [splits[split], *splits[split].get("by_direction", {}).values()]:
-                del where["unk"]
+            copies = d.sampled_copies if split == "train" and d.subword_sampling else 0
+            splits[split] = _write_split(tmp, split, source, tok, dtype, settings, train_seen, copies,
+                                         lambda n, task=task: bar.update(task, completed=n))
+            bar.update(task, total=splits[split]["pairs_in"], completed=splits[split]["pairs_in"])
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "dtype": dtype.name,
             "tokenizer_fingerprint": tok.fingerprint, "src_vocab_size": tok.src_vocab_size,
@@ -89,6 +79,29 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     _print_summary(manifest)
     info(f"prepare: done in {manifest['seconds']:.1f}s -> {out}")
     return PrepareResult(out, False, manifest)
+
+
+def _write_split(tmp: Path, split: str, source: corpus.Source, tok: Tokenizer, dtype, settings: dict,
+                 train_seen: dict[str, set[bytes]], copies: int, report) -> dict:
+    """One split into its token arrays (and `copies` subword-sampled copies, train.s<k>), with the
+    counts and token statistics the manifest records of it."""
+    names = [split] + [f"train.s{k}" for k in range(copies)]
+    writers = [[ArrayWriter(tmp / f"{name}.{side}", dtype) for side in ("src", "tgt")] for name in names]
+    try:
+        result = _prepare_split(source, tok, writers, settings, train_seen, report)
+    finally:
+        for w in itertools.chain(*writers):
+            w.close()
+    if copies:
+        result["sampling"] = _sampling_stats(tmp, names, dtype)
+    for side in ("src", "tgt"):
+        lengths = TokenArray(tmp, split, side, dtype.name).lengths
+        for where, lines in [(result, slice(None)), *((result["by_direction"][name], slice(*ends))
+                                                      for name, ends in result.get("directions", {}).items())]:
+            where[side] = _token_stats(lengths[lines]) | {"unk": where["unk"][side]}
+    for where in [result, *result.get("by_direction", {}).values()]:
+        del where["unk"]
+    return result
 
 
 def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -> None:
@@ -125,7 +138,7 @@ def _heldout_keys(sources: dict[str, corpus.Source]) -> set[bytes]:
     return keys
 
 
-def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[ArrayWriter], filters: dict,
+def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[list[ArrayWriter]], filters: dict,
                    train_seen: dict[str, set[bytes]], report) -> dict:
     """Normalize, (for train) filter, encode and write one split; returns its counts."""
     is_train = source.split == "train"
@@ -161,7 +174,7 @@ def _summary(counts: Counter, is_train: bool) -> dict:
     return result
 
 
-def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[ArrayWriter], filters: dict,
+def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[list[ArrayWriter]], filters: dict,
                   train_seen: dict[str, set[bytes]], counts: Counter, threads: int, report) -> None:
     """One direction's pairs (or a single pair's): normalized, filtered, encoded, written."""
     while chunk := list(itertools.islice(pairs, CHUNK)):
@@ -200,11 +213,39 @@ def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[ArrayWrit
         # large output would count against this process's RSS.
         counts["unk_src"] += sum(ids.count(tok.unk_id) for ids in src_ids)
         counts["unk_tgt"] += sum(ids.count(tok.unk_id) for ids in tgt_ids)
-        writers[0].add(src_ids)
-        writers[1].add(tgt_ids)
+        writers[0][0].add(src_ids)
+        writers[0][1].add(tgt_ids)
+        if len(writers) > 1:
+            _add_sampled(writers[1:], tok, [srcs[i] for i in kept], [tgts[i] for i in kept], src_ids, tgt_ids,
+                         filters, counts["pairs_in"])
         counts["pairs_in"] += len(chunk)
         counts["kept"] += len(src_ids)
         report(counts["pairs_in"])
+
+
+def _add_sampled(writers: list[list[ArrayWriter]], tok: Tokenizer, srcs: list[str], tgts: list[str],
+                 src_ids: list[list[int]], tgt_ids: list[list[int]], filters: dict, start: int) -> None:
+    """Each sampled copy of these kept train pairs (read from pair `start` on): both sides cut
+    anew by SentencePiece's sampling, each call with a seed of its own drawn from the run's. A
+    sampled cut longer than data.max_len keeps the deterministic one, so training cuts nothing."""
+    for k, (src_writer, tgt_writer) in enumerate(writers):
+        for side, writer, lines, plain, encode in (("src", src_writer, srcs, src_ids, tok.encode_src),
+                                                   ("tgt", tgt_writer, tgts, tgt_ids, tok.encode_tgt)):
+            seed = int.from_bytes(_key(str(filters["seed"]), str(k), str(start), side)[:4], "little") >> 1
+            sampled = encode(lines, sampling=filters["subword_sampling"], seed=seed)
+            writer.add([ids if len(ids) <= filters["max_len"] else p for ids, p in zip(sampled, plain)])
+
+
+def _sampling_stats(folder: Path, names: list[str], dtype) -> dict:
+    """How much longer the sampled copies are than the deterministic cut, per side."""
+    stats = {"copies": len(names) - 1}
+    for side in ("src", "tgt"):
+        plain = int(TokenArray(folder, names[0], side, dtype.name).lengths.sum())
+        sampled = sum(int(TokenArray(folder, name, side, dtype.name).lengths.sum()) for name in names[1:])
+        stats[f"{side}_tokens_per_copy"] = round(sampled / (len(names) - 1))
+        stats[f"{side}_longer"] = round(sampled / (len(names) - 1) / max(1, plain), 3)
+    return stats
+
 
 def _keep(n_src: int, n_tgt: int, filters: dict, counts: Counter) -> bool:
     shorter, longer = min(n_src, n_tgt), max(n_src, n_tgt)
@@ -239,3 +280,7 @@ def _print_summary(manifest: dict) -> None:
                       f"{row['src']['unk'] + row['tgt']['unk']:,}", f"{overlap['src']:,}" if overlap else "")
     t.caption = "valid and test are never filtered or reordered"
     console.print(t)
+    if sampled := manifest["splits"]["train"].get("sampling"):
+        info(f"prepare: {sampled['copies']} subword-sampled copies of train (data.subword_sampling "
+             f"{manifest['settings']['subword_sampling']}), {sampled['src_longer']:.0%} / "
+             f"{sampled['tgt_longer']:.0%} of the deterministic cut's source / target tokens")

@@ -124,21 +124,31 @@ class Tokenizer:
     def tgt_vocab_size(self) -> int:
         return len(self.pieces) if self.pieces is not None else self.tgt.get_piece_size()
 
-    def encode_src(self, lines: Sequence[str], threads: int = 1) -> list[list[int]]:
-        return self._encode(self.src, lines, threads)
+    def encode_src(self, lines: Sequence[str], threads: int = 1, sampling: float = 0.0, seed: int = 0) -> list[list[int]]:
+        """sampling > 0: each line cut one of its many ways, drawn (subword regularization); the
+        same lines, sampling and seed give the same cuts."""
+        return self._encode(self.src, lines, threads, sampling, seed)
 
-    def encode_tgt(self, lines: Sequence[str], threads: int = 1) -> list[list[int]]:
-        return self._encode(self.tgt, lines, threads)
+    def encode_tgt(self, lines: Sequence[str], threads: int = 1, sampling: float = 0.0, seed: int = 0) -> list[list[int]]:
+        return self._encode(self.tgt, lines, threads, sampling, seed)
 
-    def _encode(self, sp: spm.SentencePieceProcessor, lines: Sequence[str], threads: int) -> list[list[int]]:
+    def _encode(self, sp: spm.SentencePieceProcessor, lines: Sequence[str], threads: int,
+                sampling: float = 0.0, seed: int = 0) -> list[list[int]]:
+        how = {"num_threads": threads}
+        if sampling:
+            # SentencePiece encodes a list on fresh threads, each drawing from the process-wide
+            # seed from the start: a call's cuts depend on that seed alone (and on the thread
+            # count, so one thread), and two calls with one seed draw the same.
+            spm.set_random_generator_seed(seed)
+            how = {"enable_sampling": True, "alpha": sampling, "nbest_size": -1, "num_threads": 1}
         if self.pieces is None:
-            return sp.encode(list(lines), out_type=int, num_threads=threads)
+            return sp.encode(list(lines), out_type=int, **how)
         # Through the vocabulary by the pieces' text, as Marian does: a character SentencePiece
         # does not know comes out as itself, and has an id when the vocabulary holds it. A
         # multilingual Marian model is told the target language by a first token such as >>fra<<,
         # which is one piece of the vocabulary, never cut by SentencePiece.
         codes = [line[:line.find("<<") + 2] if line.startswith(">>") and "<<" in line else "" for line in lines]
-        rows = sp.encode([line[len(code):] for line, code in zip(lines, codes)], out_type=str, num_threads=threads)
+        rows = sp.encode([line[len(code):] for line, code in zip(lines, codes)], out_type=str, **how)
         unk = self.unk_id
         return [[self.vocab.get(p, unk) for p in ([code] if code else []) + row] for code, row in zip(codes, rows)]
 

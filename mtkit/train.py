@@ -23,7 +23,7 @@ from mtkit.bookkeeping import (Progress, RunLog, StopRequest, TrainResult, clock
                                workdir_lock)
 from mtkit.config import Config
 from mtkit.console import console, info
-from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch
+from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch, train_arrays
 from mtkit.distributed import World
 from mtkit.errors import MtkitError
 from mtkit.metrics import bleu, bleu_tokenizer, check_tokenizer
@@ -140,10 +140,9 @@ class Trainer:
                              f"{cfg.tokenizer_dir}", hint="run mtkit prepare CONFIG")
         if t.threads:
             torch.set_num_threads(t.threads)
-        arrays = {(split, side): TokenArray(cfg.data_cache_dir, split, side, self.manifest["dtype"])
-                  for split in ("train", "valid") for side in ("src", "tgt")}
-        self.train_src, self.train_tgt = arrays["train", "src"], arrays["train", "tgt"]
-        self.valid_src, self.valid_tgt = arrays["valid", "src"], arrays["valid", "tgt"]
+        self.train_src, self.train_tgt, self.train_copies = train_arrays(cfg.data_cache_dir, self.manifest)
+        self.valid_src, self.valid_tgt = (TokenArray(cfg.data_cache_dir, "valid", side, self.manifest["dtype"])
+                                          for side in ("src", "tgt"))
         corpus.ensure_demo(cfg.data.format, cfg.data.dir)
         valid = corpus.source_for(**cfg.data.source_args("valid"))
         self.references = [tgt for _, tgt in corpus.read_pairs(valid)]
@@ -185,7 +184,7 @@ class Trainer:
         weights = dict(zip(cfg.data.names, (p.weight for p in cfg.data.parts)))
         self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
                                           cfg.experiment.seed, list(groups.values()), cfg.data.temperature,
-                                          [weights[name] for name in groups])
+                                          [weights[name] for name in groups], self.train_copies)
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
@@ -441,7 +440,8 @@ class Trainer:
         if self.world.main:
             w = self.world
             info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
-                 f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src):,} train pairs"
+                 f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src) // self.train_copies:,} train pairs"
+                 + (f" ({self.train_copies} subword-sampled copies)" if self.train_copies > 1 else "")
                  + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else ""))
 
     def _evaluate_and_keep_best(self) -> bool:

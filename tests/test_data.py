@@ -1,10 +1,10 @@
 """Batching: padding, and the token-bucket sampler's promises (every sentence once per epoch, the
-token budget, determinism, exact resume mid-epoch)."""
+token budget, determinism, exact resume mid-epoch), also over subword-sampled copies."""
 
 import numpy as np
 import pytest
 
-from mtkit.data import ArrayWriter, TokenArray, TokenBucketSampler, length_batches, make_batch
+from mtkit.data import ArrayWriter, Stacked, TokenArray, TokenBucketSampler, length_batches, make_batch
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -109,3 +109,45 @@ def test_temperature_sampling_flattens_the_directions_and_resumes_exactly(temper
     again = TokenBucketSampler(src, tgt, max_tokens=600, seed=4, groups=[(0, 900), (900, 1000)],
                                temperature=temperature)
     assert all(np.array_equal(a, b) for a, b in zip(again.epoch_batches(0), sampler.epoch_batches(0)))
+
+
+@pytest.mark.parametrize("groups", [None, [(0, 700), (700, 1000)]])
+def test_subword_sampled_copies_take_turns_by_epoch_and_resume_exactly(tmp_path, groups):
+    """Three copies of 1,000 sentences (data.subword_sampling), stacked: epoch e reads copy e % 3,
+    every sentence once, within the budget of that copy's lengths; a resume lands on the same copy."""
+    rng = np.random.default_rng(1)
+    copies = [(rng.integers(1, 40, 1000), rng.integers(1, 40, 1000)) for _ in range(3)]
+    src, tgt = (np.concatenate([c[side] for c in copies]) for side in (0, 1))
+    sampler = TokenBucketSampler(src, tgt, 800, seed=3, groups=groups, temperature=3.0 if groups else 1.0,
+                                 copies=3)
+    epochs = [np.concatenate(sampler.epoch_batches(e)) for e in range(4)]
+    for e, drawn in enumerate(epochs):
+        copy = e % 3
+        assert drawn.min() >= copy * 1000 and drawn.max() < (copy + 1) * 1000
+        if groups is None:
+            assert sorted(drawn.tolist()) == list(range(copy * 1000, (copy + 1) * 1000))
+    for batch in sampler.epoch_batches(1):
+        assert len(batch) * (np.maximum(src, tgt)[batch].max() + 1) <= 800 or len(batch) == 1
+    # epoch 3 reads copy 0 again, drawn anew: another order
+    assert not np.array_equal(epochs[3], epochs[0])
+    n = sum(len(sampler.epoch_batches(e)) for e in range(2))
+    whole = [next(sampler) for _ in range(n + 5)]
+    first = TokenBucketSampler(src, tgt, 800, seed=3, groups=groups, temperature=3.0 if groups else 1.0, copies=3)
+    got = [next(first) for _ in range(n - 3)]
+    resumed = TokenBucketSampler(src, tgt, 800, seed=3, groups=groups, temperature=3.0 if groups else 1.0, copies=3)
+    resumed.load_state_dict(first.state_dict())
+    got += [next(resumed) for _ in range(8)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, whole)) and len(got) == len(whole)
+
+
+def test_stacked_copies_read_as_one_array(tmp_path):
+    arrays = []
+    for k in range(2):
+        w = ArrayWriter(tmp_path / f"train.s{k}.src", np.dtype(np.uint16))
+        w.add([[k, 1], [k, 2, 2], [k]])
+        w.close()
+        arrays.append(TokenArray(tmp_path, f"train.s{k}", "src", "uint16"))
+    stacked = Stacked(arrays)
+    assert len(stacked) == 6
+    assert [stacked[i].tolist() for i in range(6)] == [[0, 1], [0, 2, 2], [0], [1, 1], [1, 2, 2], [1]]
+    assert stacked.lengths.tolist() == [2, 3, 1, 2, 3, 1]

@@ -3,6 +3,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -209,6 +210,52 @@ def test_prepare_is_deterministic(crafted):
     assert {p.name: p.read_bytes() for p in second.folder.iterdir() if p.suffix in (".bin", ".idx")} == files
     first.manifest.pop("seconds"), second.manifest.pop("seconds")
     assert first.manifest == second.manifest
+
+
+def test_subword_sampling_writes_copies_of_the_same_sentences_cut_anew(crafted, capsys):
+    """data.subword_sampling: train.s<k> hold every kept train pair again, in order, each cut by
+    SentencePiece's sampling (BPE-dropout): the same text, other pieces, more of them; a cut over
+    data.max_len keeps the deterministic one; valid and test are as without sampling."""
+    cfg, plain = run_stages(crafted)
+    plain_files = {p.name: p.read_bytes() for p in plain.folder.iterdir() if p.suffix in (".bin", ".idx")}
+    assert "subword_sampling" not in plain.manifest["settings"]  # data prepared before keeps its fingerprint
+    cfg, result = run_stages(crafted, ["data.subword_sampling=0.3", "data.sampled_copies=3"])
+    assert "3 subword-sampled copies of train" in capsys.readouterr().err
+    m = result.manifest
+    assert m["settings"]["subword_sampling"] == 0.3 and m["settings"]["sampled_copies"] == 3
+    for name in ("train", "valid", "test"):  # the deterministic cuts are unchanged
+        for ext in (".src.bin", ".src.idx", ".tgt.bin", ".tgt.idx"):
+            assert (result.folder / f"{name}{ext}").read_bytes() == plain_files[f"{name}{ext}"]
+    tok = Tokenizer.load(cfg.tokenizer_dir)
+    for side, sp in (("src", tok.src), ("tgt", tok.tgt)):
+        det = TokenArray(result.folder, "train", side, m["dtype"])
+        copies = [TokenArray(result.folder, f"train.s{k}", side, m["dtype"]) for k in range(3)]
+        text = decode_side(result, "train", side)
+        for copy in copies:
+            assert [sp.decode(copy[i].tolist()) for i in range(len(copy))] == text
+            assert copy.lengths.max() <= cfg.data.max_len
+            assert (copy.lengths >= det.lengths).all() and copy.lengths.sum() > det.lengths.sum()
+        assert not np.array_equal(copies[0].tokens, copies[1].tokens)
+        sampling = m["splits"]["train"]["sampling"]
+        assert sampling["copies"] == 3
+        assert sampling[f"{side}_longer"] == round(sum(c.lengths.sum() for c in copies) / 3 / det.lengths.sum(), 3)
+    # Nearly every merge dropped: most sentences would cut to more than max_len pieces, and keep their own.
+    cfg, result = run_stages(crafted, ["data.subword_sampling=0.95", "data.sampled_copies=1"])
+    det, copy = (TokenArray(result.folder, name, "src", m["dtype"]) for name in ("train", "train.s0"))
+    kept_whole = [i for i in range(len(det)) if np.array_equal(copy[i], det[i])]
+    assert copy.lengths.max() <= cfg.data.max_len and 0 < len(kept_whole) < len(det)
+
+
+def test_subword_sampling_repeats_for_a_seed(crafted):
+    sampled = ["data.subword_sampling=0.3", "data.sampled_copies=2"]
+    cfg, first = run_stages(crafted, sampled)
+    copies = {p.name: p.read_bytes() for p in first.folder.iterdir() if p.name.startswith(("train.s0.", "train.s1."))}
+    assert len(copies) == 8
+    again = prepare(load_config(crafted, sampled), force=True)
+    assert {p.name: p.read_bytes() for p in again.folder.iterdir() if p.name.startswith(("train.s0.", "train.s1."))} == copies
+    other = prepare(load_config(crafted, [*sampled, "experiment.seed=2"]))
+    assert not other.skipped
+    assert {p.name: p.read_bytes() for p in other.folder.iterdir() if p.name.startswith(("train.s0.", "train.s1."))} != copies
 
 
 def test_demo_corpus_prepares(demo_config):

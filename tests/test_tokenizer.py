@@ -41,6 +41,20 @@ def test_separate_unigram_vocabularies(demo_config):
     assert len(tok.src.encode("Lai fornai pomai vetai")) > len(tok.tgt.encode("Lai fornai pomai vetai"))
 
 
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sampled_cuts_spell_the_line_and_follow_their_seed_alone(demo_config, demo_dir, kind):
+    """Subword sampling (data.subword_sampling): a drawn cut decodes to the same line; a seed
+    gives the same cuts again whatever was drawn in between, another seed others."""
+    tok = Tokenizer.load(train_tokenizer(load_config(demo_config, [f"tokenizer.type={kind}"])).folder)
+    lines = (demo_dir / "test.en").read_text().splitlines()[:200]
+    first = tok.encode_src(lines, sampling=0.2, seed=7)
+    other = tok.encode_src(lines, sampling=0.2, seed=8)
+    assert tok.encode_src(lines, sampling=0.2, seed=7) == first != other
+    assert first != tok.encode_src(lines)
+    assert [tok.src.decode(ids) for ids in first] == [tok.src.decode(ids) for ids in tok.encode_src(lines)]
+    assert sum(map(len, first)) > sum(map(len, tok.encode_src(lines)))
+
+
 def test_training_is_deterministic(demo_config):
     cfg = load_config(demo_config)
     first = train_tokenizer(cfg).fingerprint

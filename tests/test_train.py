@@ -180,6 +180,22 @@ def test_rdrop_trains_on_two_dropout_masks_and_without_dropout_is_plain_training
     assert all(math.isfinite(loss) for _, loss in rdropped_losses)
 
 
+def test_subword_sampling_trains_on_the_sampled_copies(tmp_path, demo_dir, cli):
+    """With data.subword_sampling the trainer reads the sampled copies (train.s<k>), not the
+    deterministic cut: the same seed and batches' sentences, other pieces, other weights."""
+    runs = {}
+    for name, extra in (("plain", ()), ("sampled", ("--set", "data.subword_sampling=0.1", "--set", "data.sampled_copies=2"))):
+        (tmp_path / name).mkdir()
+        code, _, err = cli("train", tiny_config(tmp_path / name, demo_dir, max_steps=4), *extra)
+        assert code == 0, err
+        runs[name] = err, checkpoint.load(tmp_path / name / "run/checkpoints/last.pt")["model"], losses(tmp_path / name / "run")
+    assert "(2 subword-sampled copies)" in runs["sampled"][0] and "subword-sampled" not in runs["plain"][0]
+    assert all(math.isfinite(loss) for _, loss in runs["sampled"][2])
+    assert runs["plain"][2] != runs["sampled"][2]
+    weight = "decoder.0.feed_forward.inner.weight"
+    assert not torch.equal(runs["plain"][1][weight], runs["sampled"][1][weight])
+
+
 def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, save_every=2, keep_last=2, average_last=2)
     code, _, err = cli("train", config)
