@@ -332,8 +332,6 @@ def by_the_rules(pairs, tok: Tokenizer, filters: dict) -> tuple[list, Counter]:
        min_len=st.integers(1, 3), max_len=st.integers(3, 12), max_ratio=st.sampled_from([1.0, 1.5, 3.0]))
 def test_the_train_filters_keep_exactly_what_the_rules_allow(tmp_path_factory, fuzz_tokenizer, pairs, chunk, dedup,
                                                               min_len, max_len, max_ratio):
-    import numpy as np
-
     from mtkit import prepare as stage
     from mtkit.data import ArrayWriter
 
@@ -348,7 +346,7 @@ def test_the_train_filters_keep_exactly_what_the_rules_allow(tmp_path_factory, f
     kept, counts = by_the_rules(pairs, fuzz_tokenizer, filters)
     with mock.patch.object(stage, "CHUNK", chunk):
         try:
-            result = stage._prepare_split(source, fuzz_tokenizer, writers, filters, seen, lambda n: None)
+            result = stage._prepare_split(source, fuzz_tokenizer, [writers], filters, seen, lambda n: None)
         except MtkitError as e:
             result = e.message
         finally:
