@@ -141,7 +141,7 @@ def main() -> None:
     try:
         load(host, port, sentences[:64], 8, 1)  # warm-up
         rss_start = rss_mb(process.pid)
-        t = table(f"mtkit serve, {len(sentences):,} sentences one per request ({cpu_name()})",
+        t = table(f"mtkit serve, {len(sentences):,} sentences one per request ({figures['cpu']})",
                   ["beam", "clients", "sents/s", "offline sents/s", "ratio", "p50 ms", "p95 ms", "p99 ms",
                    "alone p50 ms", "same as offline", "errors"])
         for beam in beams:

@@ -291,3 +291,16 @@ def test_a_lone_client_waits_for_nobody(trained):
     assert time.monotonic() - began < 50
     batcher.close()
     assert not batcher.thread.is_alive() and (batcher.requests, batcher.searches) == (2, 2)
+
+
+def test_the_serve_benchmark_runs_and_ends_on_its_json_line(trained, demo_dir):
+    """scripts/bench_serve.py against a real server, cut small: it finishes, and its last line is
+    the JSON it promises (once it stopped at a name left over from an earlier cpuinfo reader)."""
+    script = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(trained), "--data-dir", str(demo_dir),
+                           "--split", "test", "--src", "en", "--clients", "2", "--beams", "1", "--alone", "3",
+                           "--soak", "0"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["cpu"] and figures["server_exit_code"] is not None
+    assert [(r["clients"], r["beam"], r["requests"], r["errors"]) for r in figures["runs"]] == [(2, 1, 1000, 0)]
