@@ -76,8 +76,10 @@ class DataSection(Section):
     # Subword regularization: train on copies of the train split each cut by SentencePiece's
     # sampling (BPE-dropout's merge-drop probability for bpe, the smoothing alpha for unigram), a
     # new copy each epoch; 0 = the one deterministic cut. Valid, test and translation never sample.
+    # sampled_sides: "src" leaves the decoder its one spelling of each target word.
     subword_sampling: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     sampled_copies: PositiveInt = 16
+    sampled_sides: Literal["both", "src", "tgt"] = "both"
 
     @model_validator(mode="after")
     def _check(self) -> "DataSection":

@@ -49,6 +49,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     if d.subword_sampling:  # (only then: data prepared without it keeps its fingerprint)
         settings |= {"subword_sampling": d.subword_sampling, "sampled_copies": d.sampled_copies,
                      "seed": cfg.experiment.seed}
+        if d.sampled_sides != "both":  # (data sampled on both sides before keeps its fingerprint)
+            settings["sampled_sides"] = d.sampled_sides
     fingerprint = sha256_json({"inputs": inputs, "tokenizer": tok.fingerprint, "settings": settings})
     previous = read_json(out / "manifest.json")
     if not force and previous and previous.get("fingerprint") == fingerprint:
@@ -225,12 +227,17 @@ def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[list[Arra
 
 def _add_sampled(writers: list[list[ArrayWriter]], tok: Tokenizer, srcs: list[str], tgts: list[str],
                  src_ids: list[list[int]], tgt_ids: list[list[int]], filters: dict, start: int) -> None:
-    """Each sampled copy of these kept train pairs (read from pair `start` on): both sides cut
-    anew by SentencePiece's sampling, each call with a seed of its own drawn from the run's. A
-    sampled cut longer than data.max_len keeps the deterministic one, so training cuts nothing."""
+    """Each sampled copy of these kept train pairs (read from pair `start` on): the sampled sides
+    cut anew by SentencePiece's sampling, each call with a seed of its own drawn from the run's (a
+    side not sampled is the deterministic cut again). A sampled cut longer than data.max_len keeps
+    the deterministic one, so training cuts nothing."""
+    sides = filters.get("sampled_sides", "both")
     for k, (src_writer, tgt_writer) in enumerate(writers):
         for side, writer, lines, plain, encode in (("src", src_writer, srcs, src_ids, tok.encode_src),
                                                    ("tgt", tgt_writer, tgts, tgt_ids, tok.encode_tgt)):
+            if sides not in ("both", side):
+                writer.add(plain)
+                continue
             seed = int.from_bytes(_key(str(filters["seed"]), str(k), str(start), side)[:4], "little") >> 1
             sampled = encode(lines, sampling=filters["subword_sampling"], seed=seed)
             writer.add([ids if len(ids) <= filters["max_len"] else p for ids, p in zip(sampled, plain)])

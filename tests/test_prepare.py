@@ -258,6 +258,26 @@ def test_subword_sampling_repeats_for_a_seed(crafted):
     assert {p.name: p.read_bytes() for p in other.folder.iterdir() if p.name.startswith(("train.s0.", "train.s1."))} != copies
 
 
+def test_subword_sampling_on_one_side_keeps_the_other_deterministic(crafted):
+    """data.sampled_sides: src samples the source alone; every copy's target is the deterministic
+    cut, byte for byte (and the other way round for tgt)."""
+    cfg, both = run_stages(crafted, ["data.subword_sampling=0.3", "data.sampled_copies=2"])
+    assert "sampled_sides" not in both.manifest["settings"]  # data sampled on both sides keeps its fingerprint
+    for sides, kept, sampled in (("src", "tgt", "src"), ("tgt", "src", "tgt")):
+        cfg, result = run_stages(crafted, ["data.subword_sampling=0.3", "data.sampled_copies=2",
+                                           f"data.sampled_sides={sides}"])
+        assert not result.skipped and result.manifest["settings"]["sampled_sides"] == sides
+        det = {side: TokenArray(result.folder, "train", side, result.manifest["dtype"]) for side in ("src", "tgt")}
+        for k in range(2):
+            copy = {side: TokenArray(result.folder, f"train.s{k}", side, result.manifest["dtype"])
+                    for side in ("src", "tgt")}
+            assert np.array_equal(copy[kept].tokens, det[kept].tokens)
+            assert np.array_equal(copy[kept].lengths, det[kept].lengths)
+            assert copy[sampled].lengths.sum() > det[sampled].lengths.sum()
+        sampling = result.manifest["splits"]["train"]["sampling"]
+        assert sampling[f"{kept}_longer"] == 1.0 and sampling[f"{sampled}_longer"] > 1.0
+
+
 def test_demo_corpus_prepares(demo_config):
     cfg, result = run_stages(demo_config)
     train = result.manifest["splits"]["train"]
