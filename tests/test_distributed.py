@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mtkit import checkpoint
@@ -71,3 +72,25 @@ def test_ctrl_c_on_torchrun_saves_the_run(tmp_path, demo_dir, cli):
     assert last["progress"]["stopped_by"] == "interrupted" and last["step"] >= 10
     code, _, err = cli("train", config, "--resume", "--set", f"train.max_steps={last['step'] + 5}")
     assert code == 0 and f"at step {last['step']:,}" in err, err
+
+
+EXIT = """import atexit, sys
+from mtkit import distributed
+atexit.register(lambda: print("shutdown ran"))
+distributed._joined = {joined}
+print("written", end="")
+distributed.exit_process({code!r})
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_process_of_a_group_ends_with_its_code_and_output_but_without_pythons_shutdown(joined):
+    """`python -m mtkit` ends through distributed.exit_process: a process that joined a group skips
+    Python's shutdown, where PyTorch's gloo threads could abort it (the docstring says how), and
+    keeps its exit code and everything it wrote; any other process ends as sys.exit would."""
+    for code, expected in ((0, 0), (None, 0), (3, 3), ("error: a message", 1)):
+        result = subprocess.run([sys.executable, "-c", EXIT.format(joined=joined, code=code)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == expected
+        assert result.stdout == ("written" if joined else "writtenshutdown ran\n")
+        assert result.stderr == ("error: a message\n" if isinstance(code, str) else "")
