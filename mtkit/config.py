@@ -118,6 +118,9 @@ class DataSection(Section):
             raise ValueError(f"data.min_len ({self.min_len}) is above data.max_len ({self.max_len})")
         if self.streaming and self.format != "hf":
             raise ValueError("data.streaming reads HF datasets: it needs data.format: hf")
+        if self.sampled_sides != "both" and not self.subword_sampling:
+            raise ValueError(f"data.sampled_sides: {self.sampled_sides} samples nothing while data.subword_sampling is 0: "
+                             f"set it too (0.1 is usual)")
         if self.format == "demo" and {self.src, self.tgt} != {"en", "vs"}:
             raise ValueError("the demo corpus has languages 'en' and 'vs': set data.src/data.tgt to them")
         return self

@@ -115,6 +115,8 @@ CONFIGS = {  # name: (config text, --set overrides, outcome)
                                   Refused("`data.subword_sampling`: Input should be greater than or equal to 0")),
     "no sampled copies": (DATA + "  subword_sampling: 0.1\n  sampled_copies: 0\n", [],
                           Refused("`data.sampled_copies`: Input should be greater than 0")),
+    "sampled sides without sampling": (DATA, ["data.sampled_sides=src"],
+                                       Refused("data.sampled_sides: src samples nothing while data.subword_sampling is 0")),
     "sampled sides unknown": (DATA + "  subword_sampling: 0.1\n", ["data.sampled_sides=source"],
                               Refused("`data.sampled_sides`: Input should be 'both', 'src' or 'tgt'")),
     "a direction without its dash": ("data:\n  directions: [deen]\n", [], Refused("'deen' is not a direction: write source-target")),
