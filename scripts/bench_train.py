@@ -8,7 +8,7 @@ heads, FFN 1024, dropout 0.1, tied embeddings, 4,096-token batches).
 Tokenizer and data preparation, model set-up and the first --warmup-steps steps are not timed;
 neither validation nor checkpoints run. Prints a table, then as its last line one JSON object.
 
-FLOP count (how the fractions of peak are computed): 2 FLOPs per multiply-add of every weight
+FLOP count (gflops_per_s, and so fraction_of_matmul): 2 FLOPs per multiply-add of every weight
 matrix, times 3 for forward + backward, applied to the real (non-padding) tokens that pass through
 it: encoder layers and the decoder's cross-attention K/V projections per source token, the rest
 of the decoder and the output projection (D x V) per target token. Attention scores (QK^T, AV)
