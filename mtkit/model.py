@@ -73,6 +73,37 @@ class Dropout(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Linear layers: y = x W^T + b over the last dimension, every other dimension folded into rows.
+
+def rounded_rows(rows: int) -> int:
+    """`rows` rounded up to one of 8 values per doubling (1,017 -> 1,024, 99 -> 104, 7 -> 7)."""
+    step = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear; when training in bf16/fp16 on a CPU, with zero rows added up to rounded_rows and
+    dropped after. oneDNN, which runs those products on a CPU, compiles a kernel for every matrix
+    shape it meets (~2 ms on an Intel Xeon with AMX, more than the product itself) and keeps only
+    the last few. A batch of B sentences of length L is B*L rows, a new number nearly every step;
+    rounded, the same few shapes come back (a fifth of a 1,024-token step went to compiling).
+    Decoding gained nothing from it (greedy search lost 5%), so it is left as it was."""
+    rows = x.numel() // x.size(-1)
+    low_precision = torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16)
+    if (x.device.type != "cpu" or not low_precision or not torch.is_grad_enabled()
+            or rounded_rows(rows) == rows):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.size(-1))
+    flat = torch.cat([flat, flat.new_zeros(rounded_rows(rows) - rows, flat.size(1))])
+    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# ---------------------------------------------------------------------------------------------
 # Positions. Attention itself is blind to order (it is a weighted sum over a set), so each
 # token's embedding gets a vector that says where it is.
 
@@ -175,8 +206,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: Tensor, *, keep: Tensor | None = None, causal: bool = False,
                 past: tuple[Tensor, Tensor] | None = None, weights: list | None = None
@@ -204,9 +235,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
-        self.q = nn.Linear(cfg.d_model, cfg.d_model)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.q = Linear(cfg.d_model, cfg.d_model)
+        self.kv = Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = Linear(cfg.d_model, cfg.d_model)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory (B, S, D) -> keys and values (B, H, S, E): computed once per sentence."""
@@ -241,8 +272,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.inner = nn.Linear(cfg.d_model, cfg.ff_dim)
-        self.outer = nn.Linear(cfg.ff_dim, cfg.d_model)
+        self.inner = Linear(cfg.d_model, cfg.ff_dim)
+        self.outer = Linear(cfg.ff_dim, cfg.d_model)
         self.activation = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[cfg.activation]
         self.dropout = Dropout(cfg.dropout)
 
@@ -358,7 +389,7 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         final_norm = nn.LayerNorm if cfg.norm == "pre" else nn.Identity
         self.enc_norm, self.dec_norm = final_norm(cfg.d_model), final_norm(cfg.d_model)
-        self.generator = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
+        self.generator = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
         self.logits_bias = nn.Parameter(torch.zeros(cfg.tgt_vocab)) if cfg.logits_bias else None
         for name, p in self.named_parameters():
             # Xavier for every projection matrix (fairseq, the Annotated Transformer); embeddings
@@ -413,7 +444,7 @@ class Transformer(nn.Module):
     def project(self, y: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits; tied: the output layer is the target embedding matrix."""
         weight = self.tgt_embed.tokens.weight if self.generator is None else self.generator.weight
-        return F.linear(y, weight, self.logits_bias)
+        return linear(y, weight, self.logits_bias)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V)."""

@@ -162,6 +162,47 @@ def test_dropout_drops_p_and_keeps_the_expected_value():
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
 
 
+def test_rounded_rows_adds_at_most_an_eighth_and_makes_eight_shapes_per_doubling():
+    from mtkit.model import rounded_rows
+    assert [rounded_rows(n) for n in (1, 7, 15, 16, 17, 99, 1017, 1024, 1025)] == [1, 7, 15, 16, 18, 104, 1024, 1024, 1152]
+    for n in range(1, 20_000):
+        r = rounded_rows(n)
+        assert n <= r <= n + n / 8 and rounded_rows(r) == r
+    for k in range(4, 14):  # the values that rows in (2^k, 2^(k+1)] round to
+        assert len({rounded_rows(n) for n in range((1 << k) + 1, (1 << (k + 1)) + 1)}) == 8
+
+
+def products_seen(fn) -> set[tuple[int, ...]]:
+    """The shapes of the first operand of every matrix product that fn runs."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return {tuple(e.input_shapes[1 if e.key == "aten::addmm" else 0]) for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::mm", "aten::addmm")}
+
+
+def test_training_products_in_bf16_see_rounded_rows_and_give_the_plain_results():
+    """Zero rows are added (so oneDNN meets a few shapes, not a new one per batch) and dropped:
+    the outputs and gradients are those of F.linear, and decoding (no gradient) is left alone."""
+    from mtkit.model import Linear
+    torch.manual_seed(0)
+    layer = Linear(16, 24)
+    x = torch.randn(3, 339, 16, requires_grad=True)  # 1,017 rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        assert (1017, 16) not in products_seen(lambda: layer(x)) and (1024, 16) in products_seen(lambda: layer(x))
+        with torch.no_grad():
+            assert (1017, 16) in products_seen(lambda: layer(x))
+    assert y.shape == (3, 339, 24) and y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), expected.float(), atol=1e-2)
+    grads = torch.autograd.grad(y.float().square().sum(), [x, layer.weight, layer.bias])
+    plain = torch.autograd.grad(expected.float().square().sum(), [x, layer.weight, layer.bias])
+    for g, p in zip(grads, plain):
+        assert torch.allclose(g, p, rtol=2e-2, atol=2e-2)
+    assert products_seen(lambda: layer(x)) == {(1017, 16)}  # fp32: MKL compiles nothing, nothing to round
+
+
 def test_tied_weights_are_one_tensor():
     model = tiny()
     assert model.src_embed.tokens.weight is model.tgt_embed.tokens.weight
