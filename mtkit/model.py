@@ -89,12 +89,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rounded, the same few shapes come back (a fifth of a 1,024-token step went to compiling).
     Decoding gained nothing from it (greedy search lost 5%), so it is left as it was."""
     rows = x.numel() // x.size(-1)
+    padded = rounded_rows(rows)
     low_precision = torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16)
-    if (x.device.type != "cpu" or not low_precision or not torch.is_grad_enabled()
-            or rounded_rows(rows) == rows):
+    if x.device.type != "cpu" or not low_precision or not torch.is_grad_enabled() or padded == rows:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.size(-1))
-    flat = torch.cat([flat, flat.new_zeros(rounded_rows(rows) - rows, flat.size(1))])
+    flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.size(1))])
     return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
 
 
