@@ -416,9 +416,10 @@ class Transformer(nn.Module):
         return Memory(self.enc_norm(x), src_pad)
 
     def decode(self, tgt_in: Tensor, memory: Memory, *, cache: DecoderCache | None = None,
-               attention: list | None = None, self_attention: list | None = None
+               attention: list | None = None, self_attention: list | None = None, project: bool = True
                ) -> tuple[Tensor, DecoderCache | None]:
-        """tgt_in (B, T) -> logits (B, T, V) for the token after each position.
+        """tgt_in (B, T) -> logits (B, T, V) for the token after each position (project=False: the
+        decoder's last states (B, T, D), before the output layer).
 
         cache: None for teacher forcing (the whole target at once, causal mask). For incremental
         decoding pass DecoderCache() at the first step and the returned cache after that; tgt_in
@@ -439,13 +440,18 @@ class Transformer(nn.Module):
             new_self_kv.append(kv)
         if cache is not None:
             cache.self_kv = new_self_kv
-        return self.project(self.dec_norm(y)), cache
+        y = self.dec_norm(y)
+        return (self.project(y) if project else y), cache
+
+    def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        """Its weight (V, D) and bias (V,) or None; tied: the weight is the target embedding matrix."""
+        return (self.tgt_embed.tokens.weight if self.generator is None else self.generator.weight), self.logits_bias
 
     def project(self, y: Tensor) -> Tensor:
-        """(..., D) -> (..., V) logits; tied: the output layer is the target embedding matrix."""
-        weight = self.tgt_embed.tokens.weight if self.generator is None else self.generator.weight
-        return linear(y, weight, self.logits_bias)
+        """(..., D) -> (..., V) logits."""
+        return linear(y, *self.output_layer())
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V)."""
-        return self.decode(tgt_in, self.encode(src))[0]
+    def forward(self, src: Tensor, tgt_in: Tensor, project: bool = True) -> Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V). Training
+        takes the last states instead (project=False) and runs the output layer inside its loss."""
+        return self.decode(tgt_in, self.encode(src), project=project)[0]

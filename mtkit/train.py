@@ -272,10 +272,10 @@ class Trainer:
         # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
         copies = 2 if self.cfg.train.rdrop else 1  # R-Drop: each sentence twice in one batch
         with self._autocast(precision), contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync():
-            logits = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1))
-        # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
-        loss, ce = translation_loss(logits, batch.tgt_out, pad_id=self.tok.pad_id,
-                                    smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
+            states = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1), project=False)
+            # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
+            loss, ce = translation_loss(states, *self.model.output_layer(), batch.tgt_out, pad_id=self.tok.pad_id,
+                                        smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
         self.scaler.scale(loss * scale).backward()
         return ce.item()  # what is logged: the cross-entropy (a NaN in the KL shows in the gradient)
 

@@ -1,11 +1,14 @@
 """The training loss (mtkit/loss.py): label-smoothed cross-entropy with its gradient written out,
-checked against PyTorch's own, and R-Drop's term on top."""
+run with the output layer a chunk of tokens at a time, checked against PyTorch's own; R-Drop's term
+on top."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkit.loss import SmoothedCrossEntropy, translation_loss
+from mtkit import loss as loss_module
+from mtkit.loss import ProjectedCrossEntropy, smoothed_cross_entropy, translation_loss
+from mtkit.model import ModelConfig, Transformer
 
 
 def batch(dtype=torch.float32, n=12, vocab=9):
@@ -18,68 +21,138 @@ def batch(dtype=torch.float32, n=12, vocab=9):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
 def test_the_written_out_gradient_is_the_true_one(smoothing):
-    """Against central finite differences of the forward pass, in float64, every logit."""
+    """Against central finite differences of the loss, in float64, every logit."""
     logits, target = batch(torch.float64)
-    z = logits.clone().requires_grad_()
-    SmoothedCrossEntropy.apply(z, target, 0, smoothing).backward()
+    _, grad = smoothed_cross_entropy(logits, target, 0, smoothing)
     h, numeric = 1e-6, torch.zeros_like(logits)
     for index in range(logits.numel()):
         step = torch.zeros_like(logits).view(-1)
         step[index] = h
         step = step.view_as(logits)
-        up, down = (SmoothedCrossEntropy.apply(logits + s, target, 0, smoothing) for s in (step, -step))
+        up, down = (smoothed_cross_entropy(logits + s, target, 0, smoothing)[0] for s in (step, -step))
         numeric.view(-1)[index] = (up - down) / (2 * h)
-    assert torch.allclose(z.grad, numeric, atol=1e-7)
-    assert z.grad[:-3].abs().sum() > 0
+    assert torch.allclose(grad, numeric, atol=1e-7)
+    assert grad[:-3].abs().sum() > 0 and grad[-3:].abs().sum() == 0  # padding gets no gradient
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def output_layer_batch(n, dtype=torch.float64, bias=True, vocab=37, width=16):
+    torch.manual_seed(n)
+    states = torch.randn(n, width, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, width, dtype=dtype, requires_grad=True)
+    b = torch.randn(vocab, dtype=dtype, requires_grad=True) if bias else None
+    target = torch.randint(0, vocab, (n,))  # 0 is padding
+    return states, weight, b, target
+
+
+def gradients(loss, tensors):
+    (3 * loss).backward()  # the backward pass scales what the forward pass computed
+    found = [t.grad.clone() for t in tensors if t is not None]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return found
+
+
+@pytest.mark.parametrize("n", [1, 7, 511, 512, 513, 1300])  # one chunk, a full chunk, several
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_loss_and_gradient_are_pytorchs_cross_entropy(dtype, tolerance, smoothing):
-    logits, target = batch(dtype)
-    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    loss = SmoothedCrossEntropy.apply(ours, target, 0, smoothing)
-    expected = F.cross_entropy(theirs.float(), target, ignore_index=0, label_smoothing=smoothing, reduction="sum")
-    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    (2 * loss).backward()
-    (2 * expected).backward()
-    assert ours.grad.dtype == dtype
-    assert torch.allclose(ours.grad.float(), theirs.grad.float(), atol=tolerance, rtol=tolerance)
-    assert ours.grad[-3:].abs().sum() == 0  # padding gets no gradient
+def test_the_chunked_output_layer_and_loss_are_pytorchs(n, bias, smoothing):
+    """Loss and gradients (states, weight, bias) equal F.linear + F.cross_entropy's, in float64."""
+    states, weight, b, target = output_layer_batch(n, bias=bias)
+    ours = ProjectedCrossEntropy.apply(states, weight, b, target, 0, smoothing)
+    got = gradients(ours, [states, weight, b])
+    theirs = F.cross_entropy(F.linear(states, weight, b), target, ignore_index=0, label_smoothing=smoothing,
+                             reduction="sum")
+    expected = gradients(theirs, [states, weight, b])
+    assert ours.dtype == torch.float64 and ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+    for a, e in zip(got, expected):
+        assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
+    assert got[0][target == 0].abs().sum() == 0 and got[0].abs().sum() > 0  # padding gets no gradient
 
 
-def test_padding_costs_nothing_and_the_backward_runs_once():
-    logits, target = batch()
-    moved = logits.clone()
-    moved[-1] += 100.0
-    assert SmoothedCrossEntropy.apply(moved, target, 0, 0.1) == SmoothedCrossEntropy.apply(logits, target, 0, 0.1)
-    logits.requires_grad_()
-    loss = SmoothedCrossEntropy.apply(logits, target, 0, 0.1)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="runs once"):
-        loss.backward()
+def test_under_bf16_autocast_it_is_the_fp32_loss_within_bf16_rounding():
+    """Training's case: fp32 states and weights, bf16 products, fp32 loss and gradients, and rows
+    that do not fill a chunk (1,100 rows are padded to 1,152 and cut again)."""
+    states, weight, _, target = output_layer_batch(1100, dtype=torch.float32, bias=False, vocab=800, width=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ProjectedCrossEntropy.apply(states, weight, None, target, 0, 0.1)
+    got = gradients(ours, [states, weight])
+    theirs = F.cross_entropy(F.linear(states, weight), target, ignore_index=0, label_smoothing=0.1, reduction="sum")
+    expected = gradients(theirs, [states, weight])
+    assert ours.dtype == torch.float32 and ours.item() == pytest.approx(theirs.item(), rel=1e-2)
+    assert [g.dtype for g in got] == [torch.float32, torch.float32]
+    for a, e in zip(got, expected):
+        assert (a - e).norm() < 0.02 * e.norm()
+
+
+def test_no_block_larger_than_a_chunk_of_logits_is_made(monkeypatch):
+    """The point of the chunks: the softmax sees CHUNK rows at a time, never all of them."""
+    seen = []
+    real = loss_module.smoothed_cross_entropy
+
+    def spy(logits, *args):
+        seen.append(logits.size(0))
+        return real(logits, *args)
+
+    monkeypatch.setattr(loss_module, "smoothed_cross_entropy", spy)
+    monkeypatch.setattr(loss_module, "CHUNK", 4)
+    states, weight, b, target = output_layer_batch(10)
+    ProjectedCrossEntropy.apply(states, weight, b, target, 0, 0.1)
+    assert seen == [4, 4, 2]
+
+
+def test_padding_costs_nothing():
+    states, weight, b, target = output_layer_batch(20)
+    moved = states.detach().clone()
+    moved[target == 0] += 100.0
+    assert (target == 0).any()
+    assert torch.equal(ProjectedCrossEntropy.apply(moved, weight, b, target, 0, 0.1),
+                       ProjectedCrossEntropy.apply(states, weight, b, target, 0, 0.1))
+
+
+def test_the_model_hands_its_states_and_output_layer_to_the_loss():
+    """model(src, tgt_in, project=False) + translation_loss is the loss of model(src, tgt_in)'s logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(src_vocab=30, tgt_vocab=30, d_model=16, heads=2, enc_layers=1, dec_layers=1, ff_dim=32,
+                      dropout=0.0, attention_dropout=0.0, activation="relu", norm="pre", positions="sinusoidal",
+                      max_positions=32, tie_embeddings=True, logits_bias=True)
+    model = Transformer(cfg).double()
+    src, tgt_in, tgt_out = torch.randint(1, 30, (3, 5)), torch.randint(1, 30, (3, 6)), torch.randint(0, 30, (3, 6))
+    states = model(src, tgt_in, project=False)
+    assert states.shape == (3, 6, 16)
+    ours, _ = translation_loss(states, *model.output_layer(), tgt_out, pad_id=0, smoothing=0.1)
+    got = gradients(ours, list(model.parameters()))
+    theirs = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=0, label_smoothing=0.1,
+                             reduction="sum")
+    expected = gradients(theirs, list(model.parameters()))
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+    assert all(torch.allclose(a, e, rtol=1e-9, atol=1e-12) for a, e in zip(got, expected))
 
 
 def test_rdrop_loss_is_the_mean_cross_entropy_plus_the_symmetric_kl_of_the_real_tokens():
     torch.manual_seed(0)
     target = torch.tensor([[5, 6, 7], [8, 9, 0]])  # 0 is padding
-    one, other = torch.randn(2, 2, 3, 11).unbind(0)
-    ce = torch.nn.functional.cross_entropy(one.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
-    loss, reported = translation_loss(one, target, pad_id=0, smoothing=0.0)
-    assert torch.allclose(loss, ce) and torch.equal(reported, loss)
+    weight = torch.randn(11, 4)
+    one, other = torch.randn(2, 2, 3, 4).unbind(0)  # two copies' states (B, T, D)
+
+    def ce(states):
+        return F.cross_entropy(F.linear(states, weight).flatten(0, 1), target.flatten(), ignore_index=0,
+                               reduction="sum")
+
+    loss, reported = translation_loss(one, weight, None, target, pad_id=0, smoothing=0.0)
+    assert torch.allclose(loss, ce(one)) and torch.equal(reported, loss)
     # Two identical copies: no divergence, and the loss is that of one copy.
-    loss, reported = translation_loss(torch.cat([one, one]), target, pad_id=0, smoothing=0.0, rdrop=5.0)
-    assert torch.allclose(loss, ce) and torch.allclose(reported, ce)
+    loss, reported = translation_loss(torch.cat([one, one]), weight, None, target, pad_id=0, smoothing=0.0, rdrop=5.0)
+    assert torch.allclose(loss, ce(one)) and torch.allclose(reported, ce(one))
     # Two different copies: the mean cross-entropy, plus alpha / 4 times KL(p||q) + KL(q||p).
-    loss, reported = translation_loss(torch.cat([one, other]), target, pad_id=0, smoothing=0.0, rdrop=5.0)
-    p, q = one.softmax(-1), other.softmax(-1)
+    loss, reported = translation_loss(torch.cat([one, other]), weight, None, target, pad_id=0, smoothing=0.0,
+                                      rdrop=5.0)
+    p, q = F.linear(one, weight).softmax(-1), F.linear(other, weight).softmax(-1)
     kl = (p * (p.log() - q.log()) + q * (q.log() - p.log())).sum(-1)[target != 0].sum()
-    ce_other = torch.nn.functional.cross_entropy(other.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
-    assert torch.allclose(reported, (ce + ce_other) / 2)
-    assert torch.allclose(loss, (ce + ce_other) / 2 + 5.0 / 4 * kl) and kl > 0
+    assert torch.allclose(reported, (ce(one) + ce(other)) / 2)
+    assert torch.allclose(loss, (ce(one) + ce(other)) / 2 + 5.0 / 4 * kl) and kl > 0
     # What the model says at a padding position counts for nothing.
     moved = other.clone()
     moved[1, 2] += 3.0
-    assert torch.allclose(translation_loss(torch.cat([one, moved]), target, pad_id=0, smoothing=0.0, rdrop=5.0)[0], loss)
-
-
+    assert torch.allclose(translation_loss(torch.cat([one, moved]), weight, None, target, pad_id=0, smoothing=0.0,
+                                           rdrop=5.0)[0], loss)
