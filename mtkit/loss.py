@@ -18,7 +18,7 @@ several such blocks, and on a CPU each comes fresh from the operating system at 
 the output layer and the loss run 512 tokens at a time: that chunk's logits, its loss, its gradient
 by the formula above, and at once what that gradient means for the decoder's states and for the
 output weights. The backward pass only scales those. No block larger than a chunk's logits is ever
-made: a 4,096-token training step ran 14% faster on an Intel Xeon with AMX.
+made: 4,096-token training steps ran 20% faster on an Intel Xeon with AMX (docs/performance.md).
 """
 
 import torch

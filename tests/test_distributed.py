@@ -53,6 +53,29 @@ def test_two_processes_train_as_one_with_their_batches_together_and_resume_in_on
     assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 50
 
 
+
+def test_an_output_layer_used_only_by_the_loss_is_trained_by_ddp_as_by_one_process(tmp_path, demo_dir, cli):
+    """Untied, the output layer's weight takes no part in DDP's forward pass (training runs it
+    inside the loss, loss.py): its gradient still reaches every process's weights, summed."""
+    settings = dict(max_steps=8, eval_every=8, save_every=8, log_every=4, lr=5e-3, warmup=4)
+    for name in ("ddp", "one"):
+        (tmp_path / name).mkdir()
+    ddp = tiny_config(tmp_path / "ddp", demo_dir, **settings)
+    one = tiny_config(tmp_path / "one", demo_dir, accum=2, **settings)
+    untied = ["--set", "model.dropout=0", "--set", "model.tie_embeddings=false"]
+    env = {**os.environ, "MTKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "mtkit", "train", ddp, *untied],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, err = cli("train", one, *untied)
+    assert code == 0, err
+    a = checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["model"]
+    b = checkpoint.load(tmp_path / "one/run/checkpoints/last.pt")["model"]
+    assert "generator.weight" in a
+    for name, tensor in a.items():
+        assert torch.allclose(tensor, b[name], atol=1e-5), name
+
+
 def test_ctrl_c_on_torchrun_saves_the_run(tmp_path, demo_dir, cli):
     import signal
     import time
