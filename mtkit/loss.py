@@ -24,7 +24,7 @@ made: 4,096-token training steps ran 20% faster on an Intel Xeon with AMX (docs/
 import torch
 import torch.nn.functional as F
 
-from mtkit.model import rounded_rows
+from mtkit.model import compiles_per_shape, rounded_rows
 
 CHUNK = 512  # tokens at a time: of 256, 512 and 1,024, the fastest at 4,096-token steps
 
@@ -55,9 +55,9 @@ class ProjectedCrossEntropy(torch.autograd.Function):
         device = states.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
         n = states.size(0)
-        # Zero rows (padding tokens) up to model.rounded_rows, so that a CPU's compiled kernels for
-        # these products come back from step to step (model.linear says why).
-        rows = rounded_rows(n) if device == "cpu" and low in (torch.bfloat16, torch.float16) else n
+        # Zero rows (padding tokens) up to model.rounded_rows, so that compiled kernels for these
+        # products come back from step to step, as in model.linear.
+        rows = rounded_rows(n) if compiles_per_shape(states) else n
         x = F.pad(states.to(low), (0, 0, 0, rows - n)) if rows > n else states.to(low)
         target = F.pad(target, (0, rows - n), value=pad_id)
         w, b = weight.to(low), None if bias is None else bias.to(low)

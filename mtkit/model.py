@@ -81,17 +81,19 @@ def rounded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def compiles_per_shape(x: Tensor) -> bool:
+    """On a CPU in bf16/fp16, oneDNN runs the products of x: it compiles a kernel for every matrix
+    shape it meets (~2 ms on an Intel Xeon with AMX, more than the product itself), keeps the last few."""
+    return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear; when training in bf16/fp16 on a CPU, with zero rows added up to rounded_rows and
-    dropped after. oneDNN, which runs those products on a CPU, compiles a kernel for every matrix
-    shape it meets (~2 ms on an Intel Xeon with AMX, more than the product itself) and keeps only
-    the last few. A batch of B sentences of length L is B*L rows, a new number nearly every step;
-    rounded, the same few shapes come back (a fifth of a 1,024-token step went to compiling).
-    Decoding gained nothing from it (greedy search lost 5%), so it is left as it was."""
+    """F.linear; in training where kernels are compiled per shape, with zero rows added up to
+    rounded_rows and dropped after: a batch's B*L rows are a new number nearly every step, rounded the
+    same few come back (a fifth of a 1,024-token step went to compiling). Decoding gained nothing."""
     rows = x.numel() // x.size(-1)
     padded = rounded_rows(rows)
-    low_precision = torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16)
-    if x.device.type != "cpu" or not low_precision or not torch.is_grad_enabled() or padded == rows:
+    if not compiles_per_shape(x) or not torch.is_grad_enabled() or padded == rows:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.size(-1))
     flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.size(1))])
@@ -418,8 +420,7 @@ class Transformer(nn.Module):
     def decode(self, tgt_in: Tensor, memory: Memory, *, cache: DecoderCache | None = None,
                attention: list | None = None, self_attention: list | None = None, project: bool = True
                ) -> tuple[Tensor, DecoderCache | None]:
-        """tgt_in (B, T) -> logits (B, T, V) for the token after each position (project=False: the
-        decoder's last states (B, T, D), before the output layer).
+        """tgt_in (B, T) -> logits (B, T, V) for the token after each position (project=False: states (B, T, D)).
 
         cache: None for teacher forcing (the whole target at once, causal mask). For incremental
         decoding pass DecoderCache() at the first step and the returned cache after that; tgt_in
@@ -452,6 +453,5 @@ class Transformer(nn.Module):
         return linear(y, *self.output_layer())
 
     def forward(self, src: Tensor, tgt_in: Tensor, project: bool = True) -> Tensor:
-        """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V). Training
-        takes the last states instead (project=False) and runs the output layer inside its loss."""
+        """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V) (or states: decode)."""
         return self.decode(tgt_in, self.encode(src), project=project)[0]
