@@ -289,3 +289,40 @@ def test_a_trace_changes_nothing_found_and_records_what_chose_each_hypothesis(co
             counted = len(h.tokens) + (len(h.tokens) < limit[i])  # an EOS forced by the limit costs nothing
             assert gained[i, :counted].sum().item() == pytest.approx(h.log_prob, abs=1e-5)
         assert any(len(h.tokens) == limit[i] for i, (h,) in enumerate(found))
+
+
+
+def rows_per_step(model, **search) -> tuple[list[int], list[list]]:
+    """The batch rows of each decoder step of a beam search, and what it found."""
+    rows, decode = [], model.decode
+
+    def spy(tgt_in, *args, **kwargs):
+        rows.append(tgt_in.size(0))
+        return decode(tgt_in, *args, **kwargs)
+
+    model.decode = spy
+    try:
+        return rows, beam_search(model, **search)
+    finally:
+        del model.decode
+
+
+def test_done_sentences_leave_a_bf16_cpu_batch_only_when_half_of_it_is_done(copier):
+    """On a CPU in bf16 (kernels compiled per shape) done sentences ride along as dead rows until
+    half of the batch is done, and riding along changes nothing found; in fp32 they leave at once."""
+    src, _ = batch(b=8, s=7, seed=3)
+    limit = torch.tensor([1, 2, 2, 3, 9, 9, 9, 9])  # four stop early; the others run on
+    search = dict(beam_size=3, bos_id=BOS, eos_id=EOS, n_best=3, attention=True)
+    rows, _ = rows_per_step(copier, src=src, max_len=limit, **search)
+    assert rows[:4] == [24, 24, 21, 15], rows  # fp32: one sentence, then two, leave at once
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows, together = rows_per_step(copier, src=src, max_len=limit, **search)
+        changes = [(a, b) for a, b in zip(rows, rows[1:]) if a != b]
+        assert rows[:4] == [24] * 4 and changes and all(b * 2 <= a for a, b in changes), rows
+        for i in range(8):
+            row = src[i:i + 1, : int(src[i].ne(PAD).sum())]
+            alone = beam_search(copier, row, max_len=limit[i:i + 1], **search)
+            assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
+            for a, t in zip(alone[0], together[i]):
+                assert a.score == pytest.approx(t.score, abs=1e-2)
+                torch.testing.assert_close(a.attention, t.attention, atol=1e-2, rtol=1e-2)
