@@ -101,6 +101,25 @@ def test_incremental_decoding_equals_full_forward(kw):
     assert torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
 
 
+
+def test_bf16_decoding_attends_over_its_growing_cache_in_fp32():
+    """On a CPU in bf16 the cached self-attention runs in fp32 (a bf16 product would compile a
+    kernel for every new key length) and still equals the full forward pass, within bf16's rounding."""
+    model = tiny()
+    src, tgt = batch(t=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        memory = model.encode(src)
+        full = model.decode(tgt, memory)[0].float()
+        cache, looked, steps = DecoderCache(), [], []
+        for t in range(tgt.size(1)):
+            logits, cache = model.decode(tgt[:, t:t + 1], memory, cache=cache, self_attention=looked)
+            steps.append(logits.float())
+    layers = len(model.decoder)
+    assert [w.dtype for w in looked[:layers]] == [torch.bfloat16] * layers  # the first step: no cache yet
+    assert {w.dtype for w in looked[layers:]} == {torch.float32}
+    assert cache.self_kv[0][0].dtype == torch.bfloat16  # the cache itself stays bf16 (half the copying)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.1, rtol=0.05)
+
 def test_cache_reorder_selects_rows():
     model = tiny()
     src, tgt = batch()
