@@ -282,18 +282,21 @@ def test_a_trace_changes_nothing_found_and_records_what_chose_each_hypothesis(co
             assert h.self_attention.permute(1, 2, 0, 3)[..., future].eq(0).all()  # the future: masked
             assert torch.allclose(torch.stack(trace.encoder)[:, i, :, :n, :n], encoder, atol=1e-5)
     if beam == 1:  # each step's token and its log-probability, as the hypothesis adds them up
-        tokens = torch.stack([s.token for s in trace.steps], dim=1)
-        gained = torch.stack([s.log_prob for s in trace.steps], dim=1)
+        assert [s.alive.numel() for s in trace.steps][-1] < len(found)  # done sentences left the batch
         for i, (h,) in enumerate(found):
-            assert tokens[i, :len(h.tokens)].tolist() == h.tokens and tokens[i, len(h.tokens)] == EOS
+            mine = [(s.token[s.alive == i].item(), s.log_prob[s.alive == i].item()) for s in trace.steps
+                    if (s.alive == i).any()]
+            tokens, gained = [t for t, _ in mine], [g for _, g in mine]
+            assert tokens == h.tokens + [EOS]  # the last step it was in the batch wrote its EOS
             counted = len(h.tokens) + (len(h.tokens) < limit[i])  # an EOS forced by the limit costs nothing
-            assert gained[i, :counted].sum().item() == pytest.approx(h.log_prob, abs=1e-5)
+            assert sum(gained[:counted]) == pytest.approx(h.log_prob, abs=1e-5)
         assert any(len(h.tokens) == limit[i] for i, (h,) in enumerate(found))
 
 
 
-def rows_per_step(model, **search) -> tuple[list[int], list[list]]:
-    """The batch rows of each decoder step of a beam search, and what it found."""
+
+def rows_per_step(model, search, **options) -> tuple[list[int], list]:
+    """The batch rows of each decoder step of a search, and what it found."""
     rows, decode = [], model.decode
 
     def spy(tgt_in, *args, **kwargs):
@@ -302,27 +305,46 @@ def rows_per_step(model, **search) -> tuple[list[int], list[list]]:
 
     model.decode = spy
     try:
-        return rows, beam_search(model, **search)
+        return rows, search(model, **options)
     finally:
         del model.decode
 
 
-def test_done_sentences_leave_a_bf16_cpu_batch_only_when_half_of_it_is_done(copier):
+@pytest.mark.parametrize("beam", [1, 3])
+def test_done_sentences_leave_a_bf16_cpu_batch_only_when_half_of_it_is_done(copier, beam):
     """On a CPU in bf16 (kernels compiled per shape) done sentences ride along as dead rows until
     half of the batch is done, and riding along changes nothing found; in fp32 they leave at once."""
     src, _ = batch(b=8, s=7, seed=3)
     limit = torch.tensor([1, 2, 2, 3, 9, 9, 9, 9])  # four stop early; the others run on
-    search = dict(beam_size=3, bos_id=BOS, eos_id=EOS, n_best=3, attention=True)
-    rows, _ = rows_per_step(copier, src=src, max_len=limit, **search)
-    assert rows[:4] == [24, 24, 21, 15], rows  # fp32: one sentence, then two, leave at once
+    options = dict(bos_id=BOS, eos_id=EOS, attention=True)
+    if beam == 1:
+        search, one = greedy, (lambda found: [found])
+    else:
+        search, one = beam_search, (lambda found: found)
+        options |= dict(beam_size=beam, n_best=beam)
+    rows, _ = rows_per_step(copier, search, src=src, max_len=limit, **options)
+    assert rows[:4] == [8 * beam, 8 * beam, 7 * beam, 5 * beam], rows  # fp32: one sentence, then two, leave at once
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows, together = rows_per_step(copier, src=src, max_len=limit, **search)
+        rows, together = rows_per_step(copier, search, src=src, max_len=limit, **options)
         changes = [(a, b) for a, b in zip(rows, rows[1:]) if a != b]
-        assert rows[:4] == [24] * 4 and changes and all(b * 2 <= a for a, b in changes), rows
+        assert rows[:4] == [8 * beam] * 4 and changes and all(b * 2 <= a for a, b in changes), rows
         for i in range(8):
             row = src[i:i + 1, : int(src[i].ne(PAD).sum())]
-            alone = beam_search(copier, row, max_len=limit[i:i + 1], **search)
-            assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
-            for a, t in zip(alone[0], together[i]):
+            alone = search(copier, row, max_len=limit[i:i + 1], **options)
+            assert [h.tokens for h in one(alone[0])] == [h.tokens for h in one(together[i])]
+            for a, t in zip(one(alone[0]), one(together[i])):
                 assert a.score == pytest.approx(t.score, abs=1e-2)
                 torch.testing.assert_close(a.attention, t.attention, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_attention_and_a_trace_in_bf16(copier, beam):
+    """Under bf16 autocast (translate's default on such CPUs) the records come back in fp32."""
+    src, _ = batch(b=4, s=7, seed=3)
+    limit = torch.tensor([2, 9, 9, 9])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = searched(copier, src, limit, beam)
+        traced = searched(copier, src, limit, beam, attention=True, trace=Trace())
+    for mine, theirs in zip(plain, traced):
+        assert [h.tokens for h in mine] == [h.tokens for h in theirs]
+        assert all(h.attention.dtype == h.self_attention.dtype == torch.float32 for h in theirs)
