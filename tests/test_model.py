@@ -181,6 +181,23 @@ def test_dropout_drops_p_and_keeps_the_expected_value():
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
 
 
+
+def test_dropout_makes_its_bf16_mask_once():
+    """In bf16 the mask is made in x's precision and scaled once (as F.dropout's is): the backward
+    pass multiplies by it as it is; x * bool converted the mask again there (7% of a training step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtkit.model import Dropout
+    drop = Dropout(0.3).train()
+    x = torch.ones(101, 99, dtype=torch.bfloat16, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = drop(x)
+        y.sum().backward()
+    conversions = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[101, 99]]]
+    assert len(conversions) == 1  # of the mask, in the forward pass
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, y.detach())  # x = 1: both are the mask
+    assert set(y.unique().tolist()) == {0.0, torch.tensor(1 / 0.7, dtype=torch.bfloat16).item()}
+
 def test_rounded_rows_adds_at_most_an_eighth_and_makes_eight_shapes_per_doubling():
     from mtkit.model import rounded_rows
     assert [rounded_rows(n) for n in (1, 7, 15, 16, 17, 99, 1017, 1024, 1025)] == [1, 7, 15, 16, 18, 104, 1024, 1024, 1152]
