@@ -140,8 +140,8 @@ class GreedyStep:
     alive: Tensor  # (A,) the sentences in the batch (a done one takes EOS)
     token: Tensor
     log_prob: Tensor
-    top_log_probs: Tensor  # (B, 5)
-    top_ids: Tensor  # (B, 5)
+    top_log_probs: Tensor  # (A, 5)
+    top_ids: Tensor  # (A, 5)
 
 
 @dataclass
@@ -220,7 +220,7 @@ def beam_search(model: Transformer, src: Tensor, *, beam_size: int, bos_id: int,
 
 @dataclass
 class Beams:
-    """The live beams of the A sentences still searching, K each: A*K rows."""
+    """The beams of the A sentences in the batch, K each: A*K rows."""
     alive: Tensor  # (A,) the sentences' numbers in the batch (done ones ride along until half are)
     scores: Tensor  # (A, K) each beam's log-probability
     last: Tensor  # (A*K, 1) each beam's newest token: what the decoder reads next
