@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mtkit.search import BeamStep, GreedyStep, Trace, beam_search, greedy, max_lengths
+from mtkit.search import BeamStep, GreedyStep, Trace, beam_search, greedy, max_lengths, top_few
 from tests.test_model import BOS, EOS, PAD, batch, tiny
 
 
@@ -348,3 +348,23 @@ def test_attention_and_a_trace_in_bf16(copier, beam):
     for mine, theirs in zip(plain, traced):
         assert [h.tokens for h in mine] == [h.tokens for h in theirs]
         assert all(h.attention.dtype == h.self_attention.dtype == torch.float32 for h in theirs)
+
+
+@pytest.mark.parametrize("width", [40_000, 8_003, 950, 12])
+def test_top_few_finds_what_topk_finds(width):
+    """The few best of wide rows, found through the maxima of blocks: topk's values, and its
+    indices where no two values are equal; rows of -inf (dead beams) and the tail that fills no
+    block included."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(7, width, generator=g)
+    x[2] = float("-inf")
+    x[3, -1] = 100.0  # the best value of a row in the tail
+    x[4, :width // 2] = float("-inf")
+    for n in (1, 10):
+        values, index = top_few(x, n)
+        expected = x.topk(n, dim=1)
+        assert torch.equal(values, expected.values)
+        assert torch.equal(x.gather(1, index), values)
+        live = [r for r in range(7) if r != 2]
+        assert torch.equal(index[live], expected.indices[live])
+        assert index[3, 0] == width - 1
