@@ -258,7 +258,6 @@ def candidates(logits: Tensor, beams: Beams, at_limit: Tensor, new: dict[str, Te
     return Candidates(scores, token, parent, records)
 
 
-
 def top_few(x: Tensor, n: int, block: int = 100) -> tuple[Tensor, Tensor]:
     """x.topk(n, dim=1) for a few of very many (beam search: 2K of K*V): the maximum of every block of
     `block` values first; the n best values lie in the n blocks with the best maxima (and the tail
@@ -273,6 +272,7 @@ def top_few(x: Tensor, n: int, block: int = 100) -> tuple[Tensor, Tensor]:
     inside = torch.cat([inside, torch.arange(full, width, device=x.device).expand(rows, -1)], dim=1)
     values, best = x.gather(1, inside).topk(n, dim=1)
     return values, inside.gather(1, best)
+
 
 def live_on(cand: Candidates, alive: Tensor, searching: Tensor, stay: Tensor, *, k: int, eos_id: int
             ) -> tuple[Beams, Tensor]:
