@@ -194,6 +194,10 @@ def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeOpt
                                       f"this sentence's translation have at most {limit}")
     log_probs = translator.read(ids, target)  # (T + 1, V)
     tok = translator.tokenizer
+    at_limit = len(target) == limit
+    if at_limit:  # out of room: the search forces EOS there, and it costs nothing (search.candidates)
+        log_probs[-1] = float("-inf")
+        log_probs[-1, tok.eos_id] = 0.0
     gold = torch.tensor(target + [tok.eos_id])
     given = log_probs.gather(1, gold[:, None])[:, 0]
     choice = log_probs.max(dim=-1)
@@ -201,7 +205,7 @@ def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeOpt
     total = given.sum().item()
     pieces = tok.tgt_pieces
     return {"text": text, "log_prob": total, "score": total / length_penalty(len(target) + 1.0, opts.alpha),
-            "length": len(target) + 1, "parts_at": parts,
+            "length": len(target) + 1, "parts_at": parts, "at_limit": at_limit,
             "tokens": [{"id": g, "piece": p, "log_prob": lp, "choice": c, "choice_piece": cp, "choice_log_prob": clp}
                        for g, p, lp, c, cp, clp in zip(gold.tolist(), pieces(target) + ["</s>"], given.tolist(),
                                                        choice.indices.tolist(), pieces(choice.indices.tolist()),

@@ -81,22 +81,30 @@ def test_attention_shapes_and_the_causal_mask(demo):
     assert decoder[..., torch.ones(out, out).triu(1).bool()].eq(0).all()  # no position saw a later one
 
 
-def test_what_if_scores_the_models_own_translation_as_the_search_did(demo):
+@pytest.mark.parametrize("limit", [None, 3])
+def test_what_if_scores_the_models_own_translation_as_the_search_did(demo, limit):
+    """limit 3: most translations are cut by the length limit, where the search forces an EOS that
+    costs nothing; the what-if score once counted that EOS's log-probability."""
     translator, lines = demo
-    matched = 0
+    opts = translator.options() if limit is None else translator.options(max_len_a=0.0, max_len_b=limit)
+    matched = cut = 0
     for line in lines:
-        found = explain(translator, line, translator.options())
+        found = explain(translator, line, opts)
         best = found["beam"]["hypotheses"][0]
         if translator.tokenizer.encode_tgt([best["text"]])[0] != best["ids"]:
             continue  # its text reads back as other subwords: another translation, to the model
         matched += 1
-        whatif = explain(translator, line, translator.options(), whatif=best["text"])["whatif"]
+        whatif = explain(translator, line, opts, whatif=best["text"])["whatif"]
+        assert whatif["at_limit"] == (len(best["ids"]) == found["settings"]["max_len"])
+        if whatif["at_limit"]:
+            cut += 1
+            assert whatif["tokens"][-1]["log_prob"] == whatif["tokens"][-1]["choice_log_prob"] == 0
         assert whatif["score"] == pytest.approx(best["score"], abs=1e-4)
         assert whatif["log_prob"] == pytest.approx(best["log_prob"], abs=1e-4)
         assert [t["piece"] for t in whatif["tokens"]] == best["pieces"]
         # the search chose each subword, but not always the likeliest one at its step (beam search)
         assert sum(t["log_prob"] for t in whatif["tokens"]) == pytest.approx(whatif["log_prob"], abs=1e-4)
-    assert matched >= len(lines) // 2
+    assert matched >= len(lines) // 2 and (cut >= matched // 2 if limit else True)
 
 
 def test_what_if_says_where_a_translation_leaves_the_models_choice(demo):

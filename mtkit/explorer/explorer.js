@@ -275,6 +275,7 @@ function renderWhatif() {
   const best = data.beam.hypotheses[0];
   $("whatif-summary").textContent = `The model's log-probability of it: ${fixed(w.log_prob)}; score ${fixed(w.score)} ` +
     `(length ${w.length} with </s>, α ${data.settings.alpha}); beam search's translation scores ${fixed(best.score)}. ` +
+    (w.at_limit ? "It reaches the length limit, where the search forces </s> at no cost. " : "") +
     (w.parts_at === null ? "The model would have written every subword of it." :
       `It parts from the model's choice at subword ${w.parts_at + 1}.`);
   $("whatif-summary").dataset.score = fixed(w.score);
