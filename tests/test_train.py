@@ -114,7 +114,9 @@ def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_pat
     assert len(curve_a) == 6 and curve_a == curve_b
     # Pinned at 47cfbd7, before several translation directions could share a run (issue 20): a
     # single-pair run must stay as it was (tolerance: another CPU's float kernels, not a change).
-    assert [loss for _, loss in curve_a] == pytest.approx([6.2828, 6.2768, 6.1752, 6.0984, 6.0068, 5.9762], rel=2e-4)
+    # Pinned again when dropout drew its bits from numpy's PCG64: another random stream, so another
+    # curve (6.2828, 6.2768, 6.1752, 6.0984, 6.0068, 5.9762 before; seed 2 gives another again).
+    assert [loss for _, loss in curve_a] == pytest.approx([6.2652, 6.2605, 6.1877, 6.0862, 5.999, 5.9605], rel=2e-4)
     assert text_a == text_b and text_a.count(b"\n") == 1000
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert curve_c != curve_a  # the seed does decide: this check can fail
