@@ -194,7 +194,7 @@ def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeOpt
                                       f"this sentence's translation have at most {limit}")
     log_probs = translator.read(ids, target)  # (T + 1, V)
     tok = translator.tokenizer
-    at_limit = len(target) == limit
+    at_limit = len(target) == int(limit)
     if at_limit:  # out of room: the search forces EOS there, and it costs nothing (search.candidates)
         log_probs[-1] = float("-inf")
         log_probs[-1, tok.eos_id] = 0.0

@@ -95,7 +95,7 @@ def test_what_if_scores_the_models_own_translation_as_the_search_did(demo, limit
             continue  # its text reads back as other subwords: another translation, to the model
         matched += 1
         whatif = explain(translator, line, opts, whatif=best["text"])["whatif"]
-        assert whatif["at_limit"] == (len(best["ids"]) == found["settings"]["max_len"])
+        assert whatif["at_limit"] is (len(best["ids"]) == found["settings"]["max_len"])  # a bool: the answer is JSON
         if whatif["at_limit"]:
             cut += 1
             assert whatif["tokens"][-1]["log_prob"] == whatif["tokens"][-1]["choice_log_prob"] == 0
