@@ -95,6 +95,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool, world: World | None = None):
         distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
+        distributed.keep_freed_memory()
         cfg = lineage.adopt(cfg)  # train.init: the shape of the model it starts from
         self.cfg, t, self.init_from = cfg, cfg.train, None
         self.world = world or distributed.start(t.device)

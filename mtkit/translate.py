@@ -51,6 +51,7 @@ class Translator(Engine):
             raise MtkitError(f"--device {device!r}: auto, cpu or cuda")
         path = checkpoint.resolve(path)
         distributed.limit_kernel_caches()
+        distributed.keep_freed_memory()
         return cls(checkpoint.load(path, mmap=True), path, str(distributed.choose_device(device, option="--device")),
                    precision)
 
