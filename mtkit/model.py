@@ -69,7 +69,7 @@ class Dropout(nn.Module):
             return F.dropout(x, self.p, training=True)
         n = x.numel()
         bits = np.random.PCG64(torch.randint(2**63 - 1, ()).item()).random_raw((n + 3) // 4)  # 4 x 16 bits each
-        keep = torch.from_numpy(bits).view(torch.int16)[:n].ge(round(self.p * 65536) - 32768).view(x.shape)
+        keep = torch.from_numpy(bits).view(torch.int16)[:n].ge(min(round(self.p * 65536), 65535) - 32768).view(x.shape)
         return x * keep.view(torch.uint8).to(x.dtype).mul_(1.0 / (1.0 - self.p))  # bytes convert 6x as fast as bools
 
 
