@@ -200,5 +200,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library this process runs on
     m_trim_threshold, m_mmap_threshold = -1, -3
-    # The mmap threshold first: setting either one alone stops glibc moving it up from 128 KB.
+    # Both: setting either one stops glibc moving its mmap threshold up from 128 KB.
     return bool(mallopt and mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30))

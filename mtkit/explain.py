@@ -70,7 +70,7 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
         "source": {"text": line, "ids": ids + [tok.eos_id], "pieces": tok.src_pieces(ids) + ["</s>"]},
         "eos_id": tok.eos_id,  # what ends every hypothesis (its ids leave it out)
         "settings": {"beam_size": opts.beam_size, "alpha": opts.alpha,
-                     "max_len": int(_limit(translator, ids, opts))},
+                     "max_len": _limit(translator, ids, opts)},
         "beam": _run(*runs["beam"], tok, opts.alpha),
         "greedy": _run(*runs["greedy"], tok, opts.alpha),  # its own tree, even when the same search
         "attention": {"cross": _rows(best.attention.permute(1, 2, 0, 3)),  # (L, H, T + 1, S + 1)
@@ -88,8 +88,8 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
 
 def _limit(translator: "Translator", ids: list[int], opts: DecodeOptions) -> int:
     """The most subwords the search lets this sentence's output have (EOS not counted)."""
-    return max_lengths(torch.tensor([len(ids) + 1]), opts.max_len_a, opts.max_len_b,
-                       translator.model.cfg.max_positions - 1)[0]
+    return int(max_lengths(torch.tensor([len(ids) + 1]), opts.max_len_a, opts.max_len_b,
+                           translator.model.cfg.max_positions - 1)[0])
 
 
 def _run(hyps: list[Hypothesis], trace: Trace, tok: Tokenizer, alpha: float) -> dict:
@@ -194,7 +194,7 @@ def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeOpt
                                       f"this sentence's translation have at most {limit}")
     log_probs = translator.read(ids, target)  # (T + 1, V)
     tok = translator.tokenizer
-    at_limit = len(target) == int(limit)
+    at_limit = len(target) == limit
     if at_limit:  # out of room: the search forces EOS there, and it costs nothing (search.candidates)
         log_probs[-1] = float("-inf")
         log_probs[-1, tok.eos_id] = 0.0
