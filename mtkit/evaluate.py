@@ -104,6 +104,8 @@ def _read_aligned(hyps: list[Path], refs: list[Path]) -> tuple[list[tuple[str, l
     systems = [(str(h), list(corpus.read_lines(h))) for h in hyps]
     references = [list(corpus.read_lines(r)) for r in refs]
     n = len(references[0])
+    if not n:
+        raise MtkitError(f"{refs[0]} has no lines: nothing to score", hint="give the reference translations, one a line")
     for path, lines in [*zip(refs, references), *systems]:
         if len(lines) != n:
             raise MtkitError(f"{path} has {len(lines):,} lines but {refs[0]} has {n:,}",

@@ -197,6 +197,8 @@ COMMANDS = {
                                  Refused("invalid UTF-8")),
     "eval --ref with a CONFIG": (["eval", "{config}", "--ref", "{tmp}/ref.txt"], None,
                                  Refused("--ref goes with --hyp")),
+    "eval of empty files": (["eval", "--hyp", "{tmp}/empty.txt", "--ref", "{tmp}/empty.txt"],
+                            lambda tmp: (tmp / "empty.txt").write_text(""), Refused("empty.txt has no lines: nothing to score")),
     "eval --split train": (["eval", "{config}", "--split", "train"], None, Refused("--split must be valid or test")),
     "eval --split with --hyp": (["eval", "--hyp", "{tmp}/hyp.txt", "--ref", "{tmp}/ref.txt", "--split", "valid"], None,
                                 Refused("--split apply to an experiment CONFIG")),
