@@ -190,8 +190,7 @@ class Trainer:
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> dict | None:
         if not self.last_path.exists():
-            raise MtkitError(f"nothing to resume: {self.last_path} does not exist",
-                             hint="start training without --resume")
+            raise MtkitError(f"nothing to resume: {self.last_path} does not exist", hint="start training without --resume")
         state = checkpoint.load(self.last_path)
         if state.get("tokenizer_fingerprint") != self.tok.fingerprint:
             raise MtkitError(f"{self.last_path} was trained with another tokenizer than {self.cfg.tokenizer_dir}",
@@ -205,9 +204,10 @@ class Trainer:
         if state.get("init_from") and not self.cfg.train.init:
             raise MtkitError(f"{self.last_path}'s run started from {state['init_from']['path']} (train.init)",
                              hint=f"resume it as it started: --resume --init {state['init_from']['path']}")
-        if state["model_config"] != asdict(self.model_config):
-            raise MtkitError(f"the model section of the config differs from {self.last_path}'s model",
-                             hint="resume with the config it was trained with")
+        was = state["model_config"]
+        if changed := [f"{k} is {v} (the run's: {was.get(k)})" for k, v in asdict(self.model_config).items() if was.get(k) != v]:
+            raise MtkitError(f"the model section of the config differs from {self.last_path}'s model: {'; '.join(changed)}",
+                             hint="resume with the config it was trained with, or set another experiment.workdir")
         self.model.load_state_dict(state["model"])
         if self.ema_model is not None:
             if "ema" not in state:

@@ -245,7 +245,7 @@ def test_refuses_to_overwrite_or_resume_nothing(tmp_path, demo_dir, cli):
     code, _, err = cli("train", config)
     assert code == 2 and "already holds a training run" in err and "--resume" in err
     code, _, err = cli("train", config, "--resume", "--set", "model.ff_dim=48")
-    assert code == 2 and "model section" in err
+    assert code == 2 and "model section" in err and "ff_dim is 48 (the run's: 64)" in err and "experiment.workdir" in err
     # A changed tokenizer setting: train rebuilds tokenizer and data (never reuses stale ones)...
     code, _, err = cli("train", config, "--resume", "--set", "tokenizer.vocab_size=280")
     assert "tokenizer: training" in err and "prepare: done" in err
