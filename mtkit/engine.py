@@ -209,10 +209,12 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
                 _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
                       f"translating its beginning only")
         found = translator.search(ids, opts, attention=on_attention is not None)
-        if on_attention is not None:
+        if on_attention is not None:  # a map takes ~1 s to draw: the progress moves with each line
             for i, hyps in enumerate(found):
                 if hyps:
                     on_attention(first + i, translator.attention_map(lines[i], ids[i], hyps[0]))
+                if on_lines:
+                    on_lines(1)
         for i, hyps in enumerate(map(translator._texts, found)):
             if opts.n_best > 1:
                 for score, text in hyps:
@@ -220,7 +222,7 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
             else:
                 out.write(hyps[0][1] + "\n")
         out.flush()
-        if on_lines:
+        if on_lines and on_attention is None:
             on_lines(len(lines))
     if warned_long > 10:
         _warn(f"{warned_long} lines in all were longer than the model accepts (only the first 10 named)")

@@ -131,6 +131,21 @@ def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lin
     assert all(written[i] == "" for i in blank)  # blank in, blank out: the order holds
 
 
+def test_progress_moves_with_each_attention_map(trained_translator):
+    """Drawing a map takes about a second: with --attention the progress counts each line as its
+    map is drawn, not a whole chunk (~140 lines) once they all are."""
+    import io
+
+    from mtkit.engine import translate_stream
+
+    events = []
+    lines = [b"A dog.", b"", b"The cat sees a dog.", b"We play."]
+    n = translate_stream(trained_translator, [lines], io.StringIO(), trained_translator.options(beam_size=2),
+                         on_lines=lambda k: events.append(("lines", k)), on_attention=lambda i, _: events.append(("map", i)))
+    assert n == 4
+    assert events == [("map", 1), ("lines", 1), ("lines", 1), ("map", 3), ("lines", 1), ("map", 4), ("lines", 1)]
+
+
 # A model that emits line breaks and tabs: a byte_fallback tokenizer has the pieces <0x0A> (\n),
 # <0x09> (\t) and <0x0D> (\r), and this decoder is wired to write them.
 
