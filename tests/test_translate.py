@@ -133,7 +133,7 @@ def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lin
 
 def test_progress_moves_with_each_attention_map(trained_translator):
     """Drawing a map takes about a second: with --attention the progress counts each line as its
-    map is drawn, not a whole chunk (~140 lines) once they all are."""
+    map is drawn, not a whole chunk (engine.CHUNK_LINES, 2,000 lines) once they all are."""
     import io
 
     from mtkit.engine import translate_stream
