@@ -403,7 +403,7 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
     if not output.parent.is_dir():
         raise MtkitError(f"--output {output}: the folder {output.parent} does not exist", hint="create it first")
     checkpoint.save(checkpoint.average(checkpoints), output)
-    info(f"averaged {len(checkpoints)} checkpoints -> {output}")
+    info(f"averaged {len(checkpoints)} checkpoint{'s' * (len(checkpoints) != 1)} -> {output}")
 
 
 @config_app.command("show")

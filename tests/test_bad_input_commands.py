@@ -228,6 +228,8 @@ COMMANDS = {
     "average --output a folder": (["average", "{ckpt}", "-o", "{tmp}"], None, Refused("--output {tmp} is a folder")),
     "average --output in a missing folder": (["average", "{ckpt}", "-o", "{tmp}/no/avg.pt"], None,
                                              Refused("does not exist")),
+    "average of one checkpoint": (["average", "{ckpt}", "-o", "{tmp}/avg.pt"], None,
+                                  Handled(exit_ok("averaged 1 checkpoint ->", files=("avg.pt",)))),
     "average without checkpoints": (["average", "-o", "{tmp}/avg.pt"], None, Refused("Missing argument")),
     "config show a missing file": (["config", "show", "{tmp}/nope.yaml"], None, Refused("config file not found")),
     "config show --set a bad value": (["config", "show", "{config}", "--set", "train.lr=fast"], None,
