@@ -204,8 +204,8 @@ class Trainer:
         if state.get("init_from") and not self.cfg.train.init:
             raise MtkitError(f"{self.last_path}'s run started from {state['init_from']['path']} (train.init)",
                              hint=f"resume it as it started: --resume --init {state['init_from']['path']}")
-        was = state["model_config"]
-        if changed := [f"{k} is {v} (the run's: {was.get(k)})" for k, v in asdict(self.model_config).items() if was.get(k) != v]:
+        was, now = state["model_config"], asdict(self.model_config)
+        if changed := [f"{k} is {now.get(k)} (the run's: {was.get(k)})" for k in {**now, **was} if now.get(k) != was.get(k)]:
             raise MtkitError(f"the model section of the config differs from {self.last_path}'s model: {'; '.join(changed)}",
                              hint="resume with the config it was trained with, or set another experiment.workdir")
         self.model.load_state_dict(state["model"])
