@@ -139,7 +139,7 @@ class RunLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event, ensure_ascii=False) + "\n")
             if self.tensorboard is not None and event["event"] in ("train", "valid"):
-                for key in ("loss", "ppl", "bleu", "lr", "tgt_tokens_per_s"):
+                for key in ("loss", "nll", "ppl", "bleu", "lr", "tgt_tokens_per_s"):
                     if key in event:
                         self.tensorboard.add_scalar(f"{event['event']}/{key}", event[key], event["step"])
                 self.tensorboard.flush()

@@ -30,24 +30,26 @@ CHUNK = 512  # tokens at a time: of 256, 512 and 1,024, the fastest at 4,096-tok
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, pad_id: int, smoothing: float
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (n, V), target (n,) -> (the loss summed over the n tokens, its gradient with respect
-    to the logits), in fp32 (float64 stays float64). Tokens equal to pad_id cost nothing and get
-    no gradient."""
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (n, V), target (n,) -> (the loss summed over the n tokens, their plain cross-entropy
+    -Σ log p[y] (the loss without smoothing, for the log), the loss's gradient with respect to the
+    logits), in fp32 (float64 stays float64). Tokens equal to pad_id cost nothing and get no gradient."""
     log_p = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     real = target.ne(pad_id)
-    per_token = -(1 - smoothing) * log_p.gather(1, target[:, None]).squeeze(1)
+    nll = -log_p.gather(1, target[:, None]).squeeze(1).masked_fill(~real, 0.0)
+    per_token = (1 - smoothing) * nll
     if smoothing:
         per_token -= smoothing / log_p.size(1) * log_p.sum(dim=1)
     grad = log_p.exp_().sub_(smoothing / log_p.size(1)).mul_(real[:, None])  # p - ε/V, in place of log p
     grad.scatter_add_(1, target[:, None], -(1 - smoothing) * real[:, None].to(grad.dtype))  # - (1 - ε) at y
-    return per_token.masked_fill(~real, 0.0).sum(), grad
+    return per_token.masked_fill(~real, 0.0).sum(), nll.sum(), grad
 
 
 class ProjectedCrossEntropy(torch.autograd.Function):
     """states (N, D): the decoder's last states; weight (V, D) and bias (V,) or None: the output
-    layer; target (N,) -> the loss summed over the N tokens, in fp32. Under autocast the products
-    run in its precision, as the output layer's own would."""
+    layer; target (N,) -> (the loss summed over the N tokens, their plain cross-entropy: see
+    smoothed_cross_entropy), in fp32. Under autocast the products run in its precision, as the
+    output layer's own would."""
 
     @staticmethod
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -63,13 +65,13 @@ class ProjectedCrossEntropy(torch.autograd.Function):
         w, b = weight.to(low), None if bias is None else bias.to(low)
         wide = torch.promote_types(low, torch.float32)
         grad_x = torch.empty(rows, x.size(1), dtype=low, device=states.device)
-        loss = grad_w = grad_b = None
+        loss = nll = grad_w = grad_b = None
         with torch.autocast(device, enabled=False):
             for start in range(0, rows, CHUNK):
                 chunk = x[start:start + CHUNK]
-                part, grad = smoothed_cross_entropy(F.linear(chunk, w, b), target[start:start + CHUNK], pad_id,
-                                                    smoothing)
-                loss = part if loss is None else loss + part
+                part, plain, grad = smoothed_cross_entropy(F.linear(chunk, w, b), target[start:start + CHUNK],
+                                                           pad_id, smoothing)
+                loss, nll = (part, plain) if loss is None else (loss + part, nll + plain)
                 if b is not None:
                     grad_b = grad.sum(dim=0) if grad_b is None else grad_b.add_(grad.sum(dim=0))
                 grad = grad.to(low)
@@ -78,28 +80,32 @@ class ProjectedCrossEntropy(torch.autograd.Function):
                 grad_w = part.to(wide) if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_x[:n], grad_w, grad_b)
         ctx.dtypes = states.dtype, weight.dtype
-        return loss
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
         grad_x, grad_w, grad_b = ctx.saved_tensors
         return ((grad_x.to(grad_loss.dtype) * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
                 None if grad_b is None else (grad_b * grad_loss).to(ctx.dtypes[1]), None, None, None)
 
 
 def translation_loss(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, *,
-                     pad_id: int, smoothing: float, rdrop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     pad_id: int, smoothing: float, rdrop: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """states (B, T, D), the output layer (model.Transformer.output_layer), target (B, T) -> (the
-    loss to minimize, the cross-entropy to report), both sums over the target tokens, in fp32.
+    loss to minimize, its label-smoothed cross-entropy and the plain one, to report), all sums over
+    the target tokens, in fp32.
     With rdrop > 0 the batch went through the model twice, stacked (so each copy had its own dropout
     masks): the loss is the mean of the two cross-entropies plus rdrop / 4 times the two outputs'
     symmetric KL divergence; R-Drop (Liang et al. 2021) with the paper's alpha, halved so that the
     cross-entropy part keeps the scale of one pass. The divergence needs all the logits at once."""
     copies = 2 if rdrop > 0 else 1
-    ce = ProjectedCrossEntropy.apply(states.flatten(0, 1), weight, bias, target.repeat(copies, 1).flatten(), pad_id,
-                                     smoothing) / copies
+    ce, nll = ProjectedCrossEntropy.apply(states.flatten(0, 1), weight, bias, target.repeat(copies, 1).flatten(),
+                                          pad_id, smoothing)
+    ce, nll = ce / copies, nll / copies
     if not rdrop:
-        return ce, ce
+        return ce, ce, nll
     a, b = F.log_softmax(F.linear(states, weight, bias).float(), dim=-1).chunk(2)
     kl = F.kl_div(a, b, log_target=True, reduction="none") + F.kl_div(b, a, log_target=True, reduction="none")
-    return ce + rdrop / 4 * kl.masked_fill((target == pad_id).unsqueeze(-1), 0.0).sum(), ce
+    return ce + rdrop / 4 * kl.masked_fill((target == pad_id).unsqueeze(-1), 0.0).sum(), ce, nll

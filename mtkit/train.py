@@ -269,20 +269,20 @@ class Trainer:
         return self.world.place(make_batch(src, tgt, indices, pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
                                            max_positions=self.model_config.max_positions))
 
-    def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> float:
+    def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> list[float]:
         # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
         copies = 2 if self.cfg.train.rdrop else 1  # R-Drop: each sentence twice in one batch
         with self._autocast(precision), contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync():
             states = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1), project=False)
             # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
-            loss, ce = translation_loss(states, *self.model.output_layer(), batch.tgt_out, pad_id=self.tok.pad_id,
-                                        smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
+            loss, ce, nll = translation_loss(states, *self.model.output_layer(), batch.tgt_out, pad_id=self.tok.pad_id,
+                                             smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
         self.scaler.scale(loss * scale).backward()
-        return ce.item()  # what is logged: the cross-entropy (a NaN in the KL shows in the gradient)
+        return torch.stack([ce, nll]).tolist()  # logged: the cross-entropy (a NaN in the KL shows in the gradient)
 
-    def _step(self) -> tuple[float, int, int]:
-        """One optimizer update over `accum` batches; returns (loss per target token, target
-        tokens, source tokens)."""
+    def _step(self) -> tuple[float, float, int, int]:
+        """One optimizer update over `accum` batches; returns (loss and plain cross-entropy per
+        target token, target tokens, source tokens)."""
         t, w = self.cfg.train, self.world
         # Every process draws the same accum x world batches and trains on its share of them: the
         # sampler's position stays the same everywhere, so any process's checkpoint resumes it.
@@ -292,9 +292,8 @@ class Trainer:
         # DDP averages the processes' gradients; scaling by size / all tokens makes that the
         # gradient of the loss per target token over the whole step.
         scale = w.size / n_tgt
-        total = sum(self._forward_backward(b, self.precision, scale, sync=i == len(group) - 1)
-                    for i, b in enumerate(group))
-        total = w.sum([total])[0]
+        parts = [self._forward_backward(b, self.precision, scale, sync=i == len(group) - 1) for i, b in enumerate(group)]
+        total, nll = w.sum([sum(part) for part in zip(*parts)])
         step = self.progress.step + 1
         # A NaN/inf loss or gradient (bf16 can overflow in the backward pass while the loss looks
         # fine) would poison the weights: skip the update, count it. The norm is needed anyway to clip.
@@ -323,7 +322,7 @@ class Trainer:
             if self.ema_model is not None:
                 ema_update(self.ema_model, self.model, t.ema, step)
         self.progress.step = step
-        return total / n_tgt, int(n_tgt), int(n_src)
+        return total / n_tgt, nll / n_tgt, int(n_tgt), int(n_src)
 
     # -- validation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -413,11 +412,11 @@ class Trainer:
                 if stopped_by:
                     break
                 step_start = time.perf_counter()
-                loss, n_tgt, n_src = self._step()
+                loss, nll, n_tgt, n_src = self._step()
                 if p.nonfinite_in_row >= t.max_nonfinite:
                     self._stop_nonfinite()
                 for tally in (window, self.session):
-                    tally.add(loss, n_tgt, n_src, time.perf_counter() - step_start)
+                    tally.add(loss, nll, n_tgt, n_src, time.perf_counter() - step_start)
                 if p.step % t.log_every == 0:
                     self._log_window(window)
                     window = Window()
@@ -468,9 +467,9 @@ class Trainer:
     def _log_window(self, window: "Window") -> None:
         p, t = self.progress, self.cfg.train
         lr = self.optimizer.param_groups[0]["lr"]
-        loss, tps = window.loss / window.steps, window.tgt / max(window.seconds, 1e-9)
+        loss, nll, tps = window.loss / window.steps, window.nll / window.steps, window.tgt / max(window.seconds, 1e-9)
         self.log.write({"event": "train", "step": p.step, "epoch": self.sampler.epoch + 1, "loss": round(loss, 4),
-                        "lr": lr, "tgt_tokens_per_s": round(tps, 1),
+                        "nll": round(nll, 4), "lr": lr, "tgt_tokens_per_s": round(tps, 1),
                         "src_tokens_per_s": round(window.src / max(window.seconds, 1e-9), 1),
                         "seconds": round(p.seconds, 1), "skipped_steps": p.skipped_steps})
         # ETA: whichever comes first, the remaining steps at this pace or the time budget.
@@ -479,7 +478,7 @@ class Trainer:
             eta = min(eta, t.max_time - p.seconds)
         self.log.at(p.step, self.sampler.epoch + 1, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}",
                     eta=clock(eta))
-        self.log.line(f"step {p.step}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | "
+        self.log.line(f"step {p.step}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | nll {nll:.4f} | "
                       f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p.seconds:.0f}s")
 
     def _stop_nonfinite(self) -> None:
@@ -526,12 +525,13 @@ class Trainer:
 @dataclass
 class Window:
     """Training steps tallied: since the last log line, or in this session."""
-    loss: float = 0.0
+    loss: float = 0.0  # label-smoothed cross-entropy per target token, summed over the steps
+    nll: float = 0.0  # the same without smoothing
     steps: int = 0
     tgt: int = 0
     src: int = 0
     seconds: float = 0.0
 
-    def add(self, loss: float, tgt: int, src: int, seconds: float) -> None:
-        self.loss, self.steps, self.tgt, self.src = self.loss + loss, self.steps + 1, self.tgt + tgt, self.src + src
-        self.seconds += seconds
+    def add(self, loss: float, nll: float, tgt: int, src: int, seconds: float) -> None:
+        self.loss, self.nll, self.tgt, self.src = self.loss + loss, self.nll + nll, self.tgt + tgt, self.src + src
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds

@@ -95,7 +95,7 @@ def main() -> None:
     start = time.perf_counter()
     while time.perf_counter() - start < args.seconds:
         t0 = time.perf_counter()
-        _, n_tgt, n_src = trainer._step()
+        _, _, n_tgt, n_src = trainer._step()
         step_ms.append((time.perf_counter() - t0) * 1000)
         tgt, src = tgt + n_tgt, src + n_src
         flops += flops_per_step(trainer.model, n_src, n_tgt)

@@ -91,7 +91,7 @@ def test_tensorboard_gets_the_same_curves_as_metrics_jsonl(cli, tmp_path, demo_d
     events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     board = EventAccumulator(str(tmp_path / "run/tensorboard"))
     board.Reload()
-    for kind, key in (("train", "loss"), ("train", "lr"), ("valid", "bleu"), ("valid", "loss")):
+    for kind, key in (("train", "loss"), ("train", "nll"), ("train", "lr"), ("valid", "bleu"), ("valid", "loss")):
         logged = [(e["step"], e[key]) for e in events if e["event"] == kind]
         shown = [(s.step, s.value) for s in board.Scalars(f"{kind}/{key}")]
         assert len(shown) == len(logged) > 0 and all(a == b and abs(x - y) < 1e-6 * max(1, abs(x))

@@ -23,7 +23,7 @@ def batch(dtype=torch.float32, n=12, vocab=9):
 def test_the_written_out_gradient_is_the_true_one(smoothing):
     """Against central finite differences of the loss, in float64, every logit."""
     logits, target = batch(torch.float64)
-    _, grad = smoothed_cross_entropy(logits, target, 0, smoothing)
+    _, _, grad = smoothed_cross_entropy(logits, target, 0, smoothing)
     h, numeric = 1e-6, torch.zeros_like(logits)
     for index in range(logits.numel()):
         step = torch.zeros_like(logits).view(-1)
@@ -59,7 +59,7 @@ def gradients(loss, tensors):
 def test_the_chunked_output_layer_and_loss_are_pytorchs(n, bias, smoothing):
     """Loss and gradients (states, weight, bias) equal F.linear + F.cross_entropy's, in float64."""
     states, weight, b, target = output_layer_batch(n, bias=bias)
-    ours = ProjectedCrossEntropy.apply(states, weight, b, target, 0, smoothing)
+    ours, nll = ProjectedCrossEntropy.apply(states, weight, b, target, 0, smoothing)
     got = gradients(ours, [states, weight, b])
     theirs = F.cross_entropy(F.linear(states, weight, b), target, ignore_index=0, label_smoothing=smoothing,
                              reduction="sum")
@@ -68,6 +68,10 @@ def test_the_chunked_output_layer_and_loss_are_pytorchs(n, bias, smoothing):
     for a, e in zip(got, expected):
         assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
     assert got[0][target == 0].abs().sum() == 0 and got[0].abs().sum() > 0  # padding gets no gradient
+    # The plain cross-entropy reported beside it: no smoothing, and no part in the gradient.
+    plain = F.cross_entropy(F.linear(states, weight, b), target, ignore_index=0, reduction="sum")
+    assert nll.item() == pytest.approx(plain.item(), rel=1e-12) and not nll.requires_grad
+    assert smoothing or torch.equal(nll, ours)
 
 
 def test_under_bf16_autocast_it_is_the_fp32_loss_within_bf16_rounding():
@@ -75,7 +79,7 @@ def test_under_bf16_autocast_it_is_the_fp32_loss_within_bf16_rounding():
     that do not fill a chunk (1,100 rows are padded to 1,152 and cut again)."""
     states, weight, _, target = output_layer_batch(1100, dtype=torch.float32, bias=False, vocab=800, width=64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = ProjectedCrossEntropy.apply(states, weight, None, target, 0, 0.1)
+        ours, _ = ProjectedCrossEntropy.apply(states, weight, None, target, 0, 0.1)
     got = gradients(ours, [states, weight])
     theirs = F.cross_entropy(F.linear(states, weight), target, ignore_index=0, label_smoothing=0.1, reduction="sum")
     expected = gradients(theirs, [states, weight])
@@ -106,8 +110,8 @@ def test_padding_costs_nothing():
     moved = states.detach().clone()
     moved[target == 0] += 100.0
     assert (target == 0).any()
-    assert torch.equal(ProjectedCrossEntropy.apply(moved, weight, b, target, 0, 0.1),
-                       ProjectedCrossEntropy.apply(states, weight, b, target, 0, 0.1))
+    assert all(map(torch.equal, ProjectedCrossEntropy.apply(moved, weight, b, target, 0, 0.1),
+                   ProjectedCrossEntropy.apply(states, weight, b, target, 0, 0.1)))
 
 
 def test_the_model_hands_its_states_and_output_layer_to_the_loss():
@@ -120,7 +124,7 @@ def test_the_model_hands_its_states_and_output_layer_to_the_loss():
     src, tgt_in, tgt_out = torch.randint(1, 30, (3, 5)), torch.randint(1, 30, (3, 6)), torch.randint(0, 30, (3, 6))
     states = model(src, tgt_in, project=False)
     assert states.shape == (3, 6, 16)
-    ours, _ = translation_loss(states, *model.output_layer(), tgt_out, pad_id=0, smoothing=0.1)
+    ours, _, _ = translation_loss(states, *model.output_layer(), tgt_out, pad_id=0, smoothing=0.1)
     got = gradients(ours, list(model.parameters()))
     theirs = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=0, label_smoothing=0.1,
                              reduction="sum")
@@ -139,14 +143,15 @@ def test_rdrop_loss_is_the_mean_cross_entropy_plus_the_symmetric_kl_of_the_real_
         return F.cross_entropy(F.linear(states, weight).flatten(0, 1), target.flatten(), ignore_index=0,
                                reduction="sum")
 
-    loss, reported = translation_loss(one, weight, None, target, pad_id=0, smoothing=0.0)
-    assert torch.allclose(loss, ce(one)) and torch.equal(reported, loss)
+    loss, reported, nll = translation_loss(one, weight, None, target, pad_id=0, smoothing=0.0)
+    assert torch.allclose(loss, ce(one)) and torch.equal(reported, loss) and torch.equal(nll, loss)
     # Two identical copies: no divergence, and the loss is that of one copy.
-    loss, reported = translation_loss(torch.cat([one, one]), weight, None, target, pad_id=0, smoothing=0.0, rdrop=5.0)
-    assert torch.allclose(loss, ce(one)) and torch.allclose(reported, ce(one))
+    loss, reported, nll = translation_loss(torch.cat([one, one]), weight, None, target, pad_id=0, smoothing=0.0,
+                                           rdrop=5.0)
+    assert torch.allclose(loss, ce(one)) and torch.allclose(reported, ce(one)) and torch.allclose(nll, ce(one))
     # Two different copies: the mean cross-entropy, plus alpha / 4 times KL(p||q) + KL(q||p).
-    loss, reported = translation_loss(torch.cat([one, other]), weight, None, target, pad_id=0, smoothing=0.0,
-                                      rdrop=5.0)
+    loss, reported, _ = translation_loss(torch.cat([one, other]), weight, None, target, pad_id=0, smoothing=0.0,
+                                         rdrop=5.0)
     p, q = F.linear(one, weight).softmax(-1), F.linear(other, weight).softmax(-1)
     kl = (p * (p.log() - q.log()) + q * (q.log() - p.log())).sum(-1)[target != 0].sum()
     assert torch.allclose(reported, (ce(one) + ce(other)) / 2)

@@ -326,6 +326,10 @@ def test_every_precision_learns_the_demo_corpus(tmp_path, demo_dir, cli, precisi
     # Untrained: ln(300) = 5.7 per token. Measured after 150 steps of 1,000 tokens (AVX2 EPYC): train 3.89,
     # valid 3.13, in each precision.
     assert train_losses[-1] < train_losses[0] - 1.0 and valid["loss"] < 3.4, events
+    # Beside the label-smoothed loss, the plain cross-entropy (what valid's loss is): lower, since
+    # smoothing 0.1 also charges for the probability not spread over the whole vocabulary.
+    last_window = [e for e in events if e["event"] == "train"][-1]
+    assert 0 < last_window["nll"] < last_window["loss"] - 0.2, last_window
     last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
     assert last["precision"] == precision and ("scaler" in last) == (precision == "fp16")  # fp16's loss scale
 
@@ -362,9 +366,9 @@ def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_c
     real = Trainer._forward_backward
 
     def poisoned(self, batch, precision, scale=1.0, sync=True):
-        loss = real(self, batch, precision, scale, sync)
+        logged = real(self, batch, precision, scale, sync)  # [label-smoothed, plain] cross-entropy
         step = self.progress.step + 1
-        return math.nan if step == 3 or step >= 7 else loss  # one stray NaN, then a diverged run
+        return [math.nan, math.nan] if step == 3 or step >= 7 else logged  # one stray NaN, then a diverged run
 
     monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
     config = tiny_config(tmp_path, demo_dir, save_every=2, eval_every=100, max_nonfinite=3)
@@ -454,3 +458,16 @@ def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert len(steps) >= 3  # the checkpoints really changed under the reader
+
+
+def test_the_training_benchmark_runs_and_ends_on_its_json_line(tmp_path, demo_dir):
+    """scripts/bench_train.py, cut small, on the demo corpus: it finishes, and its last line is the
+    JSON it promises (it calls Trainer._step, whose return value once grew without it)."""
+    repo = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "bench_train.py"), "--config",
+                           str(repo / "configs" / "demo.yaml"), "--data-dir", str(demo_dir), "--workdir",
+                           str(tmp_path / "run"), "--seconds", "1", "--warmup-steps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["steps"] >= 1 and figures["tgt_tokens_per_s"] > 0 and figures["cpu"], figures

@@ -1,6 +1,7 @@
 """`mtkit translate`: one output line per input line, always (also fuzzed); streaming; n-best; batch
 invariance."""
 
+import json
 import os
 import subprocess
 import sys
@@ -208,3 +209,15 @@ def test_a_model_that_emits_line_breaks_and_tabs_still_writes_one_line_per_line(
     assert rows[-1] == "" and [r.split("\t")[0] for r in rows[:-1]] == ["1"] * 3 + ["2"] + ["3"] * 3
     assert all(len(r.split("\t")) == 3 and "\r" not in r for r in rows[:-1])
     assert rows[0].split("\t")[2] == expected
+
+
+def test_the_decoding_benchmark_runs_and_ends_on_its_json_line(trained, demo_dir):
+    """scripts/bench_decode.py on the demo model's test split: it finishes, and its last line is the
+    JSON it promises, with both searches' speed and BLEU."""
+    script = Path(__file__).parents[1] / "scripts" / "bench_decode.py"
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(trained), "--data-dir", str(demo_dir),
+                           "--split", "test", "--src", "en", "--tgt", "vs"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["sentences"] == 1000 and figures["cpu"], figures
+    assert all(figures[name]["sents_per_s"] > 0 and 0 <= figures[name]["bleu"] <= 100 for name in ("greedy", "beam5"))
