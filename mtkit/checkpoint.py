@@ -114,6 +114,10 @@ def average(paths: list[Path]) -> dict:
     for p, s in zip(paths, states):
         if s["model_config"] != first["model_config"]:
             raise MtkitError(f"{p} has another model config than {paths[0]}: they cannot be averaged")
+        if s.get("tokenizer_fingerprint") != first.get("tokenizer_fingerprint"):
+            raise MtkitError(f"{p} was trained with another tokenizer than {paths[0]}: a token id means another "
+                             f"piece in each, so their weights cannot be averaged",
+                             hint="average the checkpoints of one run (its checkpoints/step_*.pt)")
     mean = {}
     for name, tensor in weights(first).items():
         total = torch.zeros_like(tensor, dtype=torch.float64)

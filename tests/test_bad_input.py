@@ -25,7 +25,7 @@ from mtkit.corpus import normalize
 from mtkit.data import TokenArray
 from mtkit.files import read_json
 from mtkit.tokenizer import Tokenizer, train_model
-from tests.conftest import write_config
+from tests.conftest import tiny_config, write_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
 
@@ -550,6 +550,19 @@ def test_checkpoint_misuse(cli, trained, tmp_path):
     code, _, err = cli("average", cut_in_half(trained, tmp_path), "-o", tmp_path / "avg.pt")
     assert_refused(code, err, "is not a readable checkpoint")
     assert not (tmp_path / "avg.pt").exists()
+
+
+def test_average_of_runs_with_other_tokenizers(cli, trained, demo_dir, tmp_path):
+    """Another run with a unigram tokenizer of the same size: the same model config, but its ids
+    mean other pieces, so an average would be noise (it was made, silently, before)."""
+    (tmp_path / "other").mkdir()
+    config = tiny_config(tmp_path / "other", demo_dir, max_steps=2, eval_every=2, save_every=2)
+    assert cli("train", config, "--set", "tokenizer.type=unigram")[0] == 0
+    other = tmp_path / "other/run/checkpoints/best.pt"
+    assert checkpoint.load(other)["model_config"] == checkpoint.load(trained / "checkpoints/best.pt")["model_config"]
+    code, _, err = cli("average", trained / "checkpoints/best.pt", other, "-o", tmp_path / "avg.pt")
+    assert_refused(code, err, f"{other} was trained with another tokenizer than")
+    assert "checkpoints/step_*.pt" in err and not (tmp_path / "avg.pt").exists()
 
 
 def test_resume_with_another_tokenizer(cli, trained, tmp_path):
