@@ -44,8 +44,9 @@ class Engine:
         raise NotImplementedError
 
     def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
-               trace=None) -> list[list[Hypothesis]]:
-        """Source ids -> for each sentence its hypotheses, best first (none for an empty one)."""
+               trace=None, on_sentences=None) -> list[list[Hypothesis]]:
+        """Source ids -> for each sentence its hypotheses, best first (none for an empty one).
+        on_sentences(n): progress, called as n more sentences are done."""
         raise NotImplementedError
 
     def options(self, **overrides) -> DecodeOptions:
@@ -58,22 +59,23 @@ class Engine:
                                  f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
             raise MtkitError(f"bad decoding settings: {problems}") from None
 
-    def translate(self, lines: Sequence[str], target_lang: str | None = None, **settings) -> list[str]:
+    def translate(self, lines: Sequence[str], target_lang: str | None = None, *, on_sentences=None,
+                  **settings) -> list[str]:
         """The best translation of each line, in order; a blank line gives "".
 
         target_lang: the language to translate into, needed by a model with several (their tag
         goes before each line). settings: decoding settings (beam_size, alpha, n_best, max_len_a,
         max_len_b, max_tokens), by default the experiment's `decode` section, e.g.
-        translate(lines, beam_size=1)."""
-        return [hyps[0][1] for hyps in self.translate_nbest(lines, target_lang, **settings)]
+        translate(lines, beam_size=1). on_sentences(n): progress, as in search."""
+        return [hyps[0][1] for hyps in self.translate_nbest(lines, target_lang, on_sentences=on_sentences, **settings)]
 
-    def translate_nbest(self, lines: Sequence[str], target_lang: str | None = None,
+    def translate_nbest(self, lines: Sequence[str], target_lang: str | None = None, *, on_sentences=None,
                         **settings) -> list[list[tuple[float, str]]]:
         """For each line up to n_best (score, translation), best first; a blank line gives
         [(0.0, "")]. The score, higher is better, is the log-probability divided by GNMT's length
         penalty ((5 + length) / 6) ** alpha (length counting EOS), for greedy and beam search alike:
         with alpha 0 it is the plain log-probability."""
-        return self.translate_ids(self.encode(lines, target_lang), self.options(**settings))
+        return self.translate_ids(self.encode(lines, target_lang), self.options(**settings), on_sentences)
 
     @functools.cached_property  # read once: tag_for asks for it at every call
     def _data(self) -> DataSection:
@@ -119,8 +121,9 @@ class Engine:
         label = self.tag_for(target_lang)
         return self.tokenizer.encode_src([with_tag(label, normalize(line)) for line in lines])
 
-    def translate_ids(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[tuple[float, str]]]:
-        return [self._texts(hyps) for hyps in self.search(ids, opts)]
+    def translate_ids(self, ids: list[list[int]], opts: DecodeOptions,
+                      on_sentences=None) -> list[list[tuple[float, str]]]:
+        return [self._texts(hyps) for hyps in self.search(ids, opts, on_sentences=on_sentences)]
 
     def _texts(self, hyps: list[Hypothesis]) -> list[tuple[float, str]]:
         texts = self.tokenizer.decode_tgt([h.tokens for h in hyps])
@@ -208,7 +211,9 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
             if warned_long <= 10:
                 _warn(f"line {first + i}: longer than the model's {translator.max_source_tokens} source tokens; "
                       f"translating its beginning only")
-        found = translator.search(ids, opts, attention=on_attention is not None)
+        # Progress moves as each batch is done (a 2,000-line chunk of beam search can take minutes).
+        found = translator.search(ids, opts, attention=on_attention is not None,
+                                  on_sentences=on_lines if on_attention is None else None)
         if on_attention is not None:  # a map takes ~1 s to draw: the progress moves with each line
             for i, hyps in enumerate(found):
                 if hyps:
@@ -222,8 +227,6 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
             else:
                 out.write(hyps[0][1] + "\n")
         out.flush()
-        if on_lines and on_attention is None:
-            on_lines(len(lines))
     if warned_long > 10:
         _warn(f"{warned_long} lines in all were longer than the model accepts (only the first 10 named)")
     return number

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mtkit import checkpoint, corpus, metrics
 from mtkit.config import Config
-from mtkit.console import console, info, table
+from mtkit.console import console, info, progress, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json
 from mtkit.translate import Translator
@@ -70,8 +70,10 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     pairs = list(corpus.read_pairs(source))
     sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
     start = time.perf_counter()
-    with console.status(f"translating {len(sources):,} {split} sentences (beam {opts.beam_size})"):
-        hypotheses = translator.translate(sources, target_lang, **opts.model_dump())
+    with progress() as bar:
+        task = bar.add_task(f"translate {name} (beam {opts.beam_size})", total=len(sources))
+        hypotheses = translator.translate(sources, target_lang, on_sentences=lambda n: bar.advance(task, n),
+                                          **opts.model_dump())
     seconds = time.perf_counter() - start
     scores = metrics.score(hypotheses, [references], cfg.eval.metrics, tokenize)
     out.mkdir(parents=True, exist_ok=True)

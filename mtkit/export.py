@@ -165,7 +165,8 @@ class CT2Translator(Engine):
     def max_source_tokens(self) -> int:
         return self.positions - 1
 
-    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False) -> list[list[Hypothesis]]:
+    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
+               on_sentences=None) -> list[list[Hypothesis]]:
         check_options(opts)
         if attention:
             raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
@@ -188,6 +189,8 @@ class CT2Translator(Engine):
             for i, result in zip(rows, found):
                 results[i] = [Hypothesis(self.tokenizer.tgt_ids(tokens), score, score)
                               for tokens, score in zip(result.hypotheses, result.scores)]
+        if on_sentences is not None:  # CTranslate2 searches a whole group in one call
+            on_sentences(len(ids))
         return results
 
     def attention(self, line: str, **settings):

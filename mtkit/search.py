@@ -24,7 +24,7 @@ hypothesis the masked self-attention of each token it wrote (riding along as the
 does). Recording changes nothing in what they find (tested).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -345,11 +345,13 @@ class Finished:
 
 def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, beam_size: int, alpha: float,
                   n_best: int, max_len_a: float, max_len_b: int, max_tokens: int, pad_id: int, bos_id: int,
-                  eos_id: int, attention: bool = False, trace: Trace | None = None) -> list[list[Hypothesis]]:
+                  eos_id: int, attention: bool = False, trace: Trace | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> list[list[Hypothesis]]:
     """Search many sentences (source ids without EOS): sort them by length, cut token-budget
     batches (little padding, similar output lengths), search each batch, return results in the
     input order. A sentence longer than the model's positions is cut to fit (callers warn).
-    trace: records one batch's search (e.g. one sentence's)."""
+    trace: records one batch's search (e.g. one sentence's). on_batch(n): called as each batch of
+    n sentences is done (progress)."""
     max_positions = model.cfg.max_positions
     lengths = np.array([min(len(s), max_positions - 1) + 1 for s in sentences], dtype=np.int64)
     results: list[list[Hypothesis]] = [[] for _ in sentences]
@@ -369,4 +371,6 @@ def search_sorted(model: Transformer, sentences: Sequence[Sequence[int]], *, bea
                                 alpha=alpha, n_best=n_best, attention=attention, trace=trace)
         for i, hyps in zip(ix, found):
             results[i] = hyps
+        if on_batch is not None:
+            on_batch(len(ix))
     return results

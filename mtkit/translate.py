@@ -79,17 +79,20 @@ class Translator(Engine):
                             hyp.attention.float().cpu())
 
     def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
-               trace: Trace | None = None) -> list[list[Hypothesis]]:
+               trace: Trace | None = None, on_sentences=None) -> list[list[Hypothesis]]:
         """Source ids -> for each sentence its hypotheses, best first (none for an empty one).
-        trace: record the search of one sentence (search.Trace)."""
+        trace: record the search of one sentence (search.Trace). on_sentences(n): progress, as
+        each batch is done (the empty ones first)."""
         check_options(opts)
         todo = [i for i, x in enumerate(ids) if x]
+        if on_sentences is not None and len(todo) < len(ids):
+            on_sentences(len(ids) - len(todo))
         with self._autocast():
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
                                   max_tokens=opts.max_tokens, pad_id=self.tokenizer.pad_id,
                                   bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
-                                  attention=attention, trace=trace)
+                                  attention=attention, trace=trace, on_batch=on_sentences)
         results: list[list[Hypothesis]] = [[] for _ in ids]
         for i, hyps in zip(todo, found):
             results[i] = hyps

@@ -147,6 +147,28 @@ def test_progress_moves_with_each_attention_map(trained_translator):
     assert events == [("map", 1), ("lines", 1), ("lines", 1), ("map", 3), ("lines", 1), ("map", 4), ("lines", 1)]
 
 
+def test_progress_moves_with_each_batch(trained_translator, demo_dir):
+    """Progress comes from the search as each batch is done, not once a 2,000-line chunk is (a
+    chunk of beam search can take minutes): through translate_stream (mtkit translate) and
+    Engine.translate (mtkit eval), blank lines counted first, and the counts add up to the lines."""
+    import io
+
+    from mtkit.corpus import read_lines
+    from mtkit.engine import translate_stream
+
+    lines = list(read_lines(demo_dir / "test.en"))[:300]
+    raw = [line.encode() for line in lines[:100]] + [b"", b"  "] + [line.encode() for line in lines[100:]]
+    seen = []
+    out = io.StringIO()
+    opts = trained_translator.options(beam_size=2, max_tokens=500)
+    assert translate_stream(trained_translator, [raw], out, opts, on_lines=seen.append) == 302
+    assert seen[0] == 2 and len(seen) > 4 and sum(seen) == 302, seen
+    assert out.getvalue().splitlines() == trained_translator.translate([r.decode() for r in raw], beam_size=2)
+    seen.clear()
+    assert trained_translator.translate(lines, on_sentences=seen.append, beam_size=1, max_tokens=500)
+    assert len(seen) > 4 and sum(seen) == 300, seen
+
+
 # A model that emits line breaks and tabs: a byte_fallback tokenizer has the pieces <0x0A> (\n),
 # <0x09> (\t) and <0x0D> (\r), and this decoder is wired to write them.
 
