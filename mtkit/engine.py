@@ -136,9 +136,13 @@ def cut(engine: Engine, ids: list[list[int]]) -> list[int]:
     return [i for i, x in enumerate(ids) if len(x) > engine.max_source_tokens]
 
 
-def check_options(opts) -> None:
-    if not isinstance(opts, DecodeOptions):  # a dict would fail deep inside the search
+def check_options(opts, on_sentences=None) -> None:
+    """A search's arguments, checked before it starts: a mistake would fail deep inside it."""
+    if not isinstance(opts, DecodeOptions):
         raise TypeError(f"opts: decoding settings from Translator.options(...), not {type(opts).__name__}")
+    if on_sentences is not None and not callable(on_sentences):
+        raise TypeError(f"on_sentences: a function called with how many sentences are done, "
+                        f"not {type(on_sentences).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------

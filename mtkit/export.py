@@ -167,7 +167,7 @@ class CT2Translator(Engine):
 
     def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
                on_sentences=None) -> list[list[Hypothesis]]:
-        check_options(opts)
+        check_options(opts, on_sentences)
         if attention:
             raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
         results: list[list[Hypothesis]] = [[] for _ in ids]

@@ -83,7 +83,7 @@ class Translator(Engine):
         """Source ids -> for each sentence its hypotheses, best first (none for an empty one).
         trace: record the search of one sentence (search.Trace). on_sentences(n): progress, as
         each batch is done (the empty ones first)."""
-        check_options(opts)
+        check_options(opts, on_sentences)
         todo = [i for i, x in enumerate(ids) if x]
         if on_sentences is not None and len(todo) < len(ids):
             on_sentences(len(ids) - len(todo))

@@ -421,6 +421,8 @@ def api_rows(trained: Path) -> dict[str, tuple[Callable, type, str]]:
         "Translator.translate: bytes lines": (lambda: t.translate([b"A dog."]), TypeError, "line 0 is bytes"),
         "Translator.translate: beam_size 0": (lambda: t.translate(["A dog."], beam_size=0), api_error(),
                                               "beam_size: Input should be greater than 0"),
+        "Translator.translate: on_sentences not a function": (lambda: t.translate(["A dog."], on_sentences=5),
+                                                              TypeError, "on_sentences: a function called with"),
         "Translator.translate_nbest: n_best above beam_size": (
             lambda: t.translate_nbest(["A dog."], beam_size=2, n_best=3), api_error(), "cannot exceed"),
         "Translator.attention: a list": (lambda: t.attention(["A dog."]), TypeError, "one sentence (str)"),
