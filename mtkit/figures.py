@@ -120,14 +120,21 @@ def read_metrics(workdir: Path) -> tuple[list[dict], list[dict]]:
     return train, valid
 
 
+def loss_lines(train: list[dict], valid: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """The loss panel's lines, (label, events, key). The train loss twice: label-smoothed, as
+    minimized, and plain ("nll", what the valid loss is): smoothing keeps the first above a floor
+    (~1.2 for 0.1 over 8,000 words) whatever the model learns, so only the second compares with
+    valid. Without smoothing they are one line; a run logged before "nll" existed has only the first."""
+    smoothed = any(e.get("nll") != e.get("loss") for e in train)
+    return [("train (label-smoothed)", train, "loss")] * smoothed + [("train", train, "nll"), ("valid", valid, "loss")]
+
+
 def curves_png(workdir: Path, path: Path) -> Path:
-    """Learning curves of a run: loss (train and valid), valid BLEU, learning rate and target
-    tokens/s, each against the step. The train loss is drawn twice: label-smoothed, as minimized,
-    and plain ("nll", what the valid loss is): smoothing keeps the first above a floor (~1.2 for
-    0.1 over 8,000 words) whatever the model learns, so only the second compares with valid."""
+    """Learning curves of a run: loss (loss_lines), valid BLEU, learning rate and target tokens/s,
+    each against the step."""
     plt = _pyplot()
     train, valid = read_metrics(workdir)
-    panels = [("loss", [("train (label-smoothed)", train, "loss"), ("train", train, "nll"), ("valid", valid, "loss")]),
+    panels = [("loss", loss_lines(train, valid)),
               ("valid BLEU", [("valid", valid, "bleu")]),
               ("learning rate", [("train", train, "lr")]),
               ("target tokens/s", [("train", train, "tgt_tokens_per_s")])]

@@ -78,6 +78,21 @@ def test_plot_draws_the_curves_of_a_run_also_while_it_runs(cli, trained, tmp_pat
     assert_refused(code, err, "cannot read")
 
 
+def test_the_loss_panel_shows_the_train_loss_that_compares_with_valid(trained):
+    """The demo run (label smoothing 0.1) logs both train losses: both are drawn, labelled. A run
+    without smoothing draws one train line; one logged before nll existed, the smoothed one alone."""
+    from mtkit.figures import loss_lines, read_metrics
+
+    train, valid = read_metrics(trained)
+    assert all(e["nll"] < e["loss"] for e in train[len(train) // 2:])  # (at the start they are about equal)
+    assert [(label, key) for label, _, key in loss_lines(train, valid)] == [
+        ("train (label-smoothed)", "loss"), ("train", "nll"), ("valid", "loss")]
+    plain = [{**e, "loss": e["nll"]} for e in train]
+    assert [label for label, _, _ in loss_lines(plain, valid)] == ["train", "valid"]
+    old = [{k: v for k, v in e.items() if k != "nll"} for e in train]
+    assert [label for label, _, _ in loss_lines(old, valid)] == ["train (label-smoothed)", "train", "valid"]
+
+
 def test_tensorboard_gets_the_same_curves_as_metrics_jsonl(cli, tmp_path, demo_dir):
     import json
 
