@@ -47,6 +47,11 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     if split not in ("valid", "test"):
         raise MtkitError(f"the split to score is valid or test, not {split!r}")
     ckpt = checkpoint.resolve(model) if model else cfg.eval_checkpoint
+    if not ckpt.is_file() and not model and cfg.eval.checkpoint == "averaged" and (ckpt.parent / "best.pt").is_file():
+        raise MtkitError(f"no checkpoint {ckpt} to score (eval.checkpoint: averaged): training writes it at its end "
+                         f"from its last train.average_last step checkpoints, and this run saved fewer than 2",
+                         hint="lower train.save_every so that a run saves several, or score best.pt: "
+                              "--set eval.checkpoint=best")
     if not ckpt.is_file():
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")

@@ -510,12 +510,12 @@ class Trainer:
                       tgt_per_s=s.tgt / s.seconds if s.seconds else None)
 
     def _average_last(self) -> None:
-        paths = sorted(self.ckpt_dir.glob("step_*.pt"))[-self.cfg.train.average_last:]
-        if len(paths) < 2:
-            return
-        averaged = checkpoint.average(paths)
-        out = self.ckpt_dir / "averaged.pt"
-        checkpoint.save(averaged, out)
+        t = self.cfg.train
+        paths = sorted(self.ckpt_dir.glob("step_*.pt"))[-t.average_last:]
+        if len(paths) < 2:  # said here: eval.checkpoint averaged would only find it missing
+            return info(f"[yellow]warning:[/] train.average_last {t.average_last}: this run saved {len(paths)} step "
+                        f"checkpoint (train.save_every {t.save_every}), too few to average: no averaged.pt")
+        checkpoint.save(averaged := checkpoint.average(paths), out := self.ckpt_dir / "averaged.pt")
         result = self.validate(self.world.place(checkpoint.build_model(averaged)))  # on the training device
         self.log.write({"event": "valid_averaged", "step": self.progress.step, "from": len(paths),
                         **{k: v for k, v in result.items() if k != "sample"}})

@@ -236,6 +236,16 @@ def test_average_command_averages(tmp_path, demo_dir, cli):
     checkpoint.build_model(avg)  # loadable as a model
 
 
+def test_a_run_too_short_to_average_says_so_and_eval_says_why(tmp_path, demo_dir, cli):
+    """train.average_last with fewer than 2 step checkpoints writes no averaged.pt: training warns,
+    and eval.checkpoint averaged explains instead of saying "train first" (the run did train)."""
+    config = tiny_config(tmp_path, demo_dir, max_steps=4, save_every=100, eval_every=100, average_last=2)
+    code, _, err = cli("run", config, "--set", "eval.checkpoint=averaged")
+    assert "train.average_last 2: this run saved 1 step checkpoint (train.save_every 100)" in err
+    assert code == 2 and "this run saved fewer than 2" in err and "--set eval.checkpoint=best" in err
+    assert "train first" not in err and not (tmp_path / "run/checkpoints/averaged.pt").exists()
+
+
 def test_refuses_to_overwrite_or_resume_nothing(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, max_steps=2)
     code, _, err = cli("train", config, "--resume")
