@@ -18,6 +18,19 @@ from mtkit.console import console, table
 from mtkit.errors import MtkitError
 
 
+def bar_columns(width: int) -> list:
+    """The training bar's columns for a terminal `width` wide, each with the width it needs to be
+    shown: all of them take ~150 characters, and where they do not fit rich cuts every column to
+    an ellipsis; on 80 columns the step, the loss, the speed and the ETA remain."""
+    columns = [(TextColumn("{task.description}"), 110), (BarColumn(bar_width=40 if width >= 150 else 8), 0),
+               (TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"), 0),
+               (TextColumn("epoch {task.fields[epoch]}"), 110), (TextColumn("loss {task.fields[loss]}"), 0),
+               (TextColumn("lr {task.fields[lr]}"), 110),
+               (TextColumn("{task.fields[tps]} tgt tok/s" if width >= 110 else "{task.fields[tps]} tok/s"), 0),
+               (TimeElapsedColumn(), 150), (TextColumn("ETA {task.fields[eta]}"), 0)]
+    return [column for column, needs in columns if width >= needs]
+
+
 @dataclass
 class Progress:
     """What the loop has done so far; all of it goes into checkpoints (as a dict)."""
@@ -116,12 +129,8 @@ class RunLog:
         if active:  # a resumed run: drop what a killed run logged after its checkpoint
             _truncate_metrics(self.path, progress.step)
         self.tensorboard = _tensorboard(workdir / "tensorboard") if tensorboard and active else None
-        self.bar = Bar(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:,.0f}/{task.total:,.0f}"),
-            TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tgt tok/s"), TimeElapsedColumn(),
-            TextColumn("ETA {task.fields[eta]}"),
-            console=console, disable=not active or not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")))
+        self.bar = Bar(*bar_columns(console.width), console=console,
+                       disable=not active or not console.is_terminal or bool(os.environ.get("MTKIT_QUIET")))
         self.task = self.bar.add_task("train", total=max_steps, completed=progress.step, loss="-", lr="-", tps="-",
                                       eta="-", epoch="-")
 

@@ -476,8 +476,8 @@ class Trainer:
         eta = (t.max_steps - p.step) * window.seconds / window.steps
         if t.max_time:
             eta = min(eta, t.max_time - p.seconds)
-        self.log.at(p.step, self.sampler.epoch + 1, loss=f"{loss:.3f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}",
-                    eta=clock(eta))
+        self.log.at(p.step, self.sampler.epoch + 1, loss=f"{loss:.3f} (nll {nll:.3f})", lr=f"{lr:.2e}",
+                    tps=f"{tps:,.0f}", eta=clock(eta))
         self.log.line(f"step {p.step}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | nll {nll:.4f} | "
                       f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p.seconds:.0f}s")
 

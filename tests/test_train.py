@@ -481,3 +481,25 @@ def test_the_training_benchmark_runs_and_ends_on_its_json_line(tmp_path, demo_di
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["steps"] >= 1 and figures["tgt_tokens_per_s"] > 0 and figures["cpu"], figures
+
+
+@pytest.mark.parametrize("width", [80, 110, 150])
+def test_the_training_bar_fits_the_terminal_without_cutting_a_column(width):
+    """All its columns take ~150 characters; on a narrower terminal rich cut every one of them to an
+    ellipsis (on 80 columns: 'tra… step 40/… epoch… loss 6.566 (nll 6.46…'). Rendered by rich,
+    with the widest values a run shows."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from mtkit.bookkeeping import bar_columns
+
+    screen = Console(width=width, record=True, force_terminal=True, color_system=None)
+    bar = Progress(*bar_columns(width), console=screen)
+    bar.add_task("train", total=100000, completed=100000, epoch=140, loss="11.111 (nll 10.052)", lr="1.50e-03",
+                 tps="125,969", eta="11:23:45")
+    screen.print(bar.get_renderable())
+    shown = screen.export_text().rstrip()
+    assert "…" not in shown and len(shown) <= width, shown
+    for part in ("step 100,000/100,000", "loss 11.111 (nll 10.052)", "125,969", "ETA 11:23:45"):
+        assert part in shown, shown
+    assert ("epoch 140" in shown and "lr 1.50e-03" in shown) == (width >= 110)
