@@ -26,9 +26,11 @@ def progress() -> Progress:
 
 
 def table(title: str, columns: list[str]) -> Table:
+    """A results table. A value too long for a narrow terminal (a sacreBLEU signature, a path) is
+    folded onto the next line rather than cut to an ellipsis."""
     t = Table(title=title, title_justify="left", header_style="bold")
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        t.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
     return t
 
 

@@ -247,3 +247,19 @@ def test_a_japanese_target_without_mecab_is_refused_before_training(tmp_path, de
     assert "Traceback" not in err and not (tmp_path / "run/tokenizer").exists()  # before any work
     code, _, err = cli("train", config, "--set", "eval.tokenize=char")  # the way out the message names
     assert code == 0, err
+
+
+def test_a_signature_too_long_for_the_terminal_is_folded_not_cut():
+    """On 80 columns the TER signature ended in 'vers…': a results table folds a long value instead."""
+    from rich.console import Console
+
+    from mtkit.console import table
+
+    signature = "nrefs:1|case:lc|tok:tercom|norm:no|punct:yes|asian:no|version:2.6.0"
+    t = table("test: 1,000 sentences", ["metric", "score", "sacreBLEU signature"])
+    t.add_row("TER", "4.93", signature)
+    screen = Console(width=80, record=True, color_system=None)
+    screen.print(t)
+    shown = screen.export_text()
+    assert "…" not in shown
+    assert signature in "".join(line.split("│")[3].strip() for line in shown.splitlines() if line.count("│") == 4)
