@@ -158,9 +158,9 @@ class RunLog:
             raise MtkitError(f"could not write {self.path}: {e.strerror or e}; {saved}",
                              hint="free disk space or fix permissions, then continue with --resume") from None
 
-    def at(self, step: int, epoch: int, **figures: str) -> None:
-        """Move the bar (figures: loss, lr, tps, eta, as shown)."""
-        self.bar.update(self.task, completed=step, epoch=epoch, **figures)
+    def at(self, step: int, epoch: int, total: int | None = None, **figures: str) -> None:
+        """Move the bar (figures: loss, lr, tps, eta, as shown; total: the step it runs to, when known)."""
+        self.bar.update(self.task, completed=step, epoch=epoch, **figures, **({"total": total} if total else {}))
 
     def line(self, text: str) -> None:
         """A log line for when no live bar shows the same (a log file, CI)."""

@@ -472,11 +472,11 @@ class Trainer:
                         "nll": round(nll, 4), "lr": lr, "tgt_tokens_per_s": round(tps, 1),
                         "src_tokens_per_s": round(window.src / max(window.seconds, 1e-9), 1),
                         "seconds": round(p.seconds, 1), "skipped_steps": p.skipped_steps})
-        # ETA: whichever comes first, the remaining steps at this pace or the time budget.
-        eta = (t.max_steps - p.step) * window.seconds / window.steps
-        if t.max_time:
-            eta = min(eta, t.max_time - p.seconds)
-        self.log.at(p.step, self.sampler.epoch + 1, loss=f"{loss:.3f} (nll {nll:.3f})", lr=f"{lr:.2e}",
+        # ETA: whichever comes first, the remaining steps at this pace or the time budget; the bar
+        # runs to the step where the clock is expected to stop the run (not to an unreachable max_steps).
+        eta = min((t.max_steps - p.step) * window.seconds / window.steps, t.max_time - p.seconds if t.max_time else math.inf)
+        end = schedule_end(p.step, p.seconds, max_steps=t.max_steps, max_time=t.max_time)
+        self.log.at(p.step, self.sampler.epoch + 1, total=end, loss=f"{loss:.3f} (nll {nll:.3f})", lr=f"{lr:.2e}",
                     tps=f"{tps:,.0f}", eta=clock(eta))
         self.log.line(f"step {p.step}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | nll {nll:.4f} | "
                       f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p.seconds:.0f}s")

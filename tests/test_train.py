@@ -503,3 +503,18 @@ def test_the_training_bar_fits_the_terminal_without_cutting_a_column(width):
     for part in ("step 100,000/100,000", "loss 11.111 (nll 10.052)", "125,969", "ETA 11:23:45"):
         assert part in shown, shown
     assert ("epoch 140" in shown and "lr 1.50e-03" in shown) == (width >= 110)
+
+
+def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(tmp_path, demo_dir):
+    """With max_time and the default max_steps (100,000), the bar stood at 1% when the demo run
+    ended: it now runs to the step the clock is expected to stop at, at the speed so far."""
+    from mtkit.pipeline import prepare_data
+    from mtkit.train import Trainer
+
+    cfg = load_config(tiny_config(tmp_path, demo_dir, max_steps=100_000, max_time=5, log_every=5,
+                                  eval_every=100_000, save_every=100_000))
+    prepare_data(cfg)
+    trainer = Trainer(cfg, resume=False)
+    done = trainer.run().step
+    total = trainer.log.bar.tasks[0].total
+    assert done > 20 and 0.7 * done <= total <= 1.3 * done, (done, total)
