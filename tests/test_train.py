@@ -242,7 +242,8 @@ def test_a_run_too_short_to_average_says_so_and_eval_says_why(tmp_path, demo_dir
     config = tiny_config(tmp_path, demo_dir, max_steps=4, save_every=100, eval_every=100, average_last=2)
     code, _, err = cli("run", config, "--set", "eval.checkpoint=averaged")
     assert "train.average_last 2: this run saved 1 step checkpoint (train.save_every 100)" in err
-    assert code == 2 and "this run saved fewer than 2" in err and "--set eval.checkpoint=best" in err
+    assert code == 2 and "if it saved 2 or more; this one has not finished, or saved fewer" in err
+    assert "lower train.save_every" in err and "--set eval.checkpoint=best" in err
     assert "train first" not in err and not (tmp_path / "run/checkpoints/averaged.pt").exists()
 
 
