@@ -478,7 +478,7 @@ class Trainer:
         end = schedule_end(p.step, p.seconds, max_steps=t.max_steps, max_time=t.max_time)
         self.log.at(p.step, self.sampler.epoch + 1, total=end, loss=f"{loss:.3f} (nll {nll:.3f})", lr=f"{lr:.2e}",
                     tps=f"{tps:,.0f}", eta=clock(eta))
-        self.log.line(f"step {p.step}/{t.max_steps} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | nll {nll:.4f} | "
+        self.log.line(f"step {p.step}/{end} | epoch {self.sampler.epoch + 1} | loss {loss:.4f} | nll {nll:.4f} | "
                       f"lr {lr:.3e} | tgt_tok/s {tps:.0f} | elapsed {p.seconds:.0f}s")
 
     def _stop_nonfinite(self) -> None:

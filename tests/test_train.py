@@ -506,9 +506,10 @@ def test_the_training_bar_fits_the_terminal_without_cutting_a_column(width):
     assert ("epoch 140" in shown and "lr 1.50e-03" in shown) == (width >= 110)
 
 
-def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(tmp_path, demo_dir):
+def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(tmp_path, demo_dir, capsys):
     """With max_time and the default max_steps (100,000), the bar stood at 1% when the demo run
-    ended: it now runs to the step the clock is expected to stop at, at the speed so far."""
+    ended: it now runs to the step the clock is expected to stop at, at the speed so far, and the
+    log lines count to it too."""
     from mtkit.pipeline import prepare_data
     from mtkit.train import Trainer
 
@@ -519,3 +520,5 @@ def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(
     done = trainer.run().step
     total = trainer.log.bar.tasks[0].total
     assert done > 20 and 0.7 * done <= total <= 1.3 * done, (done, total)
+    ends = [int(m) for m in re.findall(r"^step \d+/(\d+) \|", capsys.readouterr().err, re.M)]
+    assert len(ends) > 3 and all(end < 2 * done for end in ends[1:]), ends
