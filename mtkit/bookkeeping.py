@@ -160,7 +160,7 @@ class RunLog:
 
     def at(self, step: int, epoch: int, total: int | None = None, **figures: str) -> None:
         """Move the bar (figures: loss, lr, tps, eta, as shown; total: the step it runs to, when known)."""
-        self.bar.update(self.task, completed=step, epoch=epoch, **figures, **({"total": total} if total else {}))
+        self.bar.update(self.task, completed=step, total=total, epoch=epoch, **figures)  # total None: unchanged
 
     def line(self, text: str) -> None:
         """A log line for when no live bar shows the same (a log file, CI)."""

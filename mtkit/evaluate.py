@@ -47,13 +47,13 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     if split not in ("valid", "test"):
         raise MtkitError(f"the split to score is valid or test, not {split!r}")
     ckpt = checkpoint.resolve(model) if model else cfg.eval_checkpoint
-    if not ckpt.is_file() and not model and cfg.eval.checkpoint == "averaged" and (ckpt.parent / "best.pt").is_file():
-        raise MtkitError(f"no checkpoint {ckpt} to score (eval.checkpoint: averaged): a run writes it when it ends, "
-                         f"from its last train.average_last step checkpoints, if it saved 2 or more; this one has "
-                         f"not finished, or saved fewer",
-                         hint="finish the run (mtkit run CONFIG), lower train.save_every so that it saves several, "
-                              "or score best.pt: --set eval.checkpoint=best")
     if not ckpt.is_file():
+        if not model and cfg.eval.checkpoint == "averaged" and (ckpt.parent / "best.pt").is_file():
+            raise MtkitError(f"no checkpoint {ckpt} to score (eval.checkpoint: averaged): a run writes it when it "
+                             f"ends, from its last train.average_last step checkpoints, if it saved 2 or more; this "
+                             f"one has not finished, or saved fewer",
+                             hint="finish the run (mtkit run CONFIG), lower train.save_every so that it saves several, "
+                                  "or score best.pt: --set eval.checkpoint=best")
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     corpus.ensure_demo(cfg.data.format, cfg.data.dir)
