@@ -37,7 +37,7 @@ def attention_png(amap: "AttentionMap", path: Path, layer: int | None = None, he
     width = max(2.5, 1.2 + cell * len(amap.source))
     height = max(2.0, 1.0 + cell * len(amap.target))
     fig, axes = plt.subplots(len(layers), len(columns), figsize=(width * len(columns), height * len(layers) + 0.8),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for r, l in enumerate(layers):
         for c, h in enumerate(columns):
             ax = axes[r][c]
@@ -72,7 +72,6 @@ def _save(fig, path: Path) -> Path:
     """Write the figure under a temporary name, then rename: no half-written picture is left."""
     path = check_picture_path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.tight_layout()
     try:
         fig.savefig(tmp, dpi=110)
         tmp.replace(path)
@@ -138,7 +137,7 @@ def curves_png(workdir: Path, path: Path) -> Path:
               ("valid BLEU", [("valid", valid, "bleu")]),
               ("learning rate", [("train", train, "lr")]),
               ("target tokens/s", [("train", train, "tgt_tokens_per_s")])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True, layout="constrained")
     for ax, (title, series) in zip(axes, panels):
         for label, events, key in series:
             points = [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))

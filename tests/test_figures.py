@@ -111,3 +111,27 @@ def test_tensorboard_gets_the_same_curves_as_metrics_jsonl(cli, tmp_path, demo_d
         shown = [(s.step, s.value) for s in board.Scalars(f"{kind}/{key}")]
         assert len(shown) == len(logged) > 0 and all(a == b and abs(x - y) < 1e-6 * max(1, abs(x))
                                                      for (a, x), (b, y) in zip(logged, shown)), (kind, key)
+
+
+def test_no_title_of_an_attention_map_hides_under_the_picture_s_title(monkeypatch, tmp_path):
+    """The sentence and its translation head the picture; with three layers (a Multi30k model's)
+    tight_layout put that heading over the middle map's title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mtkit import figures
+    from mtkit.translate import AttentionMap
+
+    drawn, save = [], figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    source, target = [f"▁src{i}" for i in range(17)] + ["</s>"], [f"▁tgt{i}" for i in range(18)] + ["</s>"]
+    weights = torch.softmax(torch.randn(len(target), 3, 4, len(source)), dim=-1)
+    amap = AttentionMap("Ein Boston Terrier läuft über saftig-grünes Gras vor einem weißen Zaun.",
+                        "A Boston Terrier runs across the grass in front of a white fence.", -3.9, source, target, weights)
+    figures.attention_png(amap, tmp_path / "map.png")
+    figures.attention_png(amap, tmp_path / "one.png", layer=2)
+    for fig in drawn:
+        canvas = FigureCanvasAgg(fig)  # as saved: the layout is made when the figure is drawn
+        canvas.draw()
+        heading = fig._suptitle.get_window_extent(canvas.get_renderer())
+        hidden = [ax.get_title() for ax in fig.axes if ax.title.get_window_extent(canvas.get_renderer()).overlaps(heading)]
+        assert len(fig.axes) in (15, 5) and hidden == []
