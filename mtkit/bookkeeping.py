@@ -151,6 +151,8 @@ class RunLog:
                 for key in ("loss", "nll", "ppl", "bleu", "lr", "tgt_tokens_per_s"):
                     if key in event:
                         self.tensorboard.add_scalar(f"{event['event']}/{key}", event[key], event["step"])
+                for direction, bleu in event.get("bleu_by_direction", {}).items():
+                    self.tensorboard.add_scalar(f"valid/bleu/{direction}", bleu, event["step"])
                 self.tensorboard.flush()
         except OSError as e:
             saved = f"{self.last_checkpoint} (step {self.progress.last_save_step:,}) is intact" \

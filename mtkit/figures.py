@@ -128,13 +128,22 @@ def loss_lines(train: list[dict], valid: list[dict]) -> list[tuple[str, list[dic
     return [("train (label-smoothed)", train, "loss")] * smoothed + [("train", train, "nll"), ("valid", valid, "loss")]
 
 
+def bleu_lines(valid: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """The BLEU panel's lines, as loss_lines'. A run of several directions logs each one's BLEU
+    beside their mean (which chooses best.pt): the mean and a line per direction."""
+    directions = sorted({d for e in valid for d in e.get("bleu_by_direction", {})})
+    return [("mean of directions" if directions else "valid", valid, "bleu")] + [
+        (d, [{"step": e["step"], "bleu": e["bleu_by_direction"][d]} for e in valid if d in e.get("bleu_by_direction", {})],
+         "bleu") for d in directions]
+
+
 def curves_png(workdir: Path, path: Path) -> Path:
-    """Learning curves of a run: loss (loss_lines), valid BLEU, learning rate and target tokens/s,
-    each against the step."""
+    """Learning curves of a run: loss (loss_lines), valid BLEU (bleu_lines), learning rate and
+    target tokens/s, each against the step."""
     plt = _pyplot()
     train, valid = read_metrics(workdir)
     panels = [("loss", loss_lines(train, valid)),
-              ("valid BLEU", [("valid", valid, "bleu")]),
+              ("valid BLEU", bleu_lines(valid)),
               ("learning rate", [("train", train, "lr")]),
               ("target tokens/s", [("train", train, "tgt_tokens_per_s")])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True, layout="constrained")

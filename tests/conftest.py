@@ -1,6 +1,7 @@
 """Shared fixtures: a demo corpus generated once per session, configs written to tmp, the CLI
 run in-process."""
 
+import importlib.util
 import os
 import tempfile
 
@@ -119,7 +120,8 @@ def multi_run(three_way, tmp_path_factory):
     config = write_config(folder, data={"dir": str(three_way), "directions": ["en-vs", "en-sv"]},
                           tokenizer={"vocab_size": 300}, model=TINY_MODEL | {"d_model": 64, "ff_dim": 128},
                           train={"precision": "fp32", "max_tokens": 1500, "warmup": 30, "max_steps": 500, "lr": 5e-3,
-                                 "log_every": 50, "eval_every": 250, "save_every": 250, "eval_sample": 40},
+                                 "log_every": 50, "eval_every": 250, "save_every": 250, "eval_sample": 40,
+                                 "tensorboard": importlib.util.find_spec("tensorboard") is not None},  # the dev extra
                           decode={"beam_size": 2})
     try:
         main(["run", str(config)])

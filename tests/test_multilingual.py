@@ -143,6 +143,28 @@ def test_validation_scores_each_direction_and_their_mean_decides(run):
         assert json.loads((workdir / "eval" / f"test.{direction}.json").read_text())["sentences"] == 60
 
 
+def test_the_curves_show_each_direction_s_bleu_beside_their_mean(run, cli, tmp_path):
+    from mtkit.figures import bleu_lines, read_metrics
+
+    _, workdir = run
+    _, valid = read_metrics(workdir)
+    lines = {label: [(e["step"], e[key]) for e in events] for label, events, key in bleu_lines(valid)}
+    assert list(lines) == ["mean of directions", "en-sv", "en-vs"]
+    assert lines["mean of directions"] == [(v["step"], v["bleu"]) for v in valid]
+    for direction in ("en-sv", "en-vs"):
+        assert lines[direction] == [(v["step"], v["bleu_by_direction"][direction]) for v in valid]
+    code, _, err = cli("plot", workdir, "-o", tmp_path / "curves.png")
+    assert code == 0, err
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(workdir / "tensorboard"))
+    board.Reload()
+    for direction in ("en-sv", "en-vs"):
+        shown = [(s.step, round(s.value, 2)) for s in board.Scalars(f"valid/bleu/{direction}")]
+        assert shown == lines[direction]
+
+
 def test_translate_needs_a_target_language_and_follows_it(run, three_way, cli, tmp_path):
     from mtkit.translate import Translator
 
