@@ -11,6 +11,8 @@ N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>transl
 
 import functools
 import gzip
+import hashlib
+import math
 import os
 import select
 import stat
@@ -27,6 +29,7 @@ from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, progress
 from mtkit.corpus import normalize, tag, with_tag
 from mtkit.errors import MtkitError
+from mtkit.files import read_json, sha256_file, sha256_json, write_json
 from mtkit.search import Hypothesis
 from mtkit.tokenizer import Tokenizer
 
@@ -195,19 +198,25 @@ def file_chunks(f: BinaryIO) -> Iterator[list[bytes]]:
 
 
 def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: TextIO, opts: DecodeOptions,
-                     on_lines=None, on_attention=None, target_lang: str | None = None) -> int:
+                     on_lines=None, on_attention=None, target_lang: str | None = None, skip: int = 0,
+                     on_written=None) -> int:
     """Translate chunks of raw lines and write the results; returns the number of lines.
     on_attention(line number, AttentionMap): also called for each non-blank line with the
-    cross-attention of its translation (the CLI draws it)."""
+    cross-attention of its translation (the CLI draws it). skip: lines already translated (read,
+    not translated again). on_written(lines): called as each chunk's output is flushed."""
     number = 0
     warned_long = 0
     for chunk in chunks:
         lines = []
         for raw in chunk:
             number += 1
+            if number <= skip:
+                continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 BOM is not text
             lines.append(decode_line(raw, number, _warn))
+        if not lines:
+            continue
         first = number - len(lines) + 1
         ids = translator.encode(lines, target_lang)
         for i in cut(translator, ids):
@@ -231,6 +240,8 @@ def translate_stream(translator: Engine, chunks: Iterable[list[bytes]], out: Tex
             else:
                 out.write(hyps[0][1] + "\n")
         out.flush()
+        if on_written:
+            on_written(number)
     if warned_long > 10:
         _warn(f"{warned_long} lines in all were longer than the model accepts (only the first 10 named)")
     return number
@@ -243,57 +254,122 @@ def _warn(message: str) -> None:
 def open_input(source: Path) -> tuple[BinaryIO, int | None]:
     """--input: a text file, a gzip file (by its first bytes, as the corpus reader), or what only
     reads once: a pipe or FIFO (`-i <(zcat f.gz)`), /dev/stdin. Returns the open file and, for a
-    regular file, its number of lines (for the progress bar; None where counting would consume it)."""
+    regular file, its number of lines (for the progress bar) and the SHA-256 of its text (to resume
+    by); None for both where reading would consume it."""
     try:
         inp = open(source, "rb")
     except OSError as e:
         raise MtkitError(f"cannot read {source}: {e.strerror}") from None
     if not stat.S_ISREG(os.fstat(inp.fileno()).st_mode):
-        return inp, None
+        return inp, None, None
     if inp.read(2) == b"\x1f\x8b":
         inp.close()
         inp = gzip.open(source, "rb")
     inp.seek(0)
+    total, digest = 0, hashlib.sha256()
     try:
-        total = sum(block.count(b"\n") for block in iter(lambda: inp.read(1 << 20), b""))
+        for block in iter(lambda: inp.read(1 << 20), b""):
+            total += block.count(b"\n")
+            digest.update(block)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         inp.close()
         raise MtkitError(f"{source}: damaged gzip data ({e})", hint="check the file with gzip -t") from None
     inp.seek(0)
-    return inp, total
+    return inp, total, digest.hexdigest()
 
 
 def translate_file(translator: Engine, source: Path | None, target: Path | None, opts: DecodeOptions,
                    on_attention=None, target_lang: str | None = None) -> int:
     """The CLI's translate: a file or stdin in, a file or stdout out. A file output is written
-    under a temporary name and renamed when complete. on_attention: as for translate_stream."""
+    under a temporary name and renamed when complete; from a file, a run that does not complete
+    keeps what it wrote, and the same command continues after it (Unfinished). on_attention: as
+    for translate_stream."""
     if target is not None and target.is_dir():
         raise MtkitError(f"--output {target} is a folder", hint="name a file to write, e.g. -o out.txt")
     if source is None:
         if sys.stdin is None:  # started with stdin closed (`<&-`)
             raise MtkitError("no input: standard input is closed", hint="pipe text in, or give --input FILE")
-        inp, total = sys.stdin.buffer, None
+        inp, total, digest = sys.stdin.buffer, None, None
     else:
-        inp, total = open_input(source)
+        inp, total, digest = open_input(source)
     try:
         if target is None:
             return translate_stream(translator, file_chunks(inp), sys.stdout, opts, on_attention=on_attention,
                                     target_lang=target_lang)
-        tmp = target.with_name(f".{target.name}.tmp")
+        unfinished = Unfinished(target, digest and sha256_json({
+            "input": digest, "model": model_digest(translator.path), "engine": type(translator).__name__,
+            "device": str(getattr(translator, "device", "cpu")), "precision": translator.precision,
+            "settings": opts.model_dump(), "target_lang": target_lang}))
+        done = unfinished.start()
         try:
-            out = open(tmp, "w", encoding="utf-8")
+            out = open(unfinished.tmp, "a", encoding="utf-8")
         except OSError as e:
             raise MtkitError(f"cannot write --output {target}: {e.strerror}",
                              hint="check that its folder exists and is writable") from None
+        finished = False
         try:
             with out, progress() as bar:
-                task = bar.add_task(f"translate -> {target}", total=total)
+                task = bar.add_task(f"translate -> {target}", total=total, completed=done)
                 n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
-                                     on_attention, target_lang)
-            os.replace(tmp, target)
+                                     on_attention, target_lang, skip=done,
+                                     on_written=lambda k: unfinished.record(k, os.fstat(out.fileno()).st_size))
+            os.replace(unfinished.tmp, target)
+            finished = True
         finally:
-            tmp.unlink(missing_ok=True)
+            unfinished.end(finished)
         return n
     finally:
         if source is not None:
             inp.close()
+
+
+def model_digest(path: Path) -> str:
+    """The SHA-256 of a checkpoint file, or of the files of a model folder (a CTranslate2 export)."""
+    path = Path(path)
+    if path.is_dir():
+        return sha256_json({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
+    return sha256_file(path)
+
+
+class Unfinished:
+    """An --output being written: its text so far (.OUT.tmp) and a note of it (.OUT.tmp.json: how
+    many input lines and bytes are done, and the fingerprint of the input, model and settings that
+    made them), updated as each chunk is written. A run that does not complete (Ctrl-C, a kill, a
+    full disk) leaves both; the same command then continues after the last chunk written, and any
+    other command starts over. key None (input from a pipe): nothing is kept."""
+
+    def __init__(self, target: Path, key: str | None):
+        self.target, self.key = target, key
+        self.tmp = target.with_name(f".{target.name}.tmp")
+        self.note = target.with_name(f".{target.name}.tmp.json")
+        self.lines = 0
+
+    def start(self) -> int:
+        """The lines already done (the text cut to the note's length), or 0 (any old text removed)."""
+        note = read_json(self.note) if self.key and self.tmp.is_file() else None
+        if note and note.get("key") == self.key and self.tmp.stat().st_size >= note.get("bytes", math.inf):
+            with open(self.tmp, "r+b") as f:
+                f.truncate(note["bytes"])  # what a kill cut short after the last note
+            self.lines = note["lines"]
+            console.print(f"translate: continuing {self.target} after line {self.lines:,}, where an earlier run "
+                          f"of the same command stopped")
+            return self.lines
+        if note:
+            console.print(f"translate: an unfinished {self.target} from another input, model or settings is "
+                          f"started over")
+        self.end(False)
+        return 0
+
+    def record(self, lines: int, size: int) -> None:
+        if self.key:
+            write_json(self.note, {"key": self.key, "lines": lines, "bytes": size})
+            self.lines = lines
+
+    def end(self, finished: bool) -> None:
+        """Done (renamed), or not: then what was written is kept to continue from, if anything was."""
+        if not finished and self.key and self.lines:
+            console.print(f"translate: the first {self.lines:,} lines of {self.target} are translated and kept "
+                          f"({self.tmp}): the same command continues after them")
+            return
+        self.tmp.unlink(missing_ok=True)
+        self.note.unlink(missing_ok=True)

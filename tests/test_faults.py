@@ -1,7 +1,7 @@
 """The fault harness: `mtkit train` killed with SIGKILL again and again, at random moments and in
 the middle of checkpoint writes, then resumed. After every kill each checkpoint must load, at most
 `save_every` logged steps may be lost, and in fp32 the run must end with the very parameters of an
-uninterrupted one.
+uninterrupted one. And `mtkit translate` of a file killed once, then finished by the same command.
 
 CI runs a short version; the long one is `MTKIT_FAULT_KILLS=25 pytest tests/test_faults.py -n 0 -s`.
 """
@@ -102,3 +102,26 @@ def test_sigkill_at_random_moments_and_during_writes(tmp_path, demo_dir):
           f"at most {most_lost} steps lost (save_every {SAVE_EVERY}), final parameters equal to an "
           f"uninterrupted run's after {a['step']} steps")
     assert kills == KILLS, f"the run finished after {kills} kills; raise max_steps"
+
+
+def test_sigkill_while_translating_a_file_then_the_same_command_finishes_it(trained, demo_dir, tmp_path):
+    """`mtkit translate -i FILE -o FILE` killed once its first chunk is written, in a real process;
+    the same command then continues after that chunk and writes what an uninterrupted run writes."""
+    short = [line for line in (demo_dir / "test.en").read_text().splitlines() if len(line.split()) <= 5]
+    (tmp_path / "in.txt").write_text("".join(short[i % len(short)] + "\n" for i in range(20_000)))  # 10 chunks
+
+    def start(output: Path) -> subprocess.Popen:
+        with open(tmp_path / "log", "a") as log:
+            return subprocess.Popen([str(MTKIT), "translate", str(trained), "--greedy", "-i", str(tmp_path / "in.txt"),
+                                     "-o", str(output)], stdout=subprocess.DEVNULL, stderr=log,
+                                    env={**os.environ, "MTKIT_QUIET": "1"}, start_new_session=True)
+
+    out, note = tmp_path / "out.txt", tmp_path / ".out.txt.tmp.json"
+    proc = start(out)
+    assert _wait(note.exists, proc, tmp_path / "log"), "it finished before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and 2000 <= json.loads(note.read_text())["lines"] < 20_000
+    assert start(out).wait(timeout=300) == 0 and start(tmp_path / "whole.txt").wait(timeout=300) == 0
+    assert "continuing" in (tmp_path / "log").read_text()
+    assert out.read_bytes() == (tmp_path / "whole.txt").read_bytes() and not note.exists()

@@ -79,6 +79,54 @@ def test_nbest_tsv_and_output_file(trained, tmp_path):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_an_unfinished_translation_is_kept_and_the_same_command_continues_it(trained, demo_dir, cli, monkeypatch,
+                                                                          tmp_path):
+    """-i FILE -o FILE that does not finish (Ctrl-C here; a kill or a full disk alike) keeps the
+    chunks it wrote; the same command then continues after them and writes what an uninterrupted
+    run writes (n-best line numbers included). Another input, model or settings starts over."""
+    from mtkit import engine
+    from mtkit.translate import Translator
+
+    monkeypatch.setattr(engine, "CHUNK_LINES", 40)
+    lines = (demo_dir / "test.en").read_text().splitlines()[:150]
+    src, out = tmp_path / "in.txt", tmp_path / "out.tsv"
+    src.write_text("\n".join(lines[:100] + [""] + lines[100:]) + "\n")
+    args = ["translate", trained, "-i", src, "-o", out, "--beam", "2", "--nbest", "2"]
+    code, _, err = cli(*args[:5], tmp_path / "whole.tsv", *args[6:])
+    assert code == 0, err
+    search = Translator.search
+
+    def interrupted(self, *a, **k):  # Ctrl-C while the third chunk is searched
+        interrupted.calls += 1
+        if interrupted.calls == 3:
+            raise KeyboardInterrupt
+        return search(self, *a, **k)
+
+    interrupted.calls = 0
+    monkeypatch.setattr(Translator, "search", interrupted)
+    code, _, err = cli(*args)
+    tmp, note = tmp_path / ".out.tsv.tmp", tmp_path / ".out.tsv.tmp.json"
+    assert code == 130 and "the first 80 lines of" in err and "the same command continues" in err, err
+    assert not out.exists() and json.loads(note.read_text())["lines"] == 80
+    assert tmp.read_text().splitlines()[-1].startswith("80\t")
+    with open(tmp, "a") as f:
+        f.write("81\t-0.5\thalf a chunk wri")  # what a kill in the middle of a chunk leaves after the note
+    monkeypatch.setattr(Translator, "search", search)
+    code, _, err = cli(*args)
+    assert code == 0 and "continuing" in err and "after line 80" in err, err
+    assert out.read_bytes() == (tmp_path / "whole.tsv").read_bytes() and not tmp.exists() and not note.exists()
+    # Interrupted again, then asked with another setting: it starts over.
+    out.unlink()
+    interrupted.calls = 0
+    monkeypatch.setattr(Translator, "search", interrupted)
+    assert cli(*args)[0] == 130 and note.exists()
+    monkeypatch.setattr(Translator, "search", search)
+    code, _, err = cli(*args[:-1], "1")
+    assert code == 0 and "from another input, model or settings is started over" in err, err
+    assert out.read_text().count("\n") == 151 and "\t" not in out.read_text()  # one best line per line, all new
+    assert not tmp.exists() and not note.exists()
+
+
 def test_kernel_caches_are_limited_unless_the_user_set_them(monkeypatch):
     from mtkit.distributed import limit_kernel_caches
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
