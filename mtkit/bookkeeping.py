@@ -160,6 +160,19 @@ class RunLog:
             raise MtkitError(f"could not write {self.path}: {e.strerror or e}; {saved}",
                              hint="free disk space or fix permissions, then continue with --resume") from None
 
+    def validation(self, result: dict, improved: bool) -> None:
+        """A validation's event, and its line: the scores, then each direction's example sentence as
+        the model translates it now (the same sentence every time: a learner watches it learned)."""
+        p = self.progress
+        self.write({"event": "valid", "step": p.step, **result, "best_bleu": p.best_bleu})
+        mark = " (best)" if improved else f" (best {p.best_bleu:.2f} at step {p.best_step:,})"
+        by = "".join(f" {k} {v:.2f}" for k, v in result.get("bleu_by_direction", {}).items())
+        examples = "".join(f"\n  {name + ': ' if by else ''}{e['source']} -> {e['translation']}  (reference: "
+                           f"{e['reference']})" for name, e in result["examples"].items())
+        console.print(f"valid step {p.step:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | BLEU "
+                      f"{result['bleu']:.2f}{' (mean of' + by + ')' if by else ''}{mark} | {result['seconds']:.1f}s"
+                      f"{examples}", markup=False)  # a sentence may hold [brackets]: not rich markup
+
     def at(self, step: int, epoch: int, total: int | None = None, **figures: str) -> None:
         """Move the bar (figures: loss, lr, tps, eta, as shown; total: the step it runs to, when known)."""
         self.bar.update(self.task, completed=step, total=total, epoch=epoch, **figures)  # total None: unchanged

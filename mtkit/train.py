@@ -145,8 +145,8 @@ class Trainer:
         self.valid_src, self.valid_tgt = (TokenArray(cfg.data_cache_dir, "valid", side, self.manifest["dtype"])
                                           for side in ("src", "tgt"))
         corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-        valid = corpus.source_for(**cfg.data.source_args("valid"))
-        self.references = [tgt for _, tgt in corpus.read_pairs(valid)]
+        valid = list(corpus.read_pairs(corpus.source_for(**cfg.data.source_args("valid"))))
+        self.references = [tgt for _, tgt in valid]
         # BLEU is scored per direction (one, for a single pair) on a fixed sample of its lines, with
         # the tokenizer of its target language (13a would score Chinese as one word a line), checked
         # now: a missing MeCab is said before training, not at its first validation.
@@ -158,6 +158,9 @@ class Trainer:
             ix = a + (np.sort(rng.choice(b - a, share, replace=False)) if 0 < share < b - a else np.arange(b - a))
             self.bleu_groups[name] = (ix, check_tokenizer(bleu_tokenizer(cfg.eval.tokenize, name.split("-")[1])))
         self.bleu_sample = np.concatenate([ix for ix, _ in self.bleu_groups.values()])
+        # One sentence of each direction's sample, of its median length, shown as translated at every validation.
+        self.examples = {name: (i := int(ix[np.argsort(self.valid_src.lengths[ix], kind="stable")[len(ix) // 2]]),
+                                valid[i][0]) for name, (ix, _) in self.bleu_groups.items()}
         cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
         self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
 
@@ -347,10 +350,12 @@ class Trainer:
             scores[name], signature = bleu([found[i] for i in ix], [self.references[i] for i in ix], tokenize)
         loss = loss_sum / n_tokens
         several = {"bleu_by_direction": {k: round(v, 2) for k, v in scores.items()}} if len(scores) > 1 else {}
+        examples = {name: {"source": source, "translation": found[i], "reference": self.references[i]}
+                    for name, (i, source) in self.examples.items()}
         return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2),
                 "bleu": round(sum(scores.values()) / len(scores), 2), **several,
                 "sentences": len(self.bleu_sample), "seconds": round(time.perf_counter() - start, 1),
-                "signature": signature, "sample": hyps[:1]}
+                "signature": signature, "examples": examples}
 
     def _greedy(self, model: Transformer, indices: np.ndarray) -> list[str]:
         d = self.cfg.decode
@@ -456,12 +461,7 @@ class Trainer:
             p.best_bleu, p.best_step, p.bad_evals = result["bleu"], p.step, 0
         else:
             p.bad_evals += 1
-        self.log.write({"event": "valid", "step": p.step, **{k: v for k, v in result.items() if k != "sample"},
-                        "best_bleu": p.best_bleu})
-        mark = " (best)" if improved else f" (best {p.best_bleu:.2f} at step {p.best_step:,})"
-        by = "".join(f" {k} {v:.2f}" for k, v in result.get("bleu_by_direction", {}).items())
-        console.print(f"valid step {p.step:,}: loss {result['loss']:.3f} | ppl {result['ppl']:.2f} | "
-                      f"BLEU {result['bleu']:.2f}{' (mean of' + by + ')' if by else ''}{mark} | {result['seconds']:.1f}s")
+        self.log.validation(result, improved)
         return improved
 
     def _log_window(self, window: "Window") -> None:
@@ -517,8 +517,7 @@ class Trainer:
                         f"checkpoint (train.save_every {t.save_every}), too few to average: no averaged.pt")
         checkpoint.save(averaged := checkpoint.average(paths), out := self.ckpt_dir / "averaged.pt")
         result = self.validate(self.world.place(checkpoint.build_model(averaged)))  # on the training device
-        self.log.write({"event": "valid_averaged", "step": self.progress.step, "from": len(paths),
-                        **{k: v for k, v in result.items() if k != "sample"}})
+        self.log.write({"event": "valid_averaged", "step": self.progress.step, "from": len(paths), **result})
         console.print(f"averaged the last {len(paths)} checkpoints -> {out}: valid BLEU {result['bleu']:.2f}")
 
 

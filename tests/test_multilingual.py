@@ -135,7 +135,8 @@ def test_validation_scores_each_direction_and_their_mean_decides(run):
     _, workdir = run
     valid = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "valid"]
-    assert valid and all(set(v["bleu_by_direction"]) == {"en-vs", "en-sv"} for v in valid)
+    assert valid and all(set(v["bleu_by_direction"]) == set(v["examples"]) == {"en-vs", "en-sv"} for v in valid)
+    assert valid[0]["examples"]["en-sv"]["source"].startswith("<2sv> ")  # as the model reads it
     for v in valid:
         assert v["bleu"] == pytest.approx(sum(v["bleu_by_direction"].values()) / 2, abs=0.01)
     assert checkpoint.load(workdir / "checkpoints" / "best.pt")["progress"]["best_bleu"] == max(v["bleu"] for v in valid)

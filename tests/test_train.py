@@ -222,6 +222,27 @@ def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
     assert events.count("valid") == 2 and events[-1] == "end" and "valid_averaged" in events
 
 
+def test_each_validation_shows_one_sentence_as_the_model_translates_it_then(tmp_path, demo_dir, cli):
+    """The same valid sentence at every validation, logged and printed: what the model at that step
+    writes for it (the checkpoint saved at that step translates it so), beside its reference."""
+    from mtkit.corpus import read_lines
+    from mtkit.translate import Translator
+
+    code, _, err = cli("train", tiny_config(tmp_path, demo_dir, eval_every=6, save_every=6))
+    assert code == 0, err
+    valid = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "valid"]
+    assert [v["step"] for v in valid] == [6, 12] and all(list(v["examples"]) == ["en-vs"] for v in valid)
+    shown = [v["examples"]["en-vs"] for v in valid]
+    assert shown[0]["source"] == shown[1]["source"] and shown[0]["reference"] == shown[1]["reference"]
+    sources, references = list(read_lines(demo_dir / "valid.en")), list(read_lines(demo_dir / "valid.vs"))
+    assert references[sources.index(shown[0]["source"])] == shown[0]["reference"]
+    for v, e in zip(valid, shown):
+        model = Translator.load(tmp_path / f"run/checkpoints/step_{v['step']:07d}.pt")
+        assert model.translate([e["source"]], beam_size=1) == [e["translation"]]
+        assert f"  {e['source']} -> {e['translation']}  (reference: {e['reference']})" in err
+
+
 def test_average_command_averages(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, save_every=3, max_steps=6, keep_last=3)
     assert cli("train", config)[0] == 0
