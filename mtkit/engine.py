@@ -251,7 +251,7 @@ def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
-def open_input(source: Path) -> tuple[BinaryIO, int | None]:
+def open_input(source: Path) -> tuple[BinaryIO, int | None, str | None]:
     """--input: a text file, a gzip file (by its first bytes, as the corpus reader), or what only
     reads once: a pipe or FIFO (`-i <(zcat f.gz)`), /dev/stdin. Returns the open file and, for a
     regular file, its number of lines (for the progress bar) and the SHA-256 of its text (to resume
