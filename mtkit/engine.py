@@ -9,6 +9,7 @@ never dropped; invalid UTF-8 is replaced by U+FFFD (with a warning naming the li
 N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>translation`.
 """
 
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -300,12 +301,8 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
             "input": digest, "model": model_digest(translator.path), "engine": type(translator).__name__,
             "device": str(getattr(translator, "device", "cpu")), "precision": translator.precision,
             "settings": opts.model_dump(), "target_lang": target_lang}))
-        done = unfinished.start()
-        try:
-            out = open(unfinished.tmp, "a", encoding="utf-8")
-        except OSError as e:
-            raise MtkitError(f"cannot write --output {target}: {e.strerror}",
-                             hint="check that its folder exists and is writable") from None
+        out = unfinished.open()
+        done = unfinished.lines
         finished = False
         try:
             with out, progress() as bar:
@@ -344,21 +341,34 @@ class Unfinished:
         self.note = target.with_name(f".{target.name}.tmp.json")
         self.lines = 0
 
-    def start(self) -> int:
-        """The lines already done (the text cut to the note's length), or 0 (any old text removed)."""
-        note = read_json(self.note) if self.key and self.tmp.is_file() else None
-        if note and note.get("key") == self.key and self.tmp.stat().st_size >= note.get("bytes", math.inf):
-            with open(self.tmp, "r+b") as f:
-                f.truncate(note["bytes"])  # what a kill cut short after the last note
+    def open(self) -> TextIO:
+        """The text to write on, locked: a second run writing the same --output at once would
+        interleave with this one. Cut to the note (a kill may have cut a chunk short after it), with
+        `lines` done; or emptied, when the note is of other work or missing."""
+        try:
+            out = open(self.tmp, "a", encoding="utf-8")
+        except OSError as e:
+            raise MtkitError(f"cannot write --output {self.target}: {e.strerror}",
+                             hint="check that its folder exists and is writable") from None
+        try:
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            out.close()
+            raise MtkitError(f"another mtkit translate is writing {self.target}",
+                             hint="wait until it is done, or write to another --output") from None
+        note = read_json(self.note) if self.key else None
+        if note and note.get("key") == self.key and os.fstat(out.fileno()).st_size >= note.get("bytes", math.inf):
+            out.truncate(note["bytes"])
             self.lines = note["lines"]
             console.print(f"translate: continuing {self.target} after line {self.lines:,}, where an earlier run "
                           f"of the same command stopped")
-            return self.lines
+            return out
         if note:
             console.print(f"translate: an unfinished {self.target} from another input, model or settings is "
                           f"started over")
-        self.end(False)
-        return 0
+        out.truncate(0)
+        self.note.unlink(missing_ok=True)
+        return out
 
     def record(self, lines: int, size: int) -> None:
         if self.key:

@@ -127,6 +127,23 @@ def test_an_unfinished_translation_is_kept_and_the_same_command_continues_it(tra
     assert not tmp.exists() and not note.exists()
 
 
+def test_a_second_translate_into_the_same_output_at_once_is_refused(trained, cli, tmp_path):
+    """Two runs writing one --output at once would interleave their chunks in it (and the second
+    would cut the first's text to continue it): the second is refused, the first's text untouched."""
+    import fcntl
+
+    (tmp_path / "in.txt").write_text("The dog follows the cat.\n")
+    with open(tmp_path / ".out.txt.tmp", "a") as first:  # what a running translate holds
+        first.write("1 of a run's lines\n")
+        first.flush()
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = cli("translate", trained, "-i", tmp_path / "in.txt", "-o", tmp_path / "out.txt")
+        assert code == 2 and "another mtkit translate is writing" in err, err
+        assert (tmp_path / ".out.txt.tmp").read_text() == "1 of a run's lines\n" and not (tmp_path / "out.txt").exists()
+    code, _, err = cli("translate", trained, "-i", tmp_path / "in.txt", "-o", tmp_path / "out.txt")
+    assert code == 0 and (tmp_path / "out.txt").read_text().count("\n") == 1 and not (tmp_path / ".out.txt.tmp").exists()
+
+
 def test_kernel_caches_are_limited_unless_the_user_set_them(monkeypatch):
     from mtkit.distributed import limit_kernel_caches
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
