@@ -153,6 +153,9 @@ class RunLog:
                         self.tensorboard.add_scalar(f"{event['event']}/{key}", event[key], event["step"])
                 for direction, bleu in event.get("bleu_by_direction", {}).items():
                     self.tensorboard.add_scalar(f"valid/bleu/{direction}", bleu, event["step"])
+                for direction, e in event.get("examples", {}).items():  # the Text tab: one sentence, step by step
+                    self.tensorboard.add_text(f"valid/example/{direction}", f"{e['source']} → {e['translation']}"
+                                              f"  (reference: {e['reference']})", event["step"])
                 self.tensorboard.flush()
         except OSError as e:
             saved = f"{self.last_checkpoint} (step {self.progress.last_save_step:,}) is intact" \

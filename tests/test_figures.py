@@ -111,6 +111,12 @@ def test_tensorboard_gets_the_same_curves_as_metrics_jsonl(cli, tmp_path, demo_d
         shown = [(s.step, s.value) for s in board.Scalars(f"{kind}/{key}")]
         assert len(shown) == len(logged) > 0 and all(a == b and abs(x - y) < 1e-6 * max(1, abs(x))
                                                      for (a, x), (b, y) in zip(logged, shown)), (kind, key)
+    from tensorboard.util.tensor_util import make_ndarray  # the Text tab: each validation's example sentence
+
+    texts = [(t.step, make_ndarray(t.tensor_proto)[0].decode()) for t in board.Tensors("valid/example/en-vs/text_summary")]
+    examples = [(e["step"], e["examples"]["en-vs"]) for e in events if e["event"] == "valid"]
+    assert len(texts) == 2 and texts == [(step, f"{e['source']} → {e['translation']}  (reference: {e['reference']})")
+                                         for step, e in examples]
 
 
 def test_no_title_of_an_attention_map_hides_under_the_picture_s_title(monkeypatch, tmp_path):
