@@ -166,9 +166,9 @@ class RunLog:
     def validation(self, result: dict, improved: bool) -> None:
         """A validation's event, and its line: the scores, then each direction's example sentence as
         the model translates it now (the same sentence every time: a learner watches it learned)."""
-        p = self.progress
         if not self.active:
             return
+        p = self.progress
         self.write({"event": "valid", "step": p.step, **result, "best_bleu": p.best_bleu})
         mark = " (best)" if improved else f" (best {p.best_bleu:.2f} at step {p.best_step:,})"
         by = "".join(f" {k} {v:.2f}" for k, v in result.get("bleu_by_direction", {}).items())

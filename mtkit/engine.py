@@ -308,8 +308,7 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
             with out, progress() as bar:
                 task = bar.add_task(f"translate -> {target}", total=total, completed=done)
                 n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
-                                     on_attention, target_lang, skip=done,
-                                     on_written=lambda k: unfinished.record(k, os.fstat(out.fileno()).st_size))
+                                     on_attention, target_lang, skip=done, on_written=unfinished.record)
             os.replace(unfinished.tmp, target)
             finished = True
         finally:
@@ -339,7 +338,7 @@ class Unfinished:
         self.target, self.key = target, key
         self.tmp = target.with_name(f".{target.name}.tmp")
         self.note = target.with_name(f".{target.name}.tmp.json")
-        self.lines = 0
+        self.lines, self.out = 0, None
 
     def open(self) -> TextIO:
         """The text to write on, locked: a second run writing the same --output at once would
@@ -362,22 +361,24 @@ class Unfinished:
             self.lines = note["lines"]
             console.print(f"translate: continuing {self.target} after line {self.lines:,}, where an earlier run "
                           f"of the same command stopped")
-            return out
-        if note:
-            console.print(f"translate: an unfinished {self.target} from another input, model or settings is "
-                          f"started over")
-        out.truncate(0)
-        self.note.unlink(missing_ok=True)
+        else:
+            if note:
+                console.print(f"translate: an unfinished {self.target} from another input, model or settings is "
+                              f"started over")
+            out.truncate(0)
+            self.note.unlink(missing_ok=True)
+        self.out = out
         return out
 
-    def record(self, lines: int, size: int) -> None:
+    def record(self, lines: int) -> None:
+        """`lines` input lines are done and their text flushed."""
         if self.key:
-            write_json(self.note, {"key": self.key, "lines": lines, "bytes": size})
+            write_json(self.note, {"key": self.key, "lines": lines, "bytes": os.fstat(self.out.fileno()).st_size})
             self.lines = lines
 
     def end(self, finished: bool) -> None:
         """Done (renamed), or not: then what was written is kept to continue from, if anything was."""
-        if not finished and self.key and self.lines:
+        if not finished and self.lines:  # (lines are counted only with a key)
             console.print(f"translate: the first {self.lines:,} lines of {self.target} are translated and kept "
                           f"({self.tmp}): the same command continues after them")
             return
