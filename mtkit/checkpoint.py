@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mtkit.errors import MtkitError
+from mtkit.files import fsync_dir, output_file
 from mtkit.model import ModelConfig, Transformer
 
 FORMAT = "mtkit-checkpoint"
@@ -22,21 +23,13 @@ VERSION = 1
 
 def save(state: dict, path: Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with output_file(path, durable=True) as tmp, open(tmp, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # a full disk, a read-only folder: the old file is still whole
-            raise MtkitError(f"could not write the checkpoint {path}: {e.strerror or e}",
-                             hint="free disk space or fix the folder's permissions, then run again; the checkpoints "
-                                  "already there are intact (training goes on from last.pt with --resume)") from e
-        raise
-    _fsync_dir(path.parent)
+    except OSError as e:  # a full disk, a read-only folder: the old file is still whole
+        raise MtkitError(f"could not write the checkpoint {path}: {e.strerror or e}",
+                         hint="free disk space or fix the folder's permissions, then run again; the checkpoints "
+                              "already there are intact (training goes on from last.pt with --resume)") from e
 
 
 def link(src: Path, dst: Path) -> None:
@@ -49,16 +42,7 @@ def link(src: Path, dst: Path) -> None:
     except OSError:  # a file system without hard links: copy (still atomic through the rename)
         save(load(src), tmp)
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself must reach the disk too, or a power cut could undo it.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dst.parent)
 
 
 def load(path: Path, mmap: bool = False) -> dict:

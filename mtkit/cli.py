@@ -397,11 +397,9 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
     """Average the weights of several checkpoints into one (often a little better than any of them)."""
     from mtkit import checkpoint
     from mtkit.console import info
+    from mtkit.files import check_output
 
-    if output.is_dir():
-        raise MtkitError(f"--output {output} is a folder", hint=f"name the file to write, e.g. {output / 'averaged.pt'}")
-    if not output.parent.is_dir():
-        raise MtkitError(f"--output {output}: the folder {output.parent} does not exist", hint="create it first")
+    check_output(output, example="averaged.pt")
     checkpoint.save(checkpoint.average(checkpoints), output)
     info(f"averaged {len(checkpoints)} checkpoint{'s' * (len(checkpoints) != 1)} -> {output}")
 

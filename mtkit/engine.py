@@ -9,6 +9,7 @@ never dropped; invalid UTF-8 is replaced by U+FFFD (with a warning naming the li
 N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>translation`.
 """
 
+import contextlib
 import fcntl
 import functools
 import gzip
@@ -30,7 +31,7 @@ from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, progress
 from mtkit.corpus import normalize, tag, with_tag
 from mtkit.errors import MtkitError
-from mtkit.files import read_json, sha256_file, sha256_json, write_json
+from mtkit.files import check_output, read_json, real_path, replace, sha256_file, sha256_json, write_json, written_through
 from mtkit.search import Hypothesis
 from mtkit.tokenizer import Tokenizer
 
@@ -285,8 +286,8 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
     under a temporary name and renamed when complete; from a file, a run that does not complete
     keeps what it wrote, and the same command continues after it (Unfinished). on_attention: as
     for translate_stream."""
-    if target is not None and target.is_dir():
-        raise MtkitError(f"--output {target} is a folder", hint="name a file to write, e.g. -o out.txt")
+    if target is not None:
+        check_output(target)
     if source is None:
         if sys.stdin is None:  # started with stdin closed (`<&-`)
             raise MtkitError("no input: standard input is closed", hint="pipe text in, or give --input FILE")
@@ -294,9 +295,10 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
     else:
         inp, total, digest = open_input(source)
     try:
-        if target is None:
-            return translate_stream(translator, file_chunks(inp), sys.stdout, opts, on_attention=on_attention,
-                                    target_lang=target_lang)
+        if target is None or written_through(target):  # stdout, a FIFO, a device: nothing to keep or rename
+            with contextlib.nullcontext(sys.stdout) if target is None else open(target, "w", encoding="utf-8") as out:
+                return translate_stream(translator, file_chunks(inp), out, opts, on_attention=on_attention,
+                                        target_lang=target_lang)
         unfinished = Unfinished(target, digest and sha256_json({
             "input": digest, "model": model_digest(translator.path), "engine": type(translator).__name__,
             "device": str(getattr(translator, "device", "cpu")), "precision": translator.precision,
@@ -309,7 +311,7 @@ def translate_file(translator: Engine, source: Path | None, target: Path | None,
                 task = bar.add_task(f"translate -> {target}", total=total, completed=done)
                 n = translate_stream(translator, file_chunks(inp), out, opts, lambda k: bar.advance(task, k),
                                      on_attention, target_lang, skip=done, on_written=unfinished.record)
-            os.replace(unfinished.tmp, target)
+            replace(unfinished.tmp, unfinished.real)
             finished = True
         finally:
             unfinished.end(finished)
@@ -335,9 +337,9 @@ class Unfinished:
     other command starts over. key None (input from a pipe): nothing is kept."""
 
     def __init__(self, target: Path, key: str | None):
-        self.target, self.key = target, key
-        self.tmp = target.with_name(f".{target.name}.tmp")
-        self.note = target.with_name(f".{target.name}.tmp.json")
+        self.target, self.key, self.real = target, key, real_path(target)  # a symlink's target gets the text
+        self.tmp = self.real.with_name(f".{self.real.name}.tmp")
+        self.note = self.real.with_name(f".{self.real.name}.tmp.json")
         self.lines, self.out = 0, None
 
     def open(self) -> TextIO:

@@ -21,6 +21,7 @@ from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.console import console, info
 from mtkit.corpus import normalize
 from mtkit.errors import MtkitError
+from mtkit.files import check_output, output_file
 from mtkit.search import BeamStep, GreedyStep, Hypothesis, Trace, length_penalty, max_lengths
 from mtkit.tokenizer import Tokenizer
 
@@ -236,13 +237,11 @@ def explorer_page(live: bool, data: dict | None = None) -> str:
 def explore_page(translator: "Translator", line: str, output: Path, whatif: str | None = None,
                  target_lang: str | None = None, **settings) -> dict:
     """`mtkit explore`: explain one sentence and write the Explorer page with the answer in it."""
-    if output.is_dir():
-        raise MtkitError(f"--output {output} is a folder", hint="name a file to write, e.g. -o explorer.html")
-    if not output.parent.is_dir():  # said before the work, not after it
-        raise MtkitError(f"cannot write --output {output}: its folder does not exist", hint="create it first")
+    check_output(output, example="explorer.html")  # said before the work, not after it
     found = explain(translator, line, translator.options(**settings), whatif, target_lang)
     try:
-        output.write_text(explorer_page(live=False, data=found), encoding="utf-8")
+        with output_file(output) as name:
+            name.write_text(explorer_page(live=False, data=found), encoding="utf-8")
     except OSError as e:
         raise MtkitError(f"cannot write --output {output}: {e.strerror}",
                          hint="check that its folder exists and is writable") from None

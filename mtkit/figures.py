@@ -4,12 +4,14 @@ matplotlib is imported here only, with its file-only backend (Agg): no display i
 `mtkit --help` does not pay for the import.
 """
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtkit.errors import MtkitError
+from mtkit.files import check_output, output_file
 
 if TYPE_CHECKING:  # only named in annotations: figures draws what translate computes, not the other way
     from mtkit.translate import AttentionMap
@@ -57,28 +59,24 @@ def check_picture_path(path: Path, option: str = "--output") -> Path:
     """A picture is written where it is named, or refused before any work: matplotlib would take
     a name without a known ending for a folder-less PNG name (`-o maps` writes maps.png) and fail
     on an unknown one after the work is done."""
-    path = Path(path)
-    if path.is_dir():
-        raise MtkitError(f"{option} {path} is a folder", hint=f"name the picture, e.g. {path / 'picture.png'}")
+    path = check_output(path, option, "picture.png")
     if path.suffix.lower() not in FORMATS:
         raise MtkitError(f"{option} {path}: the picture's format comes from its ending, one of "
                          f"{', '.join(FORMATS)}", hint=f"e.g. {option} {path.with_suffix('.png')}")
-    if not path.parent.is_dir():
-        raise MtkitError(f"{option} {path}: the folder {path.parent} does not exist", hint="create it first")
     return path
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the figure under a temporary name, then rename: no half-written picture is left."""
+    """Write the figure as every output file is written (files.output_file)."""
     path = check_picture_path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        picture = io.BytesIO()  # PIL opens a file name for reading too, which a FIFO is not
+        fig.savefig(picture, dpi=110, format=path.suffix[1:].lower())
+        with output_file(path) as name:
+            name.write_bytes(picture.getvalue())
     except OSError as e:
-        raise MtkitError(f"cannot write {path}: {e.strerror}", hint="check that its folder is writable") from None
+        raise MtkitError(f"cannot write {path}: {e.strerror or e}", hint="check that its folder is writable") from None
     finally:
-        tmp.unlink(missing_ok=True)
         _pyplot().close(fig)
     return path
 

@@ -257,7 +257,7 @@ COMMANDS = {
                                   Refused("nothing to explain: the sentence is empty")),
     "explore --output a folder": (["explore", "{run}", "A dog.", "-o", "{tmp}"], None, Refused("is a folder")),
     "explore --output in a missing folder": (["explore", "{run}", "A dog.", "-o", "{tmp}/no/e.html"], None,
-                                             Refused("cannot write --output {tmp}/no/e.html: its folder does not exist")),
+                                             Refused("--output {tmp}/no/e.html: the folder {tmp}/no does not exist")),
     "explore --beam 17": (["explore", "{run}", "A dog.", "--beam", "17"], None, Refused("Invalid value for '--beam'")),
     "explore --alpha -1": (["explore", "{run}", "A dog.", "--alpha", "-1"], None, Refused("Invalid value for '--alpha'")),
     "explore --whatif empty": (["explore", "{run}", "A dog.", "--whatif", " ", "-o", "{tmp}/e.html"], None,
