@@ -41,14 +41,15 @@ def _logged_step(workdir: Path) -> int:
     return max(steps, default=0)
 
 
-def _wait(condition, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> bool:
-    """Poll `condition` (every 0.5 ms) until it holds; False if the process ended first."""
+def _wait(condition, proc: subprocess.Popen, log: Path, timeout: float = 600.0) -> bool:
+    """Poll `condition` (every millisecond, to catch a checkpoint write) until it holds; False if
+    the process ended first. The deadline is only against a hang."""
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
             return False
         assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.0005)
+        time.sleep(0.001)
     return True
 
 
@@ -70,8 +71,10 @@ def test_sigkill_at_random_moments_and_during_writes(tmp_path, demo_dir):
         # says so: metrics.jsonl may still hold steps a killed process logged and never saved.
         if not _wait(lambda: b"\nstep " in log.read_bytes()[seen:], proc, log):
             break  # it finished before the kill
-        if kills % 2 == 0:
-            time.sleep(rng.uniform(0.0, 0.4))
+        if kills % 2 == 0:  # a random number of steps on, not a random time: a fast machine would finish
+            on = _logged_step(workdir) + rng.randint(1, 4)
+            if not _wait(lambda: _logged_step(workdir) >= on, proc, log):
+                break
         elif not _wait(lambda: any(folder.glob(".*.tmp")), proc, log):
             break
         os.killpg(proc.pid, signal.SIGKILL)

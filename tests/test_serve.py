@@ -231,9 +231,8 @@ def test_health_answers_during_a_long_request_and_sigterm_lets_it_finish(trained
     worker = threading.Thread(target=client)
     worker.start()
     time.sleep(0.5)
-    started = time.perf_counter()
-    assert s.request("/health", timeout=5)[0] == 200
-    assert time.perf_counter() - started < 1.0 and worker.is_alive()  # answered while the search runs
+    assert s.request("/health", timeout=60)[0] == 200
+    assert worker.is_alive()  # answered while the search runs (an order of events, not a duration)
     s.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     assert worker.is_alive()  # still in flight when the signal came
@@ -278,17 +277,15 @@ def test_the_commands_of_docs_serving_md(trained):
 
 def test_a_lone_client_waits_for_nobody(trained):
     """The batch window is for company that is likely: one request after another, each alone,
-    is searched at once (here the window is a minute; neither request waits it)."""
+    is searched at once (here the window is an hour; neither request waits it)."""
     from mtkit.serve import Batcher
     from mtkit.translate import Translator
 
     t = Translator.load(trained)
-    batcher = Batcher(lambda: t, wait=60.0)
-    began = time.monotonic()
+    batcher = Batcher(lambda: t, wait=3600.0)
     for line in ["The dog sees a cat.", "A boy runs."]:
-        found = batcher.submit(t.encode([line]), t.options(beam_size=2)).result(timeout=50)
+        found = batcher.submit(t.encode([line]), t.options(beam_size=2)).result(timeout=600)
         assert found[0][0][1] == t.translate([line], beam_size=2)[0]
-    assert time.monotonic() - began < 50
     batcher.close()
     assert not batcher.thread.is_alive() and (batcher.requests, batcher.searches) == (2, 2)
 

@@ -17,9 +17,10 @@ import pytest
 from mtkit import checkpoint
 from mtkit.config import TrainSection
 from mtkit.bookkeeping import Progress, stop_reason
-from tests.conftest import write_config, TINY_MODEL
+from tests import fake_clock
+from tests.conftest import REPO, TINY_MODEL, write_config
 
-MTKIT = Path(sys.executable).with_name("mtkit")
+TICK = 0.005
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,13 @@ def last_state(workdir: Path) -> dict:
 
 
 def kill_after(config_path: Path, overrides: dict, workdir: Path, step: int) -> None:
-    """`mtkit run` in its own process, SIGKILLed once it has saved a step checkpoint past `step`."""
+    """`mtkit run` in its own process (on the fake clock), SIGKILLed once it has saved a step
+    checkpoint past `step`."""
     folder = workdir / "checkpoints"
-    proc = subprocess.Popen([MTKIT, "run", config_path, *sets(overrides)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "MTKIT_QUIET": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 120
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_clock", str(TICK), "run", config_path, *sets(overrides)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, "MTKIT_QUIET": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 600  # only against a hang
     while not any(int(p.stem[5:]) > step for p in folder.glob("step_*.pt")):
         assert proc.poll() is None, f"the run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
         assert time.monotonic() < deadline
@@ -74,7 +77,11 @@ RULES = {
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_an_extended_run_killed_midway_is_continued_not_taken_for_finished(cli, tmp_path, small_corpus, rule):
+def test_an_extended_run_killed_midway_is_continued_not_taken_for_finished(cli, tmp_path, small_corpus, rule,
+                                                                           monkeypatch):
+    # max_time counts on the fake clock (~0.02 s a step): 1 s is ~44 steps and 3 s ~133 on any machine,
+    # so the extended run is never over before the kill, however busy the machine.
+    fake_clock.install(monkeypatch, TICK)
     first, extended, ended = RULES[rule]
     config_path = config(tmp_path, small_corpus)
     workdir = tmp_path / "run"

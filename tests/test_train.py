@@ -17,6 +17,7 @@ import torch
 from mtkit import checkpoint
 from mtkit.config import load_config
 from mtkit.train import ema_update, lr_at, schedule_end
+from tests import fake_clock
 from tests.conftest import tiny_config
 
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -55,7 +56,9 @@ def test_schedule_end_is_max_steps_or_where_the_clock_will_stop_the_run():
     assert lr_at(150, max_steps=schedule_end(149, 1200.0, max_steps=10**5, max_time=1200), **kw) == 0.0
 
 
-def test_a_cosine_schedule_bounded_by_the_clock_decays_to_near_zero_at_the_time_limit(tmp_path, demo_dir, cli):
+def test_a_cosine_schedule_bounded_by_the_clock_decays_to_near_zero_at_the_time_limit(tmp_path, demo_dir, cli,
+                                                                                       monkeypatch):
+    fake_clock.install(monkeypatch, tick=0.05)  # ~0.2 s a step: ~30 steps in 6 s, on any machine
     config = tiny_config(tmp_path, demo_dir, schedule="cosine", warmup=5, max_steps=100_000, max_time=6,
                          log_every=1, eval_every=100_000, save_every=100_000)
     cli("train", config)
@@ -478,7 +481,7 @@ def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path
     steps = set()
     try:
         _wait_for(folder / "best.pt", proc)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # only against a hang
         while len(steps) < 3 and time.monotonic() < deadline:
             for path in (folder / "last.pt", tmp_path / "run"):  # last.pt, and the workdir: its best.pt
                 translator = Translator.load(path)  # loads every time: a file replaced mid-read would fail here
@@ -527,13 +530,15 @@ def test_the_training_bar_fits_the_terminal_without_cutting_a_column(width):
     assert ("epoch 140" in shown and "lr 1.50e-03" in shown) == (width >= 110)
 
 
-def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(tmp_path, demo_dir, capsys):
+def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(tmp_path, demo_dir, capsys,
+                                                                                 monkeypatch):
     """With max_time and the default max_steps (100,000), the bar stood at 1% when the demo run
     ended: it now runs to the step the clock is expected to stop at, at the speed so far, and the
-    log lines count to it too."""
+    log lines count to it too. On the fake clock: on a busy machine, a 5-second run's speed varied."""
     from mtkit.pipeline import prepare_data
     from mtkit.train import Trainer
 
+    fake_clock.install(monkeypatch, tick=0.05)
     cfg = load_config(tiny_config(tmp_path, demo_dir, max_steps=100_000, max_time=5, log_every=5,
                                   eval_every=100_000, save_every=100_000))
     prepare_data(cfg)
