@@ -122,6 +122,8 @@ def translate(
     set_: SetOpt = None,
 ) -> None:
     """Translate text: one output line per input line, always (an empty line gives an empty line)."""
+    from mtkit.config import DecodeSection
+    from mtkit.config_text import section_overrides
     from mtkit.engine import translate_file
     from mtkit.translate import Translator
 
@@ -133,6 +135,7 @@ def translate(
         from mtkit.files import ensure_writable_dir
 
         ensure_writable_dir(attention, "--attention", "name a folder to write the maps in")
+    overrides = section_overrides(set_, "translate", {"decode": DecodeSection})["decode"]
     if engine == "ctranslate2":
         from mtkit.export import CT2Translator
 
@@ -149,7 +152,6 @@ def translate(
                              hint="add --engine ctranslate2 (with a folder from mtkit export), or drop it")
         translator = Translator.load(checkpoint, device, precision)
         _say_lineage(translator)
-    overrides = _overrides(set_, "translate")["decode"]
     options = dict(beam_size=1 if greedy else beam, alpha=alpha, n_best=nbest, max_tokens=max_tokens)
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
@@ -278,29 +280,12 @@ def serve(
     except ImportError as e:
         raise MtkitError(f"mtkit serve needs {e.name or 'FastAPI and uvicorn'}",
                          hint="pip install 'mtkit[serve]' (or: pip install fastapi uvicorn)") from None
-    overrides = _overrides(set_, "serve", ("decode", "serve"))
+    from mtkit.config import DecodeSection, ServeSection
+    from mtkit.config_text import section_overrides
+
+    overrides = section_overrides(set_, "serve", {"decode": DecodeSection, "serve": ServeSection})
     run_server(checkpoint, host=host, port=port, device=device, precision=precision, decode=overrides["decode"],
                limits=overrides["serve"])
-
-
-def _overrides(items: Optional[list[str]], command: str, sections: tuple[str, ...] = ("decode",)) -> dict:
-    """--set section.key=value for a command that takes a trained model: only `sections` apply
-    (decode for translate; decode and serve for serve) -> {section: {key: value}}."""
-    import yaml
-
-    from mtkit.config import Config
-
-    overrides = {name: {} for name in sections}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        section, _, name = key.strip().partition(".")
-        fields = Config.model_fields[section].annotation.model_fields if section in sections else {}
-        if name not in fields:
-            keys = [f"{s}.{k}" for s in sections for k in Config.model_fields[s].annotation.model_fields]
-            raise MtkitError(f"{command} takes only {' and '.join(s + '.*' for s in sections)} overrides, not {key!r}",
-                             hint=f"e.g. --set {keys[3]}=2; keys: " + ", ".join(keys))
-        overrides[section][name] = yaml.safe_load(value)
-    return overrides
 
 
 @app.command("eval")
@@ -313,7 +298,7 @@ def eval_(
     split: Annotated[Optional[str], typer.Option("--split", help="valid or test (default: eval.split).")] = None,
     beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam size (default: decode.beam_size).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Another checkpoint than the config's eval.checkpoint (a file, or a workdir: its best.pt).")] = None,
-    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=1, help="Paired bootstrap resampling with this many "
+    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", min=1, max=10_000, help="Paired bootstrap resampling with this many "
                                                      "samples (1000 is usual): 95% confidence intervals, and p-values "
                                                      "against the first --hyp.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (bleu, chrf, ter) to stdout.")] = False,

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtkit.config_text import all_keys, apply_override, config_error, key_lines
+from mtkit.config_text import Checked, all_keys, apply_override, config_error, key_lines
 from mtkit.errors import MtkitError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -23,8 +23,8 @@ SplitSpec = Union[str, tuple[str, str]]
 LANGUAGE = r"^[A-Za-z0-9_]+$"  # a language code has no '-': it would split a direction (use pt_br)
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Section(Checked):
+    model_config = ConfigDict(frozen=True)
 
 
 class ExperimentSection(Section):
@@ -255,12 +255,13 @@ class TrainSection(Section):
 
 
 class DecodeSection(Section):
-    beam_size: PositiveInt = 5
-    alpha: Annotated[float, Field(ge=0.0)] = 0.6
-    n_best: PositiveInt = 1
-    max_len_a: Annotated[float, Field(ge=0.0)] = 1.5
-    max_len_b: Annotated[int, Field(ge=0)] = 10
-    max_tokens: PositiveInt = 2000
+    # Bounded where more is only a mistake (a beam of 1e9, alpha 1e308: tracebacks; max_len_a 1e308: one token).
+    beam_size: Annotated[int, Field(gt=0, le=1024)] = 5
+    alpha: Annotated[float, Field(ge=0.0, le=10.0)] = 0.6
+    n_best: Annotated[int, Field(gt=0, le=1024)] = 1
+    max_len_a: Annotated[float, Field(ge=0.0, le=100.0)] = 1.5
+    max_len_b: Annotated[int, Field(ge=0, le=10_000)] = 10
+    max_tokens: Annotated[int, Field(gt=0, le=10_000_000)] = 2000
 
     @model_validator(mode="after")
     def _check(self) -> "DecodeSection":
@@ -292,6 +293,8 @@ class EvalSection(Section):
 class ServeSection(Section):
     max_lines: PositiveInt = 1000
     max_chars: PositiveInt = 100_000
+    max_beam_size: Annotated[int, Field(gt=0, le=1024)] = 16  # and n_best: a request's search is bounded
+    max_body_bytes: PositiveInt = 1_000_000  # refused before it is read further, let alone parsed
     batch_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 50.0
 
 
@@ -394,3 +397,4 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         return Config.model_validate(raw)
     except ValidationError as e:
         raise config_error(path, e, lines, set_by_override, all_keys(Config)) from None
+

@@ -1,26 +1,35 @@
-"""Reading a config's text for mtkit.config: `--set` overrides merged into the YAML, the line of
-each dotted key, and validation errors turned into messages that name the key, its line (or the
-override it came from) and the fix."""
+"""Reading a config's text for mtkit.config: `--set` overrides (one reading for every command)
+merged into the YAML, the line of each dotted key, the one rule every number is held to whatever
+its door (`Checked`), and validation errors turned into messages that name the key, its line (or
+the override it came from) and the fix."""
 
 import difflib
+import types
+import typing
 from pathlib import Path
-from typing import get_args
+from typing import Annotated, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from mtkit.errors import MtkitError
 
 
-def apply_override(raw: dict, item: str) -> str:
+def parse_override(item: str) -> tuple[str, object]:
+    """`--set section.key=value` -> (the dotted key, the value read as YAML): the one reading of
+    --set for every command."""
     key, eq, value = item.partition("=")
     key = key.strip()
     if not eq or not key or any(not part for part in key.split(".")):
         raise MtkitError(f"bad override {item!r}", hint="write --set section.key=value, e.g. --set train.lr=5e-4")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        return key, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
-        parsed = value  # not YAML: keep the literal string and let validation judge it
+        return key, value  # not YAML: keep the literal string and let validation judge it
+
+
+def apply_override(raw: dict, item: str) -> str:
+    key, parsed = parse_override(item)
     *parents, leaf = key.split(".")
     node = raw
     for i, part in enumerate(parents):
@@ -120,3 +129,43 @@ def _where(key: str, lines: dict[str, int], overrides: dict[str, str]) -> tuple[
         if line:
             return line, f"line {line}: "
     return 0, ""
+
+
+class Checked(BaseModel):
+    """Values from any door (YAML, --set, a command-line option, an HTTP request, the Python API)
+    are held to one rule: numbers finite (inf or NaN cut every translation to a word, or made every
+    score -0.0), and true/false never taken for a number (pydantic would take it for 1)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value, info):
+        kinds = _kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and {int, float} & kinds:
+            raise ValueError(f"a number, not {str(value).lower()}")
+        return value
+
+
+def _kinds(annotation) -> set:
+    """The plain types a field takes: int for Annotated[int, ...] | None."""
+    if typing.get_origin(annotation) is Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*map(_kinds, typing.get_args(annotation)))
+    return {annotation}
+
+
+def section_overrides(items: list[str] | None, command: str, sections: dict[str, type[BaseModel]]) -> dict:
+    """--set section.key=value for a command that takes a trained model: only `sections` apply
+    (decode for translate; decode and serve for serve) -> {section: {key: value}}, validated when
+    merged over the model's own settings."""
+    overrides = {name: {} for name in sections}
+    for item in items or []:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        if name not in (sections[section].model_fields if section in sections else {}):
+            keys = [f"{s}.{k}" for s, kind in sections.items() for k in kind.model_fields]
+            raise MtkitError(f"{command} takes only {' and '.join(s + '.*' for s in sections)} overrides, not {key!r}",
+                             hint=f"e.g. --set {keys[3]}=2; keys: " + ", ".join(keys))
+        overrides[section][name] = value
+    return overrides

@@ -60,8 +60,9 @@ class Engine:
         try:
             return DecodeOptions(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'decode'}: "
-                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            problems = "; ".join(f"decode{''.join('.' + str(k) for k in err['loc'])}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}"
+                                 + (f" (got {err['input']!r})" if err["loc"] else "") for err in e.errors())
             raise MtkitError(f"bad decoding settings: {problems}") from None
 
     def translate(self, lines: Sequence[str], target_lang: str | None = None, *, on_sentences=None,

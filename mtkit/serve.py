@@ -1,10 +1,10 @@
 """Stage `mtkit serve`: a model behind HTTP/JSON, searching concurrent requests together.
 
-The model is loaded once. Every search runs in one worker thread (`Batcher`), off the event loop,
+The model is loaded once. Every search runs in one worker thread (batcher.py), off the event loop,
 so /health answers while a long request is translated. Requests that wait together with the same
 settings are searched as one batch: the same search_sorted as `mtkit translate` sorts their lines
 by length and cuts token budgets, so each caller gets what `mtkit translate` gives for its lines,
-and many callers cost little more than one. The HTTP side (FastAPI on uvicorn, pip install
+and many callers cost little more than one. Each request's work is bounded (serve.* limits). The HTTP side (FastAPI on uvicorn, pip install
 'mtkit[serve]') is a thin layer over the engine: it validates, encodes, waits and answers.
 """
 
@@ -12,21 +12,20 @@ import asyncio
 import contextlib
 import signal
 import socket
-import threading
-import time
 from concurrent.futures import Future
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mtkit import checkpoint
 from mtkit.config import DecodeSection as DecodeOptions, ServeSection
+from mtkit.config_text import Checked
+from mtkit.batcher import Batcher
 from mtkit.console import info
 from mtkit.engine import Engine, cut
 from mtkit.errors import MtkitError
@@ -35,146 +34,40 @@ from mtkit.lineage import describe
 from mtkit.translate import Translator
 
 
-@dataclass(eq=False)  # a job is itself, not its content: two requests of the same lines are two jobs
-class Job:
-    """One request's lines, waiting for the worker; or a call to run on the engine alone."""
-    ids: list[list[int]]
-    opts: DecodeOptions | None
-    future: Future
-    arrived: float
-    tokens: int
-    call: Callable[[Engine], object] | None = None
-
-
-class Batcher:
-    """One worker thread runs every search. It takes the oldest waiting request, lets others join
-    it for up to `wait` seconds (fewer when enough tokens are waiting), and searches the lines of
-    all that share its settings as one list; requests with other settings wait for the next turn.
-    It waits only for company that is likely: as many requests as the last search served (the
-    callers it answered, coming back), or two when this one came while it was busy. A lone
-    client's request is searched at once."""
-
-    def __init__(self, load: Callable[[], Engine], wait: float = 0.0):
-        """load: makes the engine, in the worker thread (`loaded` says when, or why not)."""
-        self.wait = wait
-        self.loaded: Future = Future()
-        self.pending: list[Job] = []
-        self.changed = threading.Condition()
-        self.closing = False
-        self.requests = self.searches = 0
-        self.free_at, self.last_size = 0.0, 0  # when the last search ended; how many requests it served
-        self.thread = threading.Thread(target=self._work, args=(load,), name="mtkit-search", daemon=True)
-        self.thread.start()
-
-    def submit(self, ids: list[list[int]], opts: DecodeOptions) -> Future:
-        """The future of [(score, text), ...] (n-best, best first) for each line of `ids`."""
-        job = Job(ids, opts, Future(), time.monotonic(), sum(len(x) + 1 for x in ids))
-        with self.changed:
-            self.pending.append(job)
-            self.requests += 1
-            self.changed.notify()
-        return job.future
-
-    def run(self, call: Callable[[Engine], object]) -> Future:
-        """The future of call(engine), run by the worker in its turn (the Explorer's searches)."""
-        job = Job([], None, Future(), time.monotonic(), 0, call)
-        with self.changed:
-            self.pending.append(job)
-            self.requests += 1
-            self.changed.notify()
-        return job.future
-
-    def close(self) -> None:
-        """Search what is waiting, then stop the worker."""
-        with self.changed:
-            self.closing = True
-            self.changed.notify()
-        self.thread.join()
-
-    def _next(self) -> list[Job] | None:
-        with self.changed:
-            while not self.pending and not self.closing:
-                self.changed.wait()
-            if not self.pending:
-                return None
-            first = self.pending[0]
-            if first.call is not None:
-                return [self.pending.pop(0)]
-            budget = first.opts.max_tokens
-
-            def alike() -> list[Job]:
-                return [j for j in self.pending if j.call is None and j.opts == first.opts]
-            # Closed-loop clients come back after each answer: wait (at most `wait`) for as many as
-            # the last search served, or for two when this one came while the worker was busy.
-            expected = max(self.last_size, 2) if first.arrived < self.free_at else self.last_size
-            until = max(first.arrived, self.free_at) + self.wait
-            while (len(same := alike()) < expected and sum(j.tokens for j in same) < budget
-                   and (left := until - time.monotonic()) > 0):
-                self.changed.wait(left)
-            batch, tokens = [], 0
-            for job in alike():  # the oldest first; the first always goes, however large
-                if batch and tokens + job.tokens > budget:
-                    break
-                batch.append(job)
-                tokens += job.tokens
-            self.pending = [j for j in self.pending if j not in batch]
-            return batch
-
-    def _work(self, load: Callable[[], Engine]) -> None:
-        # The model is loaded in the thread that searches with it: torch's OpenMP threads belong to
-        # the thread that starts them, and a second set (loading in one thread, searching in
-        # another) made each search about 30% slower (measured).
-        try:
-            self.engine = load()
-        except BaseException as e:  # noqa: BLE001 -- said by whoever waits for `loaded`
-            self.loaded.set_exception(e)
-            return
-        self.loaded.set_result(self.engine)
-        while (batch := self._next()) is not None:
-            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # gone: skipped
-            if not batch:
-                continue
-            self.searches += 1
-            if batch[0].call is not None:
-                _settle(batch[0].future, batch[0].call, self.engine)
-                continue
-            try:
-                found = self.engine.translate_ids([x for job in batch for x in job.ids], batch[0].opts)
-            except Exception as e:  # noqa: BLE001 -- the server outlives any request: theirs fail, not it
-                found = e
-            self.free_at, self.last_size = time.monotonic(), len(batch)  # before any caller can come back
-            start = 0
-            for job in batch:
-                if isinstance(found, Exception):
-                    job.future.set_exception(found)
-                else:
-                    job.future.set_result(found[start:start + len(job.ids)])
-                start += len(job.ids)
-
-
-def _settle(future: Future, call: Callable[[Engine], object], engine: Engine) -> None:
+def _unicode(text: str, field: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"), which no tokenizer can encode: a 422, not a 500."""
     try:
-        future.set_result(call(engine))
-    except Exception as e:  # noqa: BLE001 -- the caller's failure, not the server's
-        future.set_exception(e)
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field} holds {text[e.start]!a}, half of a UTF-16 surrogate pair: not a character") from None
+    return text
 
 
-class TranslateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TranslateRequest(Checked):  # finite numbers, no true/false for one: the config's rule
     text: list[str] = Field(description="Lines to translate: one translation each, in order.")
-    beam_size: int | None = Field(None, ge=1, description="Beam size (1: greedy); default: the server's.")
+    beam_size: int | None = Field(None, ge=1, description="Beam size (1: greedy), at most serve.max_beam_size; "
+                                                          "default: the server's.")
     alpha: float | None = Field(None, ge=0.0, description="Length penalty exponent; default: the server's.")
     n_best: int | None = Field(None, ge=1, description="Hypotheses per line (at most beam_size).")
     target_lang: str | None = Field(None, description="The language to translate into (a model of several needs it).")
 
+    @field_validator("text")
+    @classmethod
+    def _characters(cls, lines: list[str]) -> list[str]:
+        return [_unicode(line, f"text[{i}]") for i, line in enumerate(lines)]
 
-class ExplainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class ExplainRequest(Checked):
     text: str = Field(description="One sentence to translate and explain.")
     beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="Beam size (1: greedy); default: the server's.")
     alpha: float | None = Field(None, ge=0.0, le=5.0, description="Length penalty exponent; default: the server's.")
     translation: str | None = Field(None, description="What if: a translation for the model to score, subword by subword.")
     target_lang: str | None = Field(None, description="The language to translate into (a model of several needs it).")
+
+    @field_validator("text", "translation")
+    @classmethod
+    def _characters(cls, text: str | None, info) -> str | None:
+        return text if text is None else _unicode(text, info.field_name)
 
 
 class Scored(BaseModel):
@@ -201,10 +94,12 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
     app = FastAPI(title="mtkit", version="1", lifespan=lifespan,
                   description="Machine translation with a model trained by mtkit. The search batches concurrent requests.")
     about = model_facts(translator, defaults)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, refused)
     add_explorer(app, batcher, defaults, settings)
 
     @app.post("/v1/translate", response_model=TranslateResponse, response_model_exclude_none=True)
-    async def translate(request: TranslateRequest) -> TranslateResponse:
+    async def translate(request: TranslateRequest, http: Request) -> TranslateResponse:
         """Translate lines: the contract of `mtkit translate` (one translation per line, in order)."""
         if len(request.text) > settings.max_lines:
             raise HTTPException(413, f"{len(request.text):,} lines: a request takes at most serve.max_lines "
@@ -213,11 +108,12 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
         if chars > settings.max_chars:
             raise HTTPException(413, f"{chars:,} characters: a request takes at most serve.max_chars "
                                      f"({settings.max_chars:,})")
-        opts = request_options(defaults, request.model_dump(exclude={"text", "target_lang"}, exclude_none=True))
+        given = request.model_dump(exclude={"text", "target_lang"}, exclude_none=True)
+        opts = request_options(defaults, given, settings)
         ids = encode(translator, request.text, request.target_lang)
         warnings = [f"text[{i}]: longer than the model's {translator.max_source_tokens} source tokens; "
                     f"translated its beginning only" for i in cut(translator, ids)]
-        found = await asyncio.wrap_future(batcher.submit(ids, opts))
+        found = await answer(batcher, batcher.submit(ids, opts), http)
         nbest = [[Scored(text=t, score=s) for s, t in hyps] for hyps in found] if opts.n_best > 1 else None
         return TranslateResponse(translations=[hyps[0][1] for hyps in found], nbest=nbest, warnings=warnings)
 
@@ -229,7 +125,8 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
     @app.get("/health")
     async def health() -> dict:
         """Liveness: answers whenever the process does, a search in progress or not."""
-        return {"status": "ok", "requests": batcher.requests, "searches": batcher.searches}
+        return {"status": "ok", "requests": batcher.requests, "searches": batcher.searches,
+                "abandoned": batcher.abandoned}
 
     @app.get("/ready")
     async def ready() -> dict:
@@ -246,7 +143,7 @@ def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeOptions, settin
     page = explorer_page(live=True)
 
     @app.post("/v1/explain")
-    async def explain_(request: ExplainRequest) -> dict:
+    async def explain_(request: ExplainRequest, http: Request) -> dict:
         """One sentence laid open: its subwords, the search tree (beam and greedy), the attention of
         the winning translation, and the score of a what-if translation (the Explorer's data)."""
         longest = max(len(request.text), len(request.translation or ""))
@@ -254,11 +151,11 @@ def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeOptions, settin
             raise HTTPException(413, f"{longest:,} characters: a request takes at most serve.max_chars "
                                      f"({settings.max_chars:,})")
         given = request.model_dump(include={"beam_size", "alpha"}, exclude_none=True)
-        opts = request_options(defaults.model_copy(update={"n_best": 1}), given)
+        opts = request_options(defaults.model_copy(update={"n_best": 1}), given, settings)
         try:
-            return await asyncio.wrap_future(batcher.run(lambda engine: explain(engine, request.text, opts,
-                                                                                  request.translation,
-                                                                                  request.target_lang)))
+            return await answer(batcher, batcher.run(lambda engine: explain(engine, request.text, opts,
+                                                                            request.translation, request.target_lang)),
+                                http)
         except BadInput as e:
             raise RequestValidationError([{"type": "value_error", "loc": ("body", e.field), "msg": e.message,
                                            "input": getattr(request, e.field)}]) from None
@@ -279,17 +176,75 @@ def encode(translator: Engine, lines: list[str], target_lang: str | None) -> lis
                                        "input": target_lang}]) from None
 
 
-def request_options(defaults: DecodeOptions, given: dict) -> DecodeOptions:
+def request_options(defaults: DecodeOptions, given: dict, settings: ServeSection) -> DecodeOptions:
     """The server's decoding settings with the request's own (`given`); a contradiction (n_best
-    above the beam) is a 422 naming the field, as the request's own validation says it."""
+    above the beam) or a search wider than serve.max_beam_size is a 422 naming the field. The cap
+    bounds what one request costs the others: a beam of 30,000 took 41 s and 760 MB."""
+    for field in ("beam_size", "n_best"):
+        if given.get(field, 0) > settings.max_beam_size:
+            raise RequestValidationError([{"type": "less_than_equal", "loc": ("body", field),
+                                           "msg": f"{field} {given[field]}: this server searches at most "
+                                                  f"serve.max_beam_size ({settings.max_beam_size}) beams"}])
     try:
         return DecodeOptions(**defaults.model_dump() | given)
     except ValidationError as e:
-        field = "n_best" if "n_best" in given else "beam_size"
+        field = "n_best" if "n_best" in given else next((f for f in ("beam_size", "alpha") if f in given), "beam_size")
         raise RequestValidationError([{"type": "value_error", "loc": ("body", field),
-                                       "msg": err["msg"].removeprefix("Value error, ").replace("decode.", ""),
-                                       "input": given.get(field)}
+                                       "msg": err["msg"].removeprefix("Value error, ").replace("decode.", "")}
                                       for err in e.errors()]) from None
+
+
+async def answer(batcher: Batcher, future: Future, http: Request):
+    """The search's result; a client that hangs up meanwhile is forgotten (Batcher.forget)."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.25)
+        if done:
+            return waiting.result()
+        if await http.is_disconnected():
+            batcher.forget(future)
+            raise HTTPException(499, "the client closed the request")  # nginx's code; nobody reads it
+
+
+async def refused(request: Request, e: RequestValidationError) -> JSONResponse:
+    """A 422 naming each field and what is wrong with it, without echoing what was sent: a 20 MB
+    body came back whole, and NaN or a lone surrogate in it made the answer itself fail (a 500)."""
+    return JSONResponse(status_code=422, content={"detail": [
+        {"type": err["type"], "loc": list(err["loc"]), "msg": err["msg"]} for err in e.errors()]})
+
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes (413) before it is read further, let alone parsed:
+    by its Content-Length, or by counting a chunked body as it arrives (then the application is
+    told the client left, and what it would answer is dropped)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = JSONResponse(status_code=413, content={"detail": f"the body is over serve.max_body_bytes "
+                                                                     f"({self.limit:,} bytes)"})
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await too_large(scope, receive, send)
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit and not refused:
+                refused = True
+                await too_large(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
+        await self.app(scope, counted, unless_refused)
 
 
 def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
@@ -340,7 +295,12 @@ def serve(path: Path, *, host: str, port: int, device: str, precision: str, deco
             raise MtkitError("bad serve settings: " + "; ".join(
                 f"serve.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
         batcher.wait = settings.batch_wait_ms / 1000
-        app = create_app(batcher, translator.options(**decode), settings)
+        defaults = translator.options(**decode)
+        if defaults.beam_size > settings.max_beam_size:
+            raise MtkitError(f"decode.beam_size {defaults.beam_size} is over serve.max_beam_size "
+                             f"({settings.max_beam_size}): a request without a beam_size would be refused",
+                             hint=f"--set serve.max_beam_size={defaults.beam_size}, or a smaller decode.beam_size")
+        app = create_app(batcher, defaults, settings)
         server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=None))
         bound = sock.getsockname()
         info(f"serve: {translator.path} at http://{bound[0]}:{bound[1]} (API docs at /docs); "

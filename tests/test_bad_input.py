@@ -423,13 +423,24 @@ TRANSLATE = {  # name: (args after the model, stdin, what the shell adds, outcom
     "--output in a missing folder": (["-o", "{tmp}/no/out.txt"], b"A cat.\n", "",
                                      Refused("/no/out.txt: the folder ")),
     "--output a folder": (["-o", "{tmp}"], b"A cat.\n", "", Refused("is a folder")),
+    # Numbers held to one rule (config.Checked), whatever the door: inf cut every translation to its
+    # first word; 1e308 and 1e9 were tracebacks; --set without '=' was ignored, broken YAML a traceback.
+    "--alpha inf": (["--alpha", "inf"], b"A cat.\n", "", Refused("decode.alpha: Input should be a finite number")),
+    "--alpha 1e308": (["--alpha", "1e308"], b"A cat.\n", "", Refused("decode.alpha: Input should be less than or equal to 10")),
+    "--beam 1000000000": (["--beam", "1000000000"], b"A cat.\n", "", Refused("decode.beam_size: Input should be less than")),
+    "--set decode.max_len_a=inf": (["--set", "decode.max_len_a=inf"], b"A cat.\n", "",
+                                   Refused("decode.max_len_a: Input should be a finite number")),
+    "--set decode.beam_size=true": (["--set", "decode.beam_size=true"], b"A cat.\n", "",
+                                    Refused("decode.beam_size: a number, not true")),
+    "--set with broken YAML": (["--set", "decode.beam_size=["], b"A cat.\n", "", Refused("decode.beam_size: Input should be a valid integer")),
+    "--set without =": (["--set", "decode.beam_size"], b"A cat.\n", "", Refused("bad override 'decode.beam_size'")),
     "--output where nothing may be written": (["-o", "{unwritable}/out.txt"], b"A cat.\n", "",
-                                              Refused("/no/out.txt: the folder ")),
+                                              Refused("cannot write --output")),
     "--nbest > --beam": (["--nbest", "4", "--beam", "2"], b"A cat.\n", "", Refused("cannot exceed decode.beam_size")),
     "--greedy with --beam 3": (["--greedy", "--beam", "3"], b"A cat.\n", "", Refused("contradict each other")),
     "--set for another section": (["--set", "train.lr=1"], b"A cat.\n", "", Refused("only decode.* overrides")),
     "--set a bad decoding value": (["--set", "decode.alpha=-1"], b"A cat.\n", "",
-                                   Refused("bad decoding settings: alpha: Input should be greater than or equal to 0")),
+                                   Refused("bad decoding settings: decode.alpha: Input should be greater than or equal to 0")),
 }
 
 

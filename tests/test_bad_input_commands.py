@@ -285,7 +285,7 @@ COMMANDS = {
     "serve --set serve.max_lines=0": (["serve", "{run}", "--port", "0", "--set", "serve.max_lines=0"], None,
                                       Refused("bad serve settings: serve.max_lines: Input should be greater than 0")),
     "serve --set decode.beam_size=0": (["serve", "{run}", "--port", "0", "--set", "decode.beam_size=0"], None,
-                                       Refused("bad decoding settings: beam_size")),
+                                       Refused("bad decoding settings: decode.beam_size")),
 }
 
 

@@ -202,3 +202,36 @@ def test_any_text_loads_or_says_why(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("config") / "exp.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     loads_or_says_why(path, [])
+
+
+def _numbers() -> list[str]:
+    """Every number of the config: its dotted key (from the sections themselves, so a new one is in)."""
+    from mtkit.config_text import _kinds
+
+    return [f"{name}.{key}" for name, section in Config.model_fields.items()
+            for key, field in section.annotation.model_fields.items() if {int, float} & _kinds(field.annotation)]
+
+
+@pytest.mark.parametrize("value", ["inf", "-.inf", ".nan", "nan", "true", "1e400"])
+def test_every_number_is_finite_and_no_bool(tmp_path, value):
+    """One rule for every number, whatever its door (YAML, --set; a command's option and an HTTP
+    field go through the same sections): decode.max_len_a=inf cut every translation to one word."""
+    path = write(tmp_path, MINIMAL)
+    keys = _numbers()
+    assert "decode.max_len_a" in keys and "train.max_time" in keys and len(keys) > 40
+    for key in keys:
+        message = error_of(path, [f"{key}={value}"])
+        assert key in message, (key, message)
+
+
+def test_the_translate_and_serve_overrides_are_read_as_every_other_set(cli, tmp_path):
+    """mtkit translate --set with broken YAML was a traceback, and --set KEY without = was ignored."""
+    from mtkit.config import DecodeSection, ServeSection
+    from mtkit.config_text import section_overrides
+
+    decode = {"decode": DecodeSection}
+    assert section_overrides(["decode.beam_size=["], "translate", decode) == {"decode": {"beam_size": "["}}
+    with pytest.raises(MtkitError, match="bad override 'decode.beam_size'"):
+        section_overrides(["decode.beam_size"], "translate", decode)
+    with pytest.raises(MtkitError, match="takes only decode.\\* and serve.\\* overrides, not 'train.lr'"):
+        section_overrides(["train.lr=1"], "serve", decode | {"serve": ServeSection})

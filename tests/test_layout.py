@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 LAYERS = {
     0: {"errors", "model", "metrics"},
     1: {"loss", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
-    2: {"corpus", "search", "engine"},
+    2: {"corpus", "search", "engine", "batcher"},
     3: {"vocab", "prepare", "train", "translate", "export", "marian", "figures", "explain"},
     4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
     5: {"pipeline"},

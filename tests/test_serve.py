@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 
@@ -77,7 +79,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(trained):
     s = Server(trained, "--set", "serve.batch_wait_ms=50", "--set", "serve.max_lines=100",
-               "--set", "serve.max_chars=20000")
+               "--set", "serve.max_chars=20000", "--set", "serve.max_body_bytes=100000")
     yield s
     s.stop()
 
@@ -169,6 +171,18 @@ BAD_REQUESTS = {
     "too many lines": ({"text": ["A dog."] * 101}, 413, "serve.max_lines (100)"),
     "too many characters": ({"text": ["A dog. " * 3000]}, 413, "serve.max_chars (20,000)"),
     "not UTF-8": (b'{"text": ["\xff\xfe A dog."]}', 400, "error parsing the body"),
+    # Each request's work is bounded, and every number held to the config's rule (config.Checked):
+    # a beam of 30,000 took 41 s and 760 MB while others waited; 1e9, NaN, Infinity, 1e308 and a
+    # lone surrogate were 500s with a traceback in the log; true was taken for a beam of 1.
+    "beam 30,000": ({"text": ["A dog."], "beam_size": 30000}, 422, "serve.max_beam_size (16)"),
+    "beam 1e9": ({"text": ["A dog."], "beam_size": 10**9}, 422, "serve.max_beam_size (16)"),
+    "n_best 17": ({"text": ["A dog."], "n_best": 17}, 422, '"loc": ["body", "n_best"]'),
+    "beam true": ({"text": ["A dog."], "beam_size": True}, 422, "a number, not true"),
+    "alpha NaN": (b'{"text": ["A dog."], "alpha": NaN}', 422, "finite number"),
+    "alpha Infinity": (b'{"text": ["A dog."], "alpha": Infinity}', 422, "finite number"),
+    "alpha 1e308": ({"text": ["A dog."], "alpha": 1e308}, 422, "less than or equal to 10"),
+    "a lone surrogate": (b'{"text": ["A dog.", "\\ud800"]}', 422, "text[1] holds '\\\\ud800'"),
+    "a body over serve.max_body_bytes": ({"text": ["A dog."] * 20_000}, 413, "serve.max_body_bytes (100,000 bytes)"),
 }
 
 
@@ -179,6 +193,26 @@ def test_a_bad_request_is_refused_clearly_and_harms_nothing(server, name):
     assert code == status and needle in json.dumps(answer), answer
     code, answer = server.translate(["The dog sees a cat."])
     assert code == 200 and answer["translations"][0]
+    assert "Traceback" not in "".join(server.log)
+
+
+def test_a_refusal_does_not_echo_the_body(server):
+    code, answer = server.request("/v1/translate", {"text": "x" * 90_000})  # one string, not a list
+    assert code == 422 and len(json.dumps(answer)) < 500, len(json.dumps(answer))
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(server):
+    """No Content-Length to judge by: the body is refused once it is over serve.max_body_bytes."""
+    host, port = server.url.removeprefix("http://").split(":")
+    chunk = b'["' + b"a" * 60_000 + b'",'
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        s.sendall(b"0\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 413")
+    assert server.translate(["A dog."])[0] == 200 and "Traceback" not in "".join(server.log)
 
 
 EXPLAIN_BAD_REQUESTS = {
@@ -195,6 +229,8 @@ EXPLAIN_BAD_REQUESTS = {
                                         "the search lets this sentence's translation have at most"),
     "an unknown field": ({"text": "A dog.", "n_best": 2}, 422, '"loc": ["body", "n_best"]'),
     "too many characters": ({"text": "A dog. " * 3000}, 413, "serve.max_chars (20,000)"),
+    "alpha NaN": (b'{"text": "A dog.", "alpha": NaN}', 422, "finite number"),
+    "a lone surrogate in the what-if": (b'{"text": "A dog.", "translation": "\\udfff"}', 422, "surrogate"),
 }
 
 
@@ -217,7 +253,7 @@ def test_a_client_that_goes_away_costs_nothing_else(server, lines):
                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // (1 + _ % 2)])
     code, answer = server.translate(lines[:3])
     assert code == 200 and len(answer["translations"]) == 3
-    assert server.process.poll() is None
+    assert server.process.poll() is None and "Traceback" not in "".join(server.log)
 
 
 def test_health_answers_during_a_long_request_and_sigterm_lets_it_finish(trained, lines):
@@ -278,7 +314,7 @@ def test_the_commands_of_docs_serving_md(trained):
 def test_a_lone_client_waits_for_nobody(trained):
     """The batch window is for company that is likely: one request after another, each alone,
     is searched at once (here the window is an hour; neither request waits it)."""
-    from mtkit.serve import Batcher
+    from mtkit.batcher import Batcher
     from mtkit.translate import Translator
 
     t = Translator.load(trained)
@@ -301,3 +337,85 @@ def test_the_serve_benchmark_runs_and_ends_on_its_json_line(trained, demo_dir):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["cpu"] and figures["server_exit_code"] is not None
     assert [(r["clients"], r["beam"], r["requests"], r["errors"]) for r in figures["runs"]] == [(2, 1, 1000, 0)]
+
+
+def test_a_search_whose_client_hung_up_stops_at_its_next_batch(trained, lines):
+    """Batcher.forget: a request still waiting is never searched, and a running search that serves
+    only forgotten requests stops after the batch of sentences in hand. The engine is the real one,
+    held after its first batch until the client is gone, so that the order of events is certain."""
+    from mtkit.batcher import Batcher, Unwanted
+    from mtkit.translate import Translator
+
+    t = Translator.load(trained)
+    running, forgotten, batches = threading.Event(), threading.Event(), []
+    search = t.translate_ids
+
+    def held(ids, opts, on_sentences=None):
+        def hook(n):
+            batches.append(n)
+            running.set()
+            forgotten.wait(60)
+            on_sentences(n)
+        return search(ids, opts, on_sentences=hook)
+    t.translate_ids = held
+    batcher = Batcher(lambda: t)
+    first = batcher.submit(t.encode(lines), t.options(beam_size=2, max_tokens=40))  # many batches
+    assert running.wait(120)
+    waiting = batcher.submit(t.encode(lines[:2]), t.options(beam_size=3))  # other settings: the next turn
+    batcher.forget(waiting)
+    batcher.forget(first)
+    forgotten.set()
+    with pytest.raises(Unwanted):
+        first.result(timeout=120)
+    assert waiting.cancelled() and len(batches) == 1 and batcher.abandoned == 2
+    t.translate_ids = search
+    later = batcher.submit(t.encode(lines[:2]), t.options(beam_size=2))
+    assert [h[0][1] for h in later.result(timeout=120)] == t.translate(lines[:2], beam_size=2)
+    batcher.close()
+
+
+def test_a_client_that_hangs_up_is_forgotten(trained, lines):
+    """Over HTTP: the request is sent whole, the client closes the connection, and the server
+    counts it abandoned (before or during its search), then answers the next client."""
+    s = Server(trained, "--set", "decode.max_tokens=30", "--set", "serve.max_chars=1000000")
+    try:
+        before = s.request("/health")[1]
+        long = [" ".join(lines[i:i + 4]) for i in range(0, 50)] * 4  # 200 long lines, beam 16, ~50 batches
+        body = json.dumps({"text": long, "beam_size": 16}).encode()
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as c:
+            c.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 600  # only against a hang
+            while s.request("/health")[1]["requests"] == before["requests"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        while s.request("/health")[1]["abandoned"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        code, answer = s.translate(lines[:2], beam_size=2)
+        assert code == 200 and len(answer["translations"]) == 2
+    finally:
+        assert s.stop() == 0
+
+
+# Requests drawn from the request models' fields: each of the right type or not, with the extremes
+# (NaN, infinities, huge and negative numbers, true/false, a lone surrogate, unknown fields).
+NUMBERS = st.one_of(st.integers(-2 ** 70, 2 ** 70), st.sampled_from([0, 1, 16, 17, 30_000, 10 ** 9]),
+                    st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(), st.text(max_size=4))
+LINES = st.one_of(st.text(max_size=40), st.sampled_from(["\ud800", "A dog.\udfff", "", " \t ", "\x00", "\u200f"]))
+REQUESTS = st.fixed_dictionaries({}, optional={
+    "text": st.one_of(st.lists(LINES, max_size=5), LINES, NUMBERS),
+    "beam_size": NUMBERS, "alpha": NUMBERS, "n_best": NUMBERS, "translation": st.one_of(st.none(), LINES, NUMBERS),
+    "target_lang": st.one_of(st.none(), st.text(max_size=5), NUMBERS), "beam": NUMBERS})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=REQUESTS)
+def test_any_request_is_answered_or_refused_never_an_error(server, body):
+    """2xx or 4xx for whatever a client sends, and the server still answers after it."""
+    data = json.dumps(body).encode()  # NaN and Infinity as JS writes them
+    for path in ("/v1/translate", "/v1/explain"):
+        code, answer = server.request(path, data)
+        assert 200 <= code < 500, (path, body, code, answer)
+    assert "Traceback" not in "".join(server.log)
