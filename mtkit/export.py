@@ -25,7 +25,7 @@ from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.engine import Engine, check_options
 from mtkit.errors import MtkitError
 from mtkit.model import ModelConfig, sinusoidal_positions
-from mtkit.search import Hypothesis
+from mtkit.search import Hypothesis, length_penalty
 from mtkit.tokenizer import Tokenizer
 
 SETTINGS = "mtkit.json"
@@ -187,11 +187,25 @@ class CT2Translator(Engine):
                 max_decoding_length=limit, return_scores=True, max_batch_size=opts.max_tokens,
                 batch_type="tokens", min_decoding_length=0, suppress_sequences=self.never)
             for i, result in zip(rows, found):
-                results[i] = [Hypothesis(self.tokenizer.tgt_ids(tokens), score, score)
-                              for tokens, score in zip(result.hypotheses, result.scores)]
+                results[i] = self._rescored(result.hypotheses, result.scores, limit, opts.alpha)
         if on_sentences is not None:  # CTranslate2 searches a whole group in one call
             on_sentences(len(ids))
         return results
+
+    def _rescored(self, hypotheses: list[list[str]], scores: list[float], limit: int,
+                  alpha: float) -> list[Hypothesis]:
+        """mtkit's scoring rule for CTranslate2's hypotheses, so --nbest scores of one model agree
+        across engines. CTranslate2 divides the log-probability by length ** alpha, counting EOS
+        unless the output was cut at the limit (where mtkit forces EOS at no cost): multiplying back
+        recovers the log-probability, which is then divided by GNMT's penalty, EOS counted, as
+        search.py does. The n-best are re-sorted by that score."""
+        found = []
+        for tokens, score in zip(hypotheses, scores):
+            length = len(tokens) if len(tokens) >= limit else len(tokens) + 1
+            log_prob = score * length ** alpha
+            found.append(Hypothesis(self.tokenizer.tgt_ids(tokens),
+                                    log_prob / length_penalty(len(tokens) + 1, alpha), log_prob))
+        return sorted(found, key=lambda h: -h.score)
 
     def attention(self, line: str, **settings):
         raise MtkitError("attention maps need mtkit's own engine", hint="use the checkpoint, not the export")

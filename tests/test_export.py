@@ -33,6 +33,39 @@ def test_greedy_output_of_the_float32_export_equals_mtkit_s(trained, exported, d
     assert len(set(ours)) > 100  # varied sentences, many of them ending at the length limit (a tiny model)
 
 
+def test_both_engines_give_a_true_log_prob_and_one_scoring_rule(trained, exported, demo_dir):
+    """CTranslate2's engine gave its penalized score as the log_prob, divided by length ** alpha
+    where mtkit divides by GNMT's penalty, so --nbest scores of one model differed by engine. Now
+    every hypothesis found by both has the same log_prob and score from each, many cut at the limit
+    (this tiny model), and each engine's n-best are best first by that score. The tolerance is
+    relative: CTranslate2 renormalizes after suppressing padding and BOS, mtkit does not (about
+    0.001 nats a token)."""
+    from mtkit.export import CT2Translator
+    from mtkit.search import length_penalty
+    from mtkit.translate import Translator
+
+    lines = (demo_dir / "test.en").read_text().splitlines()[:40]
+    engines = [Translator.load(trained), CT2Translator.load(exported, "float32")]
+    ids = engines[0].encode(lines)
+    for settings in (dict(beam_size=1, alpha=1.0), dict(beam_size=4, n_best=3, alpha=1.0),
+                     dict(beam_size=3, n_best=3, alpha=0.6, max_len_a=0.5, max_len_b=2)):
+        ours, theirs = (e.search(ids, e.options(**settings)) for e in engines)
+        common = 0
+        for a, b in zip(ours, theirs):
+            for found in (a, b):
+                assert [h.score for h in found] == sorted((h.score for h in found), reverse=True)
+                for h in found:
+                    assert h.score == pytest.approx(h.log_prob / length_penalty(len(h.tokens) + 1,
+                                                                                settings["alpha"]))
+            for h in b:
+                same = [g for g in a if g.tokens == h.tokens]
+                if same:
+                    common += 1
+                    assert h.log_prob == pytest.approx(same[0].log_prob, rel=0.01, abs=0.01)
+                    assert h.score == pytest.approx(same[0].score, rel=0.01, abs=0.01)
+        assert common >= len(lines)  # at least as many as one per line: most of the n-best agree
+
+
 def test_translate_with_the_ctranslate2_engine(exported, cli):
     text = b"The dog follows the cat.\n\n\xff broken bytes\nA boy sees a river.\n"
     for compute_type in ("float32", "int8"):
