@@ -96,6 +96,23 @@ def workdir_lock(workdir: Path):
         yield
 
 
+def refuse_a_second_run(last: Path) -> None:
+    """A new run never starts over a run's checkpoints (they would be lost)."""
+    if last.exists():
+        raise MtkitError(f"{last.parent.parent} already holds a training run ({last})",
+                         hint="continue it with --resume, or set another experiment.workdir")
+
+
+def keep_for_the_run(workdir: Path, folder: Path, what: str) -> None:
+    """The tokenizer and prepared data of a workdir that holds a training run are the ones it was
+    made with: replaced, the run could never resume (and train or run would only say so after the
+    change). Checked before anything is written."""
+    last = workdir / "checkpoints" / "last.pt"
+    if last.exists() and folder.exists():
+        raise MtkitError(f"{workdir} holds a training run ({last}) made with the {what} in {folder}, which this "
+                         f"config would replace", hint="set another experiment.workdir for this config")
+
+
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step and save; a second
     Ctrl-C stops at once."""

@@ -109,9 +109,24 @@ def average(paths: list[Path]) -> dict:
             total += weights(s)[name].double()
         mean[name] = (total / len(states)).to(tensor.dtype)
     last = states[-1]
-    kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", "step", "init_from")
+    kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", *PROVENANCE)
     return {key: last[key] for key in kept if key in last} | {
         "model": mean, "averaged_from": [str(p) for p in paths]}
+
+
+# What a checkpoint says of where its weights came from: kept by average and export.
+PROVENANCE = ("step", "init_from", "imported_from", "averaged_from")
+
+
+def provenance(state: dict) -> dict:
+    return {key: state[key] for key in PROVENANCE if state.get(key) is not None}
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """A run's kept step checkpoints, oldest first: a workdir's (checkpoints/step_*.pt) or a
+    checkpoints folder's."""
+    folder = Path(folder)
+    return sorted((folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder).glob("step_*.pt"))
 
 
 def resolve(path: Path) -> Path:

@@ -125,6 +125,7 @@ def translate(
     from mtkit.config import DecodeSection
     from mtkit.config_text import section_overrides
     from mtkit.engine import translate_file
+    from mtkit.files import ensure_writable_dir
     from mtkit.translate import Translator
 
     if greedy and beam not in (None, 1):
@@ -132,9 +133,7 @@ def translate(
     if engine not in ("mtkit", "ctranslate2"):
         raise MtkitError(f"--engine {engine!r}: mtkit or ctranslate2")
     if attention is not None and engine == "mtkit":
-        from mtkit.files import ensure_writable_dir
-
-        ensure_writable_dir(attention, "--attention", "name a folder to write the maps in")
+        ensure_writable_dir(attention, "--attention", "name a folder to write the maps in", create=False)
     overrides = section_overrides(set_, "translate", {"decode": DecodeSection})["decode"]
     if engine == "ctranslate2":
         from mtkit.export import CT2Translator
@@ -161,6 +160,7 @@ def translate(
         from mtkit.figures import attention_png  # matplotlib: only when asked for
 
         def draw(number: int, amap) -> None:
+            attention.mkdir(parents=True, exist_ok=True)  # made with the first map, not before a refusal
             attention_png(amap, attention / f"{number:06d}.png")
     translate_file(translator, input, output, opts, draw, tgt_lang)
 
@@ -376,7 +376,8 @@ def _check_file_options(config: Path | None, ref: list[Path] | None, tokenize: s
 
 
 @app.command()
-def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to average (same model).")],
+def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to average (same model); a workdir "
+                                                                   "gives its kept step checkpoints.")],
             output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the averaged checkpoint.")]
             ) -> None:
     """Average the weights of several checkpoints into one (often a little better than any of them)."""
@@ -385,6 +386,11 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
     from mtkit.files import check_output
 
     check_output(output, example="averaged.pt")
+    paths = [p for path in checkpoints for p in (checkpoint.step_checkpoints(path) if path.is_dir() else [path])]
+    if empty := next((path for path in checkpoints if path.is_dir() and not checkpoint.step_checkpoints(path)), None):
+        raise MtkitError(f"{empty} holds no step checkpoints (checkpoints/step_*.pt)",
+                         hint="name a workdir whose run saved some (train.save_every, train.keep_last), or checkpoint files")
+    checkpoints = paths
     checkpoint.save(checkpoint.average(checkpoints), output)
     info(f"averaged {len(checkpoints)} checkpoint{'s' * (len(checkpoints) != 1)} -> {output}")
 

@@ -73,7 +73,8 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
         tok.save(tmp)
         (tmp / SETTINGS).write_text(json.dumps({
             "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
-            "ctranslate2": ctranslate2.__version__}, indent=2) + "\n", encoding="utf-8")
+            "provenance": checkpoint.provenance(state), "ctranslate2": ctranslate2.__version__}, indent=2) + "\n",
+            encoding="utf-8")
         if out.exists():  # an earlier export (checked above)
             shutil.rmtree(out)
         tmp.rename(out)

@@ -40,13 +40,20 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def ensure_writable_dir(path: Path, what: str, hint: str) -> None:
+def ensure_writable_dir(path: Path, what: str, hint: str, create: bool = True) -> None:
     """Create `path` if needed and prove it writable, so that a bad location is one message
-    before any work, not a traceback after an hour of it."""
+    before any work, not a traceback after an hour of it. create=False: prove only that it could
+    be (a folder whose nearest existing parent is writable), for a command that may still refuse."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        elif path.exists() and not path.is_dir():
+            raise FileExistsError
+        nearest = next(p for p in (path, *path.parents) if p.exists())
+        if not nearest.is_dir():
+            raise NotADirectoryError
+        tempfile.TemporaryFile(dir=nearest).close()
     except FileExistsError:
         raise MtkitError(f"{what} {path} is a file, not a folder", hint=hint) from None
     except NotADirectoryError:

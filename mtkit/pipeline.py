@@ -3,7 +3,7 @@ and `mtkit train` (the tokenizer and data first when missing or stale). Each sta
 its output is current for the config."""
 
 from mtkit import checkpoint, distributed
-from mtkit.bookkeeping import Progress, stop_reason
+from mtkit.bookkeeping import Progress, refuse_a_second_run, stop_reason
 from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
@@ -26,6 +26,8 @@ def prepare_and_train(cfg: Config, resume: bool = False):
     last = cfg.workdir / "checkpoints" / "last.pt"
     if resume and not last.exists():  # said before the tokenizer and data are built for nothing
         raise MtkitError(f"nothing to resume: {last} does not exist", hint="start training without --resume")
+    if not resume:
+        refuse_a_second_run(last)
     world = distributed.start(cfg.train.device)
     try:
         if world.main:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtkit import corpus, lineage
+from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
 from mtkit.console import console, info, progress, table
 from mtkit.data import ArrayWriter, TokenArray, token_dtype
@@ -56,6 +57,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     if not force and previous and previous.get("fingerprint") == fingerprint:
         info(f"prepare: up to date ({out}; inputs, tokenizer and settings unchanged)")
         return PrepareResult(out, True, previous)
+    if not force:
+        keep_for_the_run(cfg.workdir, out, "prepared data")
 
     start = time.perf_counter()
     dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))

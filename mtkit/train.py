@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from mtkit import checkpoint, corpus, distributed, lineage
-from mtkit.bookkeeping import (Progress, RunLog, StopRequest, TrainResult, clock, print_summary, stop_reason,
-                               workdir_lock)
+from mtkit.bookkeeping import (Progress, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
+                               stop_reason, workdir_lock)
 from mtkit.config import Config
 from mtkit.console import console, info
 from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch, train_arrays
@@ -106,9 +106,8 @@ class Trainer:
         self.last_path = self.ckpt_dir / "last.pt"
         self._load_data()
         state = self._resume_state() if resume else None
-        if state is None and self.last_path.exists():
-            raise MtkitError(f"{cfg.workdir} already holds a training run ({self.last_path})",
-                             hint="continue it with --resume, or set another experiment.workdir")
+        if state is None:
+            refuse_a_second_run(self.last_path)
         self._build_model()
         self.progress = Progress()
         # fp16 needs its loss scaled, so that small gradients do not round to zero; the scaler
@@ -511,7 +510,7 @@ class Trainer:
 
     def _average_last(self) -> None:
         t = self.cfg.train
-        paths = sorted(self.ckpt_dir.glob("step_*.pt"))[-t.average_last:]
+        paths = checkpoint.step_checkpoints(self.ckpt_dir)[-t.average_last:]
         if len(paths) < 2:  # said here: eval.checkpoint averaged would only find it missing
             return info(f"[yellow]warning:[/] train.average_last {t.average_last}: this run saved {len(paths)} step "
                         f"checkpoint (train.save_every {t.save_every}), too few to average: no averaged.pt")

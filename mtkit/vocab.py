@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtkit import corpus, lineage
+from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
 from mtkit.console import console, info, progress
 from mtkit.errors import MtkitError
@@ -50,6 +51,8 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     if not force and (previous.get("train_sha256"), previous.get("settings")) == (train_sha256, settings):
         info(f"tokenizer: up to date ({out})")
         return TokenizerResult(out, True, previous["fingerprint"])
+    if not force:
+        keep_for_the_run(cfg.workdir, out, "tokenizer")
 
     start = time.perf_counter()
     src_lines, tgt_lines, n_pairs = _sample(source, cfg.tokenizer.sample_pairs, cfg.experiment.seed)
@@ -86,6 +89,12 @@ def _inherit(cfg: Config) -> TokenizerResult:
     if (read_json(out / "tokenizer.json") or {}).get("inherited_from") == inherited:
         info(f"tokenizer: up to date ({out}, taken over from {inherited['path']})")
         return TokenizerResult(out, True, tok.fingerprint)
+    had = (read_json(out / "tokenizer.json") or {}).get("inherited_from")
+    if had and (cfg.workdir / "checkpoints" / "last.pt").exists():  # the run's parent, said by name
+        raise MtkitError(f"the run in {cfg.workdir} started from {had['path']} (train.init), not from "
+                         f"{inherited['path']}", hint=f"resume it as it started (--resume --init {had['path']}), "
+                         "or set another experiment.workdir")
+    keep_for_the_run(cfg.workdir, out, "tokenizer")
     with atomic_dir(out) as tmp:
         tok.save(tmp)
         write_json(tmp / "tokenizer.json", {

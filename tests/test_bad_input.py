@@ -582,7 +582,8 @@ def test_resume_with_another_tokenizer(cli, trained, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text((trained.parent / "config.yaml").read_text().replace(str(trained), str(run)))
     code, _, err = cli("train", config, "--resume", "--set", "tokenizer.vocab_size=280")
-    assert_refused(code, err, "was trained with another tokenizer than")
+    assert_refused(code, err, f"{run} holds a training run ({run}/checkpoints/last.pt) made with the tokenizer in "
+                              f"{run}/tokenizer, which this config would replace")  # said before it is replaced
 
 
 # ---------------------------------------------------------------------------------------------

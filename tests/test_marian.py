@@ -8,6 +8,7 @@ does, rather than running to the length limit as a random one does), saves it as
 does, imports it, and compares mtkit's model and search with transformers' on the same inputs.
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -176,6 +177,24 @@ def test_the_imported_model_exports_to_ctranslate2(both, imported, tmp_path):
     exported = CT2Translator.load(export_ctranslate2(imported, tmp_path / "ct2"), "float32")
     settings = dict(beam_size=1, max_len_a=0.0, max_len_b=59)
     assert exported.translate(lines, **settings) == ours.translate(lines, **settings)
+
+
+def test_provenance_survives_average_and_export(cli, imported, tmp_path):
+    """An imported model, averaged, still says where it came from (average dropped imported_from),
+    and its export keeps that too."""
+    best = imported / "checkpoints" / "best.pt"
+    source = checkpoint.load(best)["imported_from"]
+    code, _, err = cli("average", best, best, "-o", tmp_path / "avg.pt")
+    assert code == 0, err
+    averaged = checkpoint.load(tmp_path / "avg.pt")
+    assert averaged["imported_from"] == source and averaged["averaged_from"] == [str(best)] * 2
+    code, _, err = cli("translate", tmp_path / "avg.pt", "-i", "/dev/null")
+    assert code == 0 and f"imported from {source['source']}" in err, err
+    if importlib.util.find_spec("ctranslate2"):
+        code, _, err = cli("export", tmp_path / "avg.pt", "-o", tmp_path / "ct2")
+        assert code == 0, err
+        kept = json.loads((tmp_path / "ct2" / "mtkit.json").read_text())["provenance"]
+        assert kept["imported_from"] == source and kept["averaged_from"] == [str(best)] * 2
 
 
 def test_the_command_imports_a_model_that_translates_draws_and_explains(cli, marian_dir, demo_dir, tmp_path):
