@@ -14,6 +14,7 @@ is, never to write padding or the start token, and that an empty output may be t
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _ctranslate2():
 def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -> Path:
     """Write the checkpoint (or a workdir's best.pt) as a CTranslate2 model folder."""
     ctranslate2 = _ctranslate2()
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `-o ""` or `-o .` is the current folder, which has a name
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SETTINGS).is_file())):
         raise MtkitError(f"--output {out} is " + ("a file" if not out.is_dir() else "a folder that holds other files"),
                          hint="name a new folder (or an earlier export, which is replaced)")
