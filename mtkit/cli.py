@@ -173,7 +173,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help="ctranslate2 (the only one so far).")] = "ctranslate2",
     quantization: Annotated[Optional[str], typer.Option("--quantization", help="Store the weights as int8, float16, ... (default: float32; int8 can also be chosen when translating).")] = None,
 ) -> None:
-    """Export a model for another inference engine (CTranslate2: pip install 'mtkit[ct2]')."""
+    """Export a model for another inference engine (CTranslate2: pip install 'mtkit\\[ct2]')."""
     from mtkit.console import info
     from mtkit.export import export_ctranslate2
 
@@ -191,7 +191,7 @@ def import_marian(
     output: Annotated[Path, typer.Option("--output", "-o", help="The workdir to write (new or empty).",
                                          show_default=False)],
 ) -> None:
-    """Import an OPUS-MT/Marian model (pip install 'mtkit[hf]'): it then translates, exports and fine-tunes (--init) as
+    """Import an OPUS-MT/Marian model (pip install 'mtkit\\[hf]'): it then translates, exports and fine-tunes (--init) as
     any mtkit model."""
     from mtkit.console import info
     from mtkit.marian import import_marian as run_import
@@ -274,7 +274,7 @@ def serve(
     set_: SetOpt = None,
 ) -> None:
     """Serve the model over HTTP/JSON (POST /v1/translate; API docs at /docs), searching concurrent
-    requests together. Needs pip install 'mtkit[serve]'."""
+    requests together. Needs pip install 'mtkit\\[serve]'."""
     try:
         from mtkit.serve import serve as run_server
     except ImportError as e:

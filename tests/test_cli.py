@@ -27,6 +27,13 @@ def test_help_lists_every_stage():
         assert sorted(listed) == sorted(COMMANDS)
 
 
+def test_help_names_the_extras_to_install(cli):
+    """Rich reads [ct2] in a help text as markup and drops it: the help said pip install 'mtkit'."""
+    for argv, extra in ((["export"], "ct2"), (["import", "marian"], "hf"), (["serve"], "serve"), ([], "ct2")):
+        code, out, _ = cli(*argv, "--help")
+        assert code == 0 and f"'mtkit[{extra}]'" in " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split()), out
+
+
 def test_user_error_is_one_message_without_traceback(tmp_path):
     config = write_config(tmp_path, data={"src": "de", "tgt": "en"}, model={"heads": 3})
     result = mtkit("prepare", config)
