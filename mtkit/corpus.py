@@ -25,13 +25,18 @@ HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
 _SPACE = re.compile(r"\s+")
+# Characters that show nothing: spaces, direction marks and other format characters (Unicode Cf, the
+# soft hyphen among them). A line of only these is blank, not a sentence for the model to invent.
+_INVISIBLE = re.compile(r"[\s\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]*")
 
 
 def normalize(line: str) -> str:
     """The one text normalization of the toolkit (training data and translate input alike):
-    Unicode NFC, control characters to spaces, whitespace runs to one space, trimmed."""
+    Unicode NFC, control characters to spaces, whitespace runs to one space, trimmed; a line with
+    nothing visible in it (only direction marks, zero-width spaces, ...) is blank."""
     line = unicodedata.normalize("NFC", line)
-    return _SPACE.sub(" ", _CONTROL.sub(" ", line)).strip()
+    line = _SPACE.sub(" ", _CONTROL.sub(" ", line)).strip()
+    return "" if _INVISIBLE.fullmatch(line) else line
 
 
 @dataclass(frozen=True)

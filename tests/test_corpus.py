@@ -165,6 +165,10 @@ def test_normalize():
     assert corpus.normalize("  Cafe\u0301\t\tau\x00lait \u00a0 ") == "Café au lait"
     assert corpus.normalize("\x1b[31mred") == "[31mred"
     assert corpus.normalize("   ") == ""
+    # nothing visible: blank, so translated into an empty line (U+200F alone gave invented words)
+    for invisible in ("\u200f", "\u200e \u200f", "\u200b\ufeff", "\u2066\u2069", "\u00ad", " \u2060 "):
+        assert corpus.normalize(invisible) == "", repr(invisible)
+    assert corpus.normalize("\u200fשלום") == "\u200fשלום"  # a mark beside words stays
     assert corpus.normalize("مرحبا 👋🏽 שלום") == "مرحبا 👋🏽 שלום"
 
 

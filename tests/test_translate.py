@@ -23,13 +23,13 @@ def run(args, stdin: bytes) -> subprocess.CompletedProcess:
 
 def test_one_line_out_per_line_in_whatever_the_line(trained):
     lines = [b"The dog follows the cat.", b"", b"   \t ", b"A boy " * 2000, b"caf\xe9 \xff broken bytes",
-             b"A girl sees a river.\r", b"\x01control\x7f chars", "Ünïcödé – ok".encode()]
+             b"A girl sees a river.\r", b"\x01control\x7f chars", "Ünïcödé – ok".encode(), "\u200f".encode()]
     data = b"\xef\xbb\xbf" + b"\n".join(lines)  # a BOM, and no newline at the end
     result = run([trained, "--greedy"], data)
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode("utf-8").split("\n")
     assert out[-1] == "" and len(out) - 1 == len(lines)
-    assert out[1] == "" and out[2] == ""  # blank in, blank out
+    assert out[1] == "" and out[2] == "" and out[8] == ""  # blank in (a direction mark alone too), blank out
     assert out[0] and out[3] and out[4] and out[5]  # everything else gets a translation
     err = result.stderr.decode()
     assert "line 4: longer than the model's" in err
