@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mtkit import checkpoint
-from mtkit.config import Config, ModelSection
+from mtkit.config import Config, DataSection, ModelSection
 from mtkit.errors import MtkitError
 from mtkit.files import ensure_writable_dir, sha256_file
 from mtkit.model import ModelConfig, Transformer
@@ -68,15 +68,16 @@ def import_marian(source: str, out: Path) -> Path:
     tok = _tokenizer(folder, hf_config)
     try:
         hf_model = transformers.MarianMTModel.from_pretrained(folder).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise MtkitError(f"{folder}: its weights could not be read ({' '.join(str(e).split())[:200]})",
+    except Exception as e:  # a foreign file, read by transformers and safetensors: each raises its own types
+        raise MtkitError(f"{folder}: its weights could not be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
                          hint="a Marian folder holds model.safetensors or pytorch_model.bin beside config.json") from None
     cfg = model_config(hf_config)
     model = Transformer(cfg)
     model.load_state_dict(_weights(hf_model.state_dict(), cfg))
     languages = _languages(folder)
     config = Config.model_validate({
-        "experiment": {"name": out.name, "workdir": str(out)}, "data": languages,
+        "experiment": {"name": out.name, "workdir": str(out)},
+        "data": languages | {"max_len": min(DataSection.model_fields["max_len"].default, cfg.max_positions - 2)},
         "tokenizer": {"type": "unigram", "joint": False, "vocab_size": tok.src_vocab_size},
         "model": {key: getattr(cfg, key) for key in ModelSection.model_fields},
         "decode": _decoding(hf_model.generation_config)})
@@ -132,6 +133,8 @@ def _config(folder: Path, transformers):
          != (c.decoder_attention_heads, c.decoder_ffn_dim), "one heads and ff_dim for both sides"),
         ("decoder_start_token_id other than pad_token_id", c.decoder_start_token_id != c.pad_token_id,
          "Marian starts the decoder from <pad>"),
+        (f"max_position_embeddings: {c.max_position_embeddings}", c.max_position_embeddings < 3,
+         "a sentence needs room for a token and EOS, and the decoder for its start token"),
     ] if broken]
     if lacks:
         raise MtkitError(f"{folder}: mtkit's model cannot represent this Marian model: {'; '.join(lacks)}")
@@ -145,7 +148,7 @@ def _tokenizer(folder: Path, c) -> Tokenizer:
                          hint="save the tokenizer with the model: MarianTokenizer.save_pretrained(folder)")
     try:
         tok = Tokenizer(*((folder / name).read_bytes() for name in FILES))
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, AttributeError, TypeError) as e:  # (vocab.json not an object too)
         raise MtkitError(f"{folder}: its tokenizer files could not be read ({type(e).__name__}: {e})",
                          hint="source.spm and target.spm are SentencePiece models; vocab.json maps pieces to "
                               "ids and has <pad>, <unk> and </s>") from None

@@ -20,6 +20,7 @@ from mtkit.lineage import describe
 from mtkit.tokenizer import train_model
 from mtkit.translate import Translator
 from tests.conftest import write_config
+from tests.test_bad_input import assert_refused
 
 transformers = pytest.importorskip("transformers")
 
@@ -241,6 +242,56 @@ def test_a_folder_whose_weights_or_vocabulary_do_not_fit_is_refused(cli, marian_
     code, _, err = cli("import", "marian", short, "-o", tmp_path / "b")
     assert code == 2 and "its tokenizer files could not be read" in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def corrupt_vocab(folder):
+    (folder / "vocab.json").write_text('{"<pad>": 0, ')
+
+
+def vocab_list(folder):
+    (folder / "vocab.json").write_text('["<pad>", "</s>"]')
+
+
+def truncated_weights(folder):
+    for weights in folder.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+
+
+def few_positions(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 2}))
+
+
+def negative_width(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"d_model": -8}))
+
+
+@pytest.mark.parametrize("damage", [corrupt_vocab, vocab_list, truncated_weights, few_positions, negative_width],
+                         ids=lambda f: f.__name__)
+def test_a_damaged_marian_folder_is_one_message(cli, marian_dir, tmp_path, damage):
+    """A malformed vocab.json, a truncated model.safetensors or a model of too few positions ended
+    in a traceback."""
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(marian_dir, folder)
+    damage(folder)
+    code, _, err = cli("import", "marian", folder, "-o", tmp_path / "out")
+    assert_refused(code, err, str(folder))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_of_few_positions_is_imported_with_a_max_len_that_fits(cli, marian_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "short"
+    shutil.copytree(marian_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 12}))
+    code, _, err = cli("import", "marian", folder, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert checkpoint.load(tmp_path / "out/checkpoints/best.pt")["config"]["data"]["max_len"] == 10
 
 
 def test_the_explorer_shows_an_imported_model_with_its_own_ids(imported, both):
