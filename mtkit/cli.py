@@ -6,6 +6,7 @@ code 2, never as a traceback.
 """
 
 import errno
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -180,7 +181,7 @@ def export(
     if format != "ctranslate2":
         raise MtkitError(f"--format {format!r}: only ctranslate2 is supported")
     export_ctranslate2(checkpoint, output, quantization)
-    info(f"exported -> {output} (translate with: mtkit translate --engine ctranslate2 {output})")
+    info(f"exported -> {output} (translate with: mtkit translate --engine ctranslate2 {shlex.quote(str(output))})")
 
 
 @import_app.command("marian")
@@ -197,7 +198,8 @@ def import_marian(
     from mtkit.marian import import_marian as run_import
 
     path = run_import(source, output)
-    info(f"imported -> {path} (translate with: mtkit translate {output}; fine-tune with: mtkit run CONFIG --init {output})")
+    where = shlex.quote(str(output))
+    info(f"imported -> {path} (translate with: mtkit translate {where}; fine-tune with: mtkit run CONFIG --init {where})")
 
 
 @app.command("attention")

@@ -60,8 +60,9 @@ class Engine:
         try:
             return DecodeOptions(**{**saved, **{k: v for k, v in overrides.items() if v is not None}})
         except ValidationError as e:
-            problems = "; ".join(f"decode{''.join('.' + str(k) for k in err['loc'])}: "
-                                 f"{err['msg'].removeprefix('Value error, ')}"
+            # A field's error is named by its key; the section's own (n_best over beam_size) names its keys.
+            problems = "; ".join((f"decode.{'.'.join(map(str, err['loc']))}: " if err["loc"] else "")
+                                 + err['msg'].removeprefix('Value error, ')
                                  + (f" (got {err['input']!r})" if err["loc"] else "") for err in e.errors())
             raise MtkitError(f"bad decoding settings: {problems}") from None
 

@@ -7,6 +7,7 @@ matplotlib is imported here only, with its file-only backend (Agg): no display i
 import io
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,7 @@ def check_picture_path(path: Path, option: str = "--output") -> Path:
     path = check_output(path, option, "picture.png")
     if path.suffix.lower() not in FORMATS:
         raise MtkitError(f"{option} {path}: the picture's format comes from its ending, one of "
-                         f"{', '.join(FORMATS)}", hint=f"e.g. {option} {path.with_suffix('.png')}")
+                         f"{', '.join(FORMATS)}", hint=f"e.g. {option} {shlex.quote(str(path.with_suffix('.png')))}")
     return path
 
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import stat
 import tempfile
@@ -68,7 +69,7 @@ def check_output(path: Path, option: str = "--output", example: str = "out.txt")
     folder there (behind a symlink, the link's target's)."""
     path = Path(path)
     if path.is_dir():
-        raise MtkitError(f"{option} {path} is a folder", hint=f"name a file to write, e.g. {option} {path / example}")
+        raise MtkitError(f"{option} {path} is a folder", hint=f"name a file to write, e.g. {option} {shlex.quote(str(path / example))}")
     if not written_through(path) and not real_path(path).parent.is_dir():
         raise MtkitError(f"{option} {path}: the folder {real_path(path).parent} does not exist", hint="create it first")
     return path

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import random
+import shlex
 import time
 from dataclasses import asdict, dataclass
 
@@ -205,7 +206,7 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         if state.get("init_from") and not self.cfg.train.init:
             raise MtkitError(f"{self.last_path}'s run started from {state['init_from']['path']} (train.init)",
-                             hint=f"resume it as it started: --resume --init {state['init_from']['path']}")
+                             hint=f"resume it as it started: --resume --init {shlex.quote(state['init_from']['path'])}")
         was, now = state["model_config"], asdict(self.model_config)
         if changed := [f"{k} is {now.get(k)} (the run's: {was.get(k)})" for k in {**now, **was} if now.get(k) != was.get(k)]:
             raise MtkitError(f"the model section of the config differs from {self.last_path}'s model: {'; '.join(changed)}",

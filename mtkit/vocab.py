@@ -6,6 +6,7 @@ unchanged.
 """
 
 import random
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     if "inherited_from" in previous and not force:  # its data and checkpoints were made with that tokenizer
         parent = previous["inherited_from"]["path"]
         raise MtkitError(f"the run in {cfg.workdir} started from {parent} (train.init), whose tokenizer it uses; "
-                         "this config has no train.init", hint=f"add --init {parent} (e.g. --resume --init {parent}), "
+                         "this config has no train.init", hint=f"add --init {shlex.quote(parent)} (e.g. --resume --init {shlex.quote(parent)}), "
                          "or train from scratch in another workdir")
     if not force and (previous.get("train_sha256"), previous.get("settings")) == (train_sha256, settings):
         info(f"tokenizer: up to date ({out})")
@@ -92,7 +93,7 @@ def _inherit(cfg: Config) -> TokenizerResult:
     had = (read_json(out / "tokenizer.json") or {}).get("inherited_from")
     if had and (cfg.workdir / "checkpoints" / "last.pt").exists():  # the run's parent, said by name
         raise MtkitError(f"the run in {cfg.workdir} started from {had['path']} (train.init), not from "
-                         f"{inherited['path']}", hint=f"resume it as it started (--resume --init {had['path']}), "
+                         f"{inherited['path']}", hint=f"resume it as it started (--resume --init {shlex.quote(had['path'])}), "
                          "or set another experiment.workdir")
     keep_for_the_run(cfg.workdir, out, "tokenizer")
     with atomic_dir(out) as tmp:

@@ -101,3 +101,13 @@ def test_what_is_written_through(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     assert written_through(tmp_path / "fifo") and written_through(Path("/dev/null"))
     assert not any(written_through(tmp_path / n) for n in ("file", "link", "dangling", "new", "."))
+
+
+def test_a_hint_quotes_a_path_with_a_space(cli, trained, tmp_path):
+    """A hint is a command line to copy: a path with a space in it was printed bare."""
+    folder = tmp_path / "my outputs"
+    folder.mkdir()
+    code, _, err = cli("translate", trained, "-i", "/dev/null", "-o", folder)
+    assert code == 2 and f"e.g. --output '{folder}/out.txt'" in err, err
+    code, _, err = cli("attention", trained, "A dog.", "-o", tmp_path / "my map")
+    assert code == 2 and f"e.g. --output '{tmp_path}/my map.png'" in err, err
