@@ -20,7 +20,7 @@ from mtkit.files import ensure_writable_dir
 
 def _config(config: Config | str | Path) -> Config:
     cfg = config if isinstance(config, Config) else load_config(config)
-    ensure_writable_dir(cfg.workdir, "the workdir", "set experiment.workdir to a folder you can write")
+    ensure_writable_dir(cfg.workdir, "the workdir", "set experiment.workdir to a folder you can write", create=False)
     return cfg
 
 

@@ -51,7 +51,7 @@ def _load(config: Path, overrides: Optional[list[str]], writes: bool = True):
     cfg = load_config(config, overrides or [])
     if writes:
         ensure_writable_dir(cfg.workdir, "the workdir", "set experiment.workdir to a folder you can write, "
-                                                         "e.g. --set experiment.workdir=runs/mine")
+                                                         "e.g. --set experiment.workdir=runs/mine", create=False)
     return cfg
 
 

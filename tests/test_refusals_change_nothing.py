@@ -57,6 +57,7 @@ REFUSALS = [
     ("serve W --set decode.alpha=-1", "decode.alpha"),
     ("import marian X/missing -o X/imported", "missing"),
     ("config show C --set model.d_model=-3", "model.d_model"),
+    ("train C --resume --set experiment.workdir=X/new", "nothing to resume"),  # made the workdir, empty
 ]
 
 

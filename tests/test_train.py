@@ -281,11 +281,12 @@ def test_refuses_to_overwrite_or_resume_nothing(tmp_path, demo_dir, cli):
     assert code == 2 and "already holds a training run" in err and "--resume" in err
     code, _, err = cli("train", config, "--resume", "--set", "model.ff_dim=48")
     assert code == 2 and "model section" in err and "ff_dim is 48 (the run's: 64)" in err and "experiment.workdir" in err
-    # A changed tokenizer setting: train rebuilds tokenizer and data (never reuses stale ones)...
+    # A changed tokenizer setting: the run's tokenizer and data are kept (a stale one never reused,
+    # nor replaced under the run), and the run is not resumed on another.
+    tokenizer = (tmp_path / "run/tokenizer/tokenizer.json").read_bytes()
     code, _, err = cli("train", config, "--resume", "--set", "tokenizer.vocab_size=280")
-    assert "tokenizer: training" in err and "prepare: done" in err
-    # ...and the old run cannot be resumed on them.
-    assert code == 2 and "another tokenizer" in err
+    assert code == 2 and "holds a training run" in err and "which this config would replace" in err
+    assert "tokenizer: training" not in err and (tmp_path / "run/tokenizer/tokenizer.json").read_bytes() == tokenizer
 
 
 def test_second_training_on_a_busy_workdir_is_refused(tmp_path, demo_dir, cli):
