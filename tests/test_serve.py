@@ -54,11 +54,14 @@ class Server:
                     found.set()
         for stream in (self.process.stdout, self.process.stderr):
             threading.Thread(target=read, args=(stream,), daemon=True).start()
-        if not found.wait(120):
-            self.process.kill()
-            raise AssertionError("the server did not start:\n" + "".join(self.log))
+        deadline = time.monotonic() + 600  # only against a hang: a busy machine starts it slowly
+        while not found.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"the server did not start (exit code {self.process.poll()}):\n"
+                                     + "".join(self.log))
 
-    def request(self, path: str, body=None, timeout: float = 120) -> tuple[int, dict]:
+    def request(self, path: str, body=None, timeout: float = 600) -> tuple[int, dict]:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
