@@ -56,8 +56,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def load(host: str, port: int, sentences: list[str], clients: int, beam: int, requests: int | None = None) -> dict:
-    """Send `requests` (default: one per sentence) single-sentence requests from `clients` threads."""
+def load(host: str, port: int, sentences: list[str], clients: int, beam: int, requests: int | None = None,
+         timeout: float = 120) -> dict:
+    """Send `requests` (default: one per sentence) single-sentence requests from `clients` threads,
+    each waiting up to `timeout` seconds for its answer (counted an error after)."""
     work: queue.Queue = queue.Queue()
     for i in range(requests or len(sentences)):
         work.put(i)
@@ -66,7 +68,7 @@ def load(host: str, port: int, sentences: list[str], clients: int, beam: int, re
     errors: list[str] = []
 
     def client() -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=120)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
         while True:
             try:
                 i = work.get_nowait()
@@ -86,7 +88,7 @@ def load(host: str, port: int, sentences: list[str], clients: int, beam: int, re
             except (OSError, http.client.HTTPException) as e:
                 errors.append(repr(e))
                 conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=120)
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
         conn.close()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     began = time.perf_counter()
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--alone", type=int, default=200, help="sentences timed one at a time in this process")
     ap.add_argument("--soak", type=int, default=20_000, help="requests of the soak (0: none)")
     ap.add_argument("--wait-ms", type=float, default=50.0, help="the server's serve.batch_wait_ms")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for an answer (an error after)")
     args = ap.parse_args()
     path = args.data_dir / f"{args.split}.{args.src}"
     sentences = list(read_lines(path if path.exists() else path.with_name(path.name + ".gz")))
@@ -146,7 +149,7 @@ def main() -> None:
                    "alone p50 ms", "same as offline", "errors"])
         for beam in beams:
             for clients in (int(c) for c in args.clients.split(",") if c):
-                run = load(host, port, sentences, clients, beam)
+                run = load(host, port, sentences, clients, beam, timeout=args.timeout)
                 outputs = run.pop("outputs")
                 same = sum(outputs.get(i) == offline[beam][i] for i in range(len(sentences)))
                 run |= alone[beam] | {"same_as_offline": same,

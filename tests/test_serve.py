@@ -335,11 +335,14 @@ def test_the_serve_benchmark_runs_and_ends_on_its_json_line(trained, demo_dir):
     script = Path(__file__).parents[1] / "scripts" / "bench_serve.py"
     done = subprocess.run([sys.executable, str(script), "--checkpoint", str(trained), "--data-dir", str(demo_dir),
                            "--split", "test", "--src", "en", "--clients", "2", "--beams", "1", "--alone", "3",
-                           "--soak", "0"], capture_output=True, text=True, timeout=600)
+                           "--soak", "0", "--timeout", "3600"], capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["cpu"] and figures["server_exit_code"] is not None
-    assert [(r["clients"], r["beam"], r["requests"], r["errors"]) for r in figures["runs"]] == [(2, 1, 1000, 0)]
+    # (a client waits as long as the machine needs: beside a busy core, 2 of 1,000 once were errors, whose kind
+    # was not kept; the client's 120-s timeout is the likely one. Should it happen again, the errors are shown.)
+    assert [(r["clients"], r["beam"], r["requests"], r["errors"]) for r in figures["runs"]] == [(2, 1, 1000, 0)], \
+        [r["error_samples"] for r in figures["runs"]]
 
 
 def test_a_search_whose_client_hung_up_stops_at_its_next_batch(trained, lines):
