@@ -36,6 +36,11 @@ def no_server_outlives_the_tests():
             process.kill()
 
 
+# Every wait in these tests is only a guard against a hang: beside a busy core a server took over
+# 120 s to start and over 60 s to stop, so none is shorter than this.
+HANG = 600
+
+
 class Server:
     """`mtkit serve MODEL --port 0 ARGS`, started and read until it says where it listens."""
 
@@ -54,14 +59,14 @@ class Server:
                     found.set()
         for stream in (self.process.stdout, self.process.stderr):
             threading.Thread(target=read, args=(stream,), daemon=True).start()
-        deadline = time.monotonic() + 600  # only against a hang: a busy machine starts it slowly
+        deadline = time.monotonic() + HANG  # a busy machine starts it slowly
         while not found.wait(0.1):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 raise AssertionError(f"the server did not start (exit code {self.process.poll()}):\n"
                                      + "".join(self.log))
 
-    def request(self, path: str, body=None, timeout: float = 600) -> tuple[int, dict]:
+    def request(self, path: str, body=None, timeout: float = HANG) -> tuple[int, dict]:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
@@ -76,7 +81,7 @@ class Server:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+        return self.process.wait(HANG)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +158,7 @@ def test_model_info(server, trained):
     assert about["model"]["d_model"] == 32 and about["parameters"] > 0 and about["step"] == 800
     assert about["decode"]["beam_size"] == 5 and isinstance(about["valid_bleu"], float)
     assert server.request("/health")[0] == 200 and server.request("/ready") == (200, {"status": "ready"})
-    with urllib.request.urlopen(server.url + "/docs", timeout=30) as r:
+    with urllib.request.urlopen(server.url + "/docs", timeout=HANG) as r:
         assert r.status == 200 and b"swagger" in r.read().lower()
     assert "/v1/translate" in server.request("/openapi.json")[1]["paths"]
 
@@ -208,7 +213,7 @@ def test_a_chunked_body_is_counted_as_it_arrives(server):
     """No Content-Length to judge by: the body is refused once it is over serve.max_body_bytes."""
     host, port = server.url.removeprefix("http://").split(":")
     chunk = b'["' + b"a" * 60_000 + b'",'
-    with socket.create_connection((host, int(port)), timeout=60) as s:
+    with socket.create_connection((host, int(port)), timeout=HANG) as s:
         s.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         for _ in range(2):
@@ -270,14 +275,14 @@ def test_health_answers_during_a_long_request_and_sigterm_lets_it_finish(trained
     worker = threading.Thread(target=client)
     worker.start()
     time.sleep(0.5)
-    assert s.request("/health", timeout=60)[0] == 200
+    assert s.request("/health")[0] == 200
     assert worker.is_alive()  # answered while the search runs (an order of events, not a duration)
     s.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     assert worker.is_alive()  # still in flight when the signal came
     with pytest.raises(OSError):  # no new requests once stopping
         s.request("/health", timeout=5)
-    assert s.process.wait(120) == 0
+    assert s.process.wait(HANG) == 0
     worker.join()
     code, body = result["answer"]
     print(f"the long request took {result['seconds']:.1f}s")
@@ -306,7 +311,7 @@ def test_the_commands_of_docs_serving_md(trained):
         (curl,) = [line for line in lines if line.startswith("curl ")]
         url = servers[0].url
         out = subprocess.run(shlex.split(curl.replace("localhost:8000", url.removeprefix("http://"))),
-                             capture_output=True, text=True, timeout=60, check=True).stdout
+                             capture_output=True, text=True, timeout=HANG, check=True).stdout
         assert json.loads(out)["translations"][1] == "" and len(json.loads(out)["translations"]) == 3
         assert servers[1].request("/v1/model")[1]["decode"]["beam_size"] == 4
     finally:
@@ -360,23 +365,23 @@ def test_a_search_whose_client_hung_up_stops_at_its_next_batch(trained, lines):
         def hook(n):
             batches.append(n)
             running.set()
-            forgotten.wait(60)
+            forgotten.wait(HANG)
             on_sentences(n)
         return search(ids, opts, on_sentences=hook)
     t.translate_ids = held
     batcher = Batcher(lambda: t)
     first = batcher.submit(t.encode(lines), t.options(beam_size=2, max_tokens=40))  # many batches
-    assert running.wait(120)
+    assert running.wait(HANG)
     waiting = batcher.submit(t.encode(lines[:2]), t.options(beam_size=3))  # other settings: the next turn
     batcher.forget(waiting)
     batcher.forget(first)
     forgotten.set()
     with pytest.raises(Unwanted):
-        first.result(timeout=120)
+        first.result(timeout=HANG)
     assert waiting.cancelled() and len(batches) == 1 and batcher.abandoned == 2
     t.translate_ids = search
     later = batcher.submit(t.encode(lines[:2]), t.options(beam_size=2))
-    assert [h[0][1] for h in later.result(timeout=120)] == t.translate(lines[:2], beam_size=2)
+    assert [h[0][1] for h in later.result(timeout=HANG)] == t.translate(lines[:2], beam_size=2)
     batcher.close()
 
 
