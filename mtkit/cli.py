@@ -388,10 +388,13 @@ def average(checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints 
     from mtkit.files import check_output
 
     check_output(output, example="averaged.pt")
-    paths = [p for path in checkpoints for p in (checkpoint.step_checkpoints(path) if path.is_dir() else [path])]
-    if empty := next((path for path in checkpoints if path.is_dir() and not checkpoint.step_checkpoints(path)), None):
-        raise MtkitError(f"{empty} holds no step checkpoints (checkpoints/step_*.pt)",
-                         hint="name a workdir whose run saved some (train.save_every, train.keep_last), or checkpoint files")
+    paths = []
+    for path in checkpoints:  # a workdir: its kept step checkpoints
+        found = checkpoint.step_checkpoints(path) if path.is_dir() else [path]
+        if not found:
+            raise MtkitError(f"{path} holds no step checkpoints (checkpoints/step_*.pt)",
+                             hint="name a workdir whose run saved some (train.save_every, train.keep_last), or checkpoint files")
+        paths += found
     checkpoints = paths
     checkpoint.save(checkpoint.average(checkpoints), output)
     info(f"averaged {len(checkpoints)} checkpoint{'s' * (len(checkpoints) != 1)} -> {output}")

@@ -87,10 +87,10 @@ def _inherit(cfg: Config) -> TokenizerResult:
     lineage.adopt(cfg)  # a config that asks for another vocabulary is said now, not after prepare
     out, tok = cfg.tokenizer_dir, Tokenizer(*lineage.load(cfg)["tokenizer"])
     inherited = {"path": str(lineage.parent(cfg)), "fingerprint": tok.fingerprint}
-    if (read_json(out / "tokenizer.json") or {}).get("inherited_from") == inherited:
+    had = (read_json(out / "tokenizer.json") or {}).get("inherited_from")
+    if had == inherited:
         info(f"tokenizer: up to date ({out}, taken over from {inherited['path']})")
         return TokenizerResult(out, True, tok.fingerprint)
-    had = (read_json(out / "tokenizer.json") or {}).get("inherited_from")
     if had and (cfg.workdir / "checkpoints" / "last.pt").exists():  # the run's parent, said by name
         raise MtkitError(f"the run in {cfg.workdir} started from {had['path']} (train.init), not from "
                          f"{inherited['path']}", hint=f"resume it as it started (--resume --init {shlex.quote(had['path'])}), "
