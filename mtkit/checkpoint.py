@@ -1,31 +1,116 @@
 """Checkpoints: one self-describing file each, written so that a kill never leaves a broken one.
 
-A checkpoint is a dict saved with torch.save: the model config and weights (enough to translate),
-and for training also the optimizer, the step, the sampler position, the RNG states, the resolved
-experiment config and the tokenizer fingerprint (enough to resume exactly). The file is written
-under a temporary name, flushed to disk (fsync) and renamed over the old one: a reader sees the
-old file or the new one, never half of one.
+A checkpoint (`Checkpoint`) holds the model config and weights (enough to translate), and for
+training also the optimizer, the step, the sampler position, the RNG states, the resolved
+experiment config and the tokenizer fingerprint (enough to resume exactly). On disk it is a dict of
+plain values saved with torch.save (so that `weights_only` loading, which runs no code, reads it),
+written under a temporary name, flushed to disk (fsync) and renamed over the old one: a reader sees
+the old file or the new one, never half of one. `load` is the one reader, and the one place where a
+file from an older mtkit is brought up to date.
 """
 
 import os
 import zipfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from mtkit.config import Config
 from mtkit.errors import MtkitError
 from mtkit.files import fsync_dir, output_file
 from mtkit.model import ModelConfig, Transformer
+from mtkit.tokenizer import Tokenizer
 
 FORMAT = "mtkit-checkpoint"
 VERSION = 1
 
 
-def save(state: dict, path: Path) -> None:
+@dataclass(frozen=True)
+class Checkpoint:
+    model_config: dict  # a model.ModelConfig as a dict
+    model: dict  # the trained weights (a state dict), which resuming continues from
+    tokenizer: tuple[bytes, ...] | None = None  # the SentencePiece model(s): the checkpoint translates on its own
+    tokenizer_fingerprint: str | None = None
+    config: dict = field(default_factory=dict)  # the resolved experiment config (config.Config, as JSON)
+    precision: str = "fp32"  # the precision it was trained in
+    ema: dict | None = None  # the moving average of the weights (train.ema), translated with when kept
+    step: int | None = None
+    data_fingerprint: str | None = None  # the prepared data it was trained on
+    # Where the weights came from (PROVENANCE): a parent run (train.init), mtkit import, mtkit average.
+    init_from: dict | None = None
+    imported_from: dict | None = None
+    averaged_from: list[str] | None = None
+    # What only resuming needs.
+    optimizer: dict | None = None
+    sampler: dict | None = None
+    progress: dict | None = None  # a bookkeeping.Progress as a dict
+    rng: dict | None = None
+    scaler: dict | None = None  # fp16's loss scaler
+    path: Path | None = field(default=None, compare=False)  # the file it was read from (not saved)
+
+    def to_dict(self) -> dict:
+        """What is saved: every field that is set, as plain values."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
+        saved["tokenizer"] = list(self.tokenizer) if self.tokenizer is not None else None
+        return {"format": FORMAT, "version": VERSION} | {k: v for k, v in saved.items() if v is not None}
+
+    @property
+    def weights(self) -> dict:
+        """The weights to translate with: the moving average when training kept one, else the
+        trained weights."""
+        return self.ema if self.ema is not None else self.model
+
+    def build_model(self) -> Transformer:
+        """The model the checkpoint describes, with its (translation) weights, in eval mode."""
+        model = Transformer(ModelConfig(**self.model_config))
+        model.load_state_dict(self.weights)
+        return model.eval()
+
+    def make_tokenizer(self) -> Tokenizer:
+        """The tokenizer it was trained with, checked against the fingerprint it recorded."""
+        if self.tokenizer is None:
+            raise MtkitError(f"{self.path} holds no tokenizer, so its vocabulary is unknown (it was written by an "
+                             f"older mtkit)", hint="use a checkpoint that mtkit train wrote, or retrain")
+        tokenizer = Tokenizer(*self.tokenizer)
+        if tokenizer.fingerprint != self.tokenizer_fingerprint:
+            raise MtkitError(f"{self.path}: its tokenizer does not match the one it was trained with")
+        return tokenizer
+
+    def current_config(self) -> dict | None:
+        """Its experiment config with this mtkit's defaults filled in, so that a key added to mtkit
+        since (at its default) does not count as a change; None if it no longer validates."""
+        try:
+            return Config.model_validate(self.config).model_dump(mode="json")
+        except ValueError:  # pydantic's ValidationError is one
+            return None
+
+    def provenance(self) -> dict:
+        """Where its weights came from: kept by average and export."""
+        return {key: getattr(self, key) for key in PROVENANCE if getattr(self, key) is not None}
+
+
+# What a checkpoint says of where its weights came from.
+PROVENANCE = ("step", "init_from", "imported_from", "averaged_from")
+
+
+def _upgraded(saved: dict, path: Path) -> Checkpoint:
+    """A checkpoint as this mtkit reads it, from the dict that any mtkit of format VERSION or older
+    wrote: the one place where what an older mtkit left out is filled in."""
+    known = {f.name for f in fields(Checkpoint)} - {"path"}
+    state = {k: v for k, v in saved.items() if k in known and v is not None}
+    # Before Marian models were imported, no model had a bias on its logits, and the config said nothing.
+    state["model_config"] = {"logits_bias": False, **state["model_config"]}
+    if state.get("tokenizer") is not None:
+        state["tokenizer"] = tuple(state["tokenizer"])
+    return Checkpoint(**state, path=path)
+
+
+def save(ckpt: Checkpoint, path: Path) -> None:
     path = Path(path)
     try:
         with output_file(path, durable=True) as tmp, open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save(ckpt.to_dict(), f)
     except OSError as e:  # a full disk, a read-only folder: the old file is still whole
         raise MtkitError(f"could not write the checkpoint {path}: {e.strerror or e}",
                          hint="free disk space or fix the folder's permissions, then run again; the checkpoints "
@@ -45,7 +130,7 @@ def link(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
-def load(path: Path, mmap: bool = False) -> dict:
+def load(path: Path, mmap: bool = False) -> Checkpoint:
     """The checkpoint in `path`; MtkitError naming the file when it is missing, damaged, not an
     mtkit checkpoint, or from a newer mtkit. mmap: map the file instead of reading it, so parts
     never used (the optimizer state, when only translating) never take memory."""
@@ -72,54 +157,33 @@ def load(path: Path, mmap: bool = False) -> dict:
     if missing:
         raise MtkitError(f"{path} is an incomplete mtkit checkpoint (it has no {' or '.join(missing)})",
                          hint="use another checkpoint")
-    return state
+    return _upgraded(state, path)
 
 
-def weights(state: dict) -> dict:
-    """The weights to translate with: the moving average when training kept one (train.ema), else
-    the trained weights ("model", which resuming continues from)."""
-    return state["ema"] if "ema" in state else state["model"]
-
-
-def build_model(state: dict) -> Transformer:
-    """The model a checkpoint describes, with its (translation) weights, in eval mode."""
-    model = Transformer(ModelConfig(**state["model_config"]))
-    model.load_state_dict(weights(state))
-    return model.eval()
-
-
-def average(paths: list[Path]) -> dict:
+def average(paths: list[Path]) -> Checkpoint:
     """A checkpoint whose weights are the element-wise mean of the given checkpoints' (translation)
-    weights (same model config required); config and tokenizer fingerprint come from the last one."""
+    weights (same model config required); config and tokenizer come from the last one."""
     if not paths:
         raise MtkitError("average needs at least one checkpoint")
     states = [load(p) for p in paths]
     first = states[0]
     for p, s in zip(paths, states):
-        if s["model_config"] != first["model_config"]:
+        if s.model_config != first.model_config:
             raise MtkitError(f"{p} has another model config than {paths[0]}: they cannot be averaged")
-        if s.get("tokenizer_fingerprint") != first.get("tokenizer_fingerprint"):
+        if s.tokenizer_fingerprint != first.tokenizer_fingerprint:
             raise MtkitError(f"{p} was trained with another tokenizer than {paths[0]}: a token id means another "
                              f"piece in each, so their weights cannot be averaged",
                              hint="average the checkpoints of one run (its checkpoints/step_*.pt)")
     mean = {}
-    for name, tensor in weights(first).items():
+    for name, tensor in first.weights.items():
         total = torch.zeros_like(tensor, dtype=torch.float64)
         for s in states:
-            total += weights(s)[name].double()
+            total += s.weights[name].double()
         mean[name] = (total / len(states)).to(tensor.dtype)
     last = states[-1]
-    kept = ("model_config", "config", "tokenizer", "tokenizer_fingerprint", "precision", *PROVENANCE)
-    return {key: last[key] for key in kept if key in last} | {
-        "model": mean, "averaged_from": [str(p) for p in paths]}
-
-
-# What a checkpoint says of where its weights came from: kept by average and export.
-PROVENANCE = ("step", "init_from", "imported_from", "averaged_from")
-
-
-def provenance(state: dict) -> dict:
-    return {key: state[key] for key in PROVENANCE if state.get(key) is not None}
+    return Checkpoint(model_config=last.model_config, model=mean, tokenizer=last.tokenizer,
+                      tokenizer_fingerprint=last.tokenizer_fingerprint, config=last.config, precision=last.precision,
+                      **last.provenance() | {"averaged_from": [str(p) for p in paths]})
 
 
 def step_checkpoints(folder: Path) -> list[Path]:

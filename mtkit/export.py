@@ -50,9 +50,9 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
                          hint="name a new folder (or an earlier export, which is replaced)")
     path = checkpoint.resolve(path)
     state = checkpoint.load(path)
-    cfg = ModelConfig(**state["model_config"])
-    spec = _spec(cfg, {name: t.float().numpy() for name, t in checkpoint.weights(state).items()})
-    tok = Tokenizer(*state["tokenizer"])
+    cfg = ModelConfig(**state.model_config)
+    spec = _spec(cfg, {name: t.float().numpy() for name, t in state.weights.items()})
+    tok = state.make_tokenizer()
     spec.register_source_vocabulary(tok.src_pieces(range(tok.src_vocab_size)))
     spec.register_target_vocabulary(tok.tgt_pieces(range(tok.tgt_vocab_size)))
     # The special tokens by name (a Marian model's decoder starts from <pad>, and it has no <s>).
@@ -73,8 +73,8 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
         spec.save(str(tmp))
         tok.save(tmp)
         (tmp / SETTINGS).write_text(json.dumps({
-            "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.get("config", {}),
-            "provenance": checkpoint.provenance(state), "ctranslate2": ctranslate2.__version__}, indent=2) + "\n",
+            "checkpoint": str(path), "max_positions": cfg.max_positions, "config": state.config,
+            "provenance": state.provenance(), "ctranslate2": ctranslate2.__version__}, indent=2) + "\n",
             encoding="utf-8")
         if out.exists():  # an earlier export (checked above)
             shutil.rmtree(out)

@@ -27,12 +27,9 @@ def parent(cfg: Config) -> Path | None:
     return checkpoint.resolve(cfg.train.init) if cfg.train.init else None
 
 
-def load(cfg: Config) -> dict:
-    path = parent(cfg)
-    state = checkpoint.load(path, mmap=True)
-    if "tokenizer" not in state:
-        raise MtkitError(f"train.init: {path} has no tokenizer in it, so its vocabulary is unknown",
-                         hint="start from a checkpoint that mtkit train wrote")
+def load(cfg: Config) -> checkpoint.Checkpoint:
+    state = checkpoint.load(parent(cfg), mmap=True)
+    state.make_tokenizer()  # (its vocabulary is taken over)
     return state
 
 
@@ -42,14 +39,14 @@ def adopt(cfg: Config) -> Config:
     if not cfg.train.init:
         return cfg
     state = load(cfg)
-    shape = {"logits_bias": False, **state["model_config"]}  # (older checkpoints do not say: they have none)
-    vocabulary = state.get("config", {}).get("tokenizer", {})
+    shape = state.model_config
+    vocabulary = state.config.get("tokenizer", {})
     clashes = [f"model.{key} is {getattr(cfg.model, key)!r} (the model's: {shape[key]!r})"
                for key in SHAPE if key in cfg.model.model_fields_set and getattr(cfg.model, key) != shape[key]]
     clashes += [f"tokenizer.{key} is {getattr(cfg.tokenizer, key)!r} (the model's: {vocabulary[key]!r})"
                 for key in VOCABULARY if key in cfg.tokenizer.model_fields_set and key in vocabulary
                 and getattr(cfg.tokenizer, key) != vocabulary[key]]
-    before = DataSection.model_validate(state["config"]["data"]) if state.get("config", {}).get("data") else None
+    before = DataSection.model_validate(state.config["data"]) if state.config.get("data") else None
     if before and (before.tagged != cfg.data.tagged or before.tagged and not set(cfg.data.targets) <= set(before.targets)):
         raise MtkitError(f"train.init starts from a model that translates into {', '.join(map(str, before.targets))}"
                          f"{' (told which by a tag)' if before.tagged else ''}; this config's data go into "
@@ -68,13 +65,13 @@ def adopt(cfg: Config) -> Config:
         "tokenizer": cfg.tokenizer.model_copy(update={k: v for k, v in vocabulary.items() if k in VOCABULARY})})
 
 
-def record(cfg: Config, state: dict) -> dict:
+def record(cfg: Config, state: checkpoint.Checkpoint) -> dict:
     """What a checkpoint of the run says of where it started: the parent's path, SHA-256 and step,
     and where the parent itself started (a chain back to the first run)."""
     path = parent(cfg)
-    imported = {"imported_from": state["imported_from"]} if state.get("imported_from") else {}  # mtkit import
-    return {"path": str(path), "sha256": sha256_file(path), "step": state.get("step"),
-            "init_from": state.get("init_from"), **imported}
+    imported = {"imported_from": state.imported_from} if state.imported_from else {}  # mtkit import
+    return {"path": str(path), "sha256": sha256_file(path), "step": state.step,
+            "init_from": state.init_from, **imported}
 
 
 def describe(init_from: dict | None) -> str:
@@ -98,17 +95,17 @@ def start(cfg: Config, model: torch.nn.Module, model_config: dict, tokenizer_fin
     """Load the weights of the model the run starts from (the moving average, if it kept one)
     into `model`; returns what the run's checkpoints record of it."""
     state = load(cfg)
-    if state.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+    if state.tokenizer_fingerprint != tokenizer_fingerprint:
         raise MtkitError(f"the prepared data were encoded with another tokenizer than {parent(cfg)}'s (train.init)",
                          hint="encode them with it first: mtkit tokenizer train CONFIG, then mtkit prepare CONFIG "
                               "(or mtkit run CONFIG)")
-    theirs = state["model_config"]
+    theirs = state.model_config
     differs = [f"{key}: {theirs.get(key)!r}, not {value!r}" for key, value in model_config.items()
                if key not in ("dropout", "attention_dropout") and theirs.get(key) != value]
     if differs:
         raise MtkitError(f"train.init: {parent(cfg)} is another model than this config's ({', '.join(differs)})",
                          hint="start from a checkpoint whose tokenizer and shape this run takes over")
-    model.load_state_dict(checkpoint.weights(state))
+    model.load_state_dict(state.weights)
     return record(cfg, state)
 
 

@@ -83,11 +83,11 @@ def import_marian(source: str, out: Path) -> Path:
         "decode": _decoding(hf_model.generation_config)})
     ensure_writable_dir(out / "checkpoints", "-o", "name a folder you can write")
     path = out / "checkpoints" / "best.pt"
-    checkpoint.save({
-        "model_config": asdict(cfg), "model": model.state_dict(), "config": config.model_dump(mode="json"),
-        "tokenizer": list(tok.protos), "tokenizer_fingerprint": tok.fingerprint, "precision": "fp32", "step": 0,
-        "imported_from": {"source": source, "format": "marian", "transformers": transformers.__version__,
-                          "config_sha256": sha256_file(folder / "config.json")}}, path)
+    checkpoint.save(checkpoint.Checkpoint(
+        model_config=asdict(cfg), model=model.state_dict(), config=config.model_dump(mode="json"),
+        tokenizer=tok.protos, tokenizer_fingerprint=tok.fingerprint, precision="fp32", step=0,
+        imported_from={"source": source, "format": "marian", "transformers": transformers.__version__,
+                       "config_sha256": sha256_file(folder / "config.json")}), path)
     return path
 
 

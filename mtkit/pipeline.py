@@ -58,30 +58,21 @@ def train_if_needed(cfg: Config) -> tuple[str, Progress]:
     last = cfg.workdir / "checkpoints" / "last.pt"
     if last.exists():
         state = checkpoint.load(last, mmap=True)
-        progress = Progress.from_dict(state["progress"])
+        progress = Progress.from_dict(state.progress)
         # Finished: the run ended itself (a final save records why; a kill leaves none) and the
         # settings of *this* run agree (an older mtkit carried a stopped_by into resumed runs).
-        reason = stop_reason(cfg.train, progress, state["sampler"]["epoch"])
+        reason = stop_reason(cfg.train, progress, state.sampler["epoch"])
         finished = progress.stopped_by not in (None, "interrupted") and reason is not None
-        before, now = _with_defaults(state["config"]), cfg.model_dump(mode="json")
+        before, now = state.current_config(), cfg.model_dump(mode="json")
         same = before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer"))
         if finished and same:
-            info(f"train: up to date ({last}, stopped by {reason} at step {state['step']:,})")
+            info(f"train: up to date ({last}, stopped by {reason} at step {state.step:,})")
             return "up to date", progress
     resume = last.exists()
     result = train(cfg, resume=resume)
     if result.stopped_by == "interrupted":
         raise KeyboardInterrupt
-    return ("resumed" if resume else "done"), Progress.from_dict(checkpoint.load(last, mmap=True)["progress"])
-
-
-def _with_defaults(saved: dict) -> dict | None:
-    """A checkpoint's config with today's defaults filled in, so that a key added to mtkit since
-    (at its default) does not count as a change; None if it no longer validates."""
-    try:
-        return Config.model_validate(saved).model_dump(mode="json")
-    except ValueError:  # pydantic's ValidationError is one
-        return None
+    return ("resumed" if resume else "done"), Progress.from_dict(checkpoint.load(last, mmap=True).progress)
 
 
 def run(cfg: Config) -> None:

@@ -113,7 +113,7 @@ def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -
     """Refuse to encode with a tokenizer that the config or the train data no longer describe
     (with train.init: that is not the tokenizer of the model the run starts from)."""
     if cfg.train.init or "inherited_from" in trained:
-        wanted = Tokenizer(*lineage.load(cfg)["tokenizer"]).fingerprint if cfg.train.init else None
+        wanted = lineage.load(cfg).tokenizer_fingerprint if cfg.train.init else None
         if trained.get("fingerprint") != wanted:
             what = f"the tokenizer of {lineage.parent(cfg)} (train.init)" if wanted else "one trained on this data"
             raise MtkitError(f"the tokenizer in {cfg.tokenizer_dir} is not {what}",

@@ -255,10 +255,10 @@ def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
             "target_languages": translator.targets,
             "parameters": sum(p.numel() for p in translator.model.parameters()),
             "model": asdict(translator.model.cfg), "decode": defaults.model_dump(),
-            "checkpoint": str(translator.path), "step": state.get("step"),
-            "init_from": state.get("init_from"), "lineage": describe(state.get("init_from")),
-            "imported_from": state.get("imported_from"),
-            "valid_bleu": state.get("progress", {}).get("best_bleu"),
+            "checkpoint": str(translator.path), "step": state.step,
+            "init_from": state.init_from, "lineage": describe(state.init_from),
+            "imported_from": state.imported_from,
+            "valid_bleu": (state.progress or {}).get("best_bleu"),
             "precision": translator.precision, "device": str(translator.device)}
 
 

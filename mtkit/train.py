@@ -124,8 +124,8 @@ class Trainer:
                     self.ema_model.load_state_dict(self.model.state_dict())
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.world.device.type)
-            if state is not None and "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
+            if state is not None and state.scaler is not None:
+                self.scaler.load_state_dict(state.scaler)
         self.log = RunLog(cfg.workdir, self.progress, self.last_path, active=self.world.main,
                           tensorboard=t.tensorboard, max_steps=t.max_steps)
 
@@ -191,46 +191,50 @@ class Trainer:
                                           [weights[name] for name in groups], self.train_copies)
 
     # -- resume -----------------------------------------------------------------------------
-    def _resume_state(self) -> dict | None:
+    def _resume_state(self) -> checkpoint.Checkpoint:
         if not self.last_path.exists():
             raise MtkitError(f"nothing to resume: {self.last_path} does not exist", hint="start training without --resume")
         state = checkpoint.load(self.last_path)
-        if state.get("tokenizer_fingerprint") != self.tok.fingerprint:
+        if state.optimizer is None or state.progress is None:
+            raise MtkitError(f"{self.last_path} holds a model but not the state of a run (optimizer, progress)",
+                             hint="resume needs the last.pt that mtkit train wrote; start a new workdir (or use "
+                                  "this model with --init)")
+        if state.tokenizer_fingerprint != self.tok.fingerprint:
             raise MtkitError(f"{self.last_path} was trained with another tokenizer than {self.cfg.tokenizer_dir}",
                              hint="resume needs the same tokenizer and data; start a new workdir")
-        if state.get("data_fingerprint") != self.manifest["fingerprint"]:
+        if state.data_fingerprint != self.manifest["fingerprint"]:
             raise MtkitError(f"the prepared data changed since {self.last_path} was saved",
                              hint="resume needs the same data; start a new workdir")
         return state
 
-    def _restore(self, state: dict) -> None:
-        if state.get("init_from") and not self.cfg.train.init:
-            raise MtkitError(f"{self.last_path}'s run started from {state['init_from']['path']} (train.init)",
-                             hint=f"resume it as it started: --resume --init {shlex.quote(state['init_from']['path'])}")
-        was, now = state["model_config"], asdict(self.model_config)
+    def _restore(self, state: checkpoint.Checkpoint) -> None:
+        if state.init_from and not self.cfg.train.init:
+            raise MtkitError(f"{self.last_path}'s run started from {state.init_from['path']} (train.init)",
+                             hint=f"resume it as it started: --resume --init {shlex.quote(state.init_from['path'])}")
+        was, now = state.model_config, asdict(self.model_config)
         if changed := [f"{k} is {now.get(k)} (the run's: {was.get(k)})" for k in {**now, **was} if now.get(k) != was.get(k)]:
             raise MtkitError(f"the model section of the config differs from {self.last_path}'s model: {'; '.join(changed)}",
                              hint="resume with the config it was trained with, or set another experiment.workdir")
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.model)
         if self.ema_model is not None:
-            if "ema" not in state:
+            if state.ema is None:
                 raise MtkitError(f"{self.last_path} was trained without train.ema", hint="resume without train.ema")
-            self.ema_model.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.progress = Progress.from_dict(state["progress"])
-        self.init_from = state.get("init_from")
+            self.ema_model.load_state_dict(state.ema)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.sampler.load_state_dict(state.sampler)
+        self.progress = Progress.from_dict(state.progress)
+        self.init_from = state.init_from
         # Why the last session stopped is history: this session's checkpoints must not carry it
         # (a later `mtkit run` would take a half-trained run for a finished one).
         self.progress.stopped_by = None
-        self.precision, self.precision_reason = state["precision"], "as before the resume"
+        self.precision, self.precision_reason = state.precision, "as before the resume"
         wanted = self.cfg.train.precision
-        if wanted not in ("auto", state["precision"]):  # the weights are fp32 either way: a switch is safe
-            self.precision, self.precision_reason = wanted, f"set in the config ({state['precision']} before the resume)"
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.world.device.type == "cuda":  # dropout on a GPU draws from its own
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.world.device)
+        if wanted not in ("auto", state.precision):  # the weights are fp32 either way: a switch is safe
+            self.precision, self.precision_reason = wanted, f"set in the config ({state.precision} before the resume)"
+        random.setstate(state.rng["python"])
+        torch.set_rng_state(state.rng["torch"])
+        if "cuda" in state.rng and self.world.device.type == "cuda":  # dropout on a GPU draws from its own
+            torch.cuda.set_rng_state(state.rng["cuda"], self.world.device)
         if self.world.main:
             info(f"train: resuming from {self.last_path} at step {self.progress.step:,}")
 
@@ -365,18 +369,15 @@ class Trainer:
         return self.tok.decode_tgt([hyps[0].tokens for hyps in found])
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _state(self) -> dict:
-        ema = {"ema": self.ema_model.state_dict()} if self.ema_model is not None else {}
-        if self.scaler.is_enabled():
-            ema["scaler"] = self.scaler.state_dict()
-        return ema | {"model_config": asdict(self.model_config), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                "progress": asdict(self.progress), "precision": self.precision,
-                "rng": self._rng_state(),
-                "config": self.cfg.model_dump(mode="json"), "tokenizer_fingerprint": self.tok.fingerprint,
-                "tokenizer": list(self.tok.protos),  # the checkpoint translates on its own
-                "data_fingerprint": self.manifest["fingerprint"], "step": self.progress.step,
-                "init_from": self.init_from}
+    def _state(self) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(
+            model_config=asdict(self.model_config), model=self.model.state_dict(),
+            ema=self.ema_model.state_dict() if self.ema_model is not None else None,
+            tokenizer=self.tok.protos, tokenizer_fingerprint=self.tok.fingerprint,  # it translates on its own
+            config=self.cfg.model_dump(mode="json"), precision=self.precision, step=self.progress.step,
+            data_fingerprint=self.manifest["fingerprint"], init_from=self.init_from,
+            optimizer=self.optimizer.state_dict(), sampler=self.sampler.state_dict(), progress=asdict(self.progress),
+            rng=self._rng_state(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None)
 
     def _rng_state(self) -> dict:
         """Every random generator the run draws from: a resumed run continues their sequences."""
@@ -516,7 +517,7 @@ class Trainer:
             return info(f"[yellow]warning:[/] train.average_last {t.average_last}: this run saved {len(paths)} step "
                         f"checkpoint (train.save_every {t.save_every}), too few to average: no averaged.pt")
         checkpoint.save(averaged := checkpoint.average(paths), out := self.ckpt_dir / "averaged.pt")
-        result = self.validate(self.world.place(checkpoint.build_model(averaged)))  # on the training device
+        result = self.validate(self.world.place(averaged.build_model()))  # on the training device
         self.log.write({"event": "valid_averaged", "step": self.progress.step, "from": len(paths), **result})
         console.print(f"averaged the last {len(paths)} checkpoints -> {out}: valid BLEU {result['bleu']:.2f}")
 

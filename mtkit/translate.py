@@ -13,29 +13,24 @@ from mtkit.config import DecodeSection as DecodeOptions
 from mtkit.engine import Engine, check_options
 from mtkit.errors import MtkitError
 from mtkit.search import Hypothesis, Trace, search_sorted
-from mtkit.tokenizer import Tokenizer
 
 
 class Translator(Engine):
     """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
 
-    def __init__(self, state: dict, path: Path, device: str = "cpu", precision: str = "auto"):
+    def __init__(self, state: checkpoint.Checkpoint, device: str = "cpu", precision: str = "auto"):
         """device: "cpu" or "cuda:N"; precision: auto, fp32, bf16 or fp16 (distributed.decode_precision)."""
-        if "tokenizer" not in state:
-            raise MtkitError(f"{path} holds no tokenizer (written by an older mtkit)", hint="retrain it")
-        tokenizer = Tokenizer(*state["tokenizer"])
-        if tokenizer.fingerprint != state.get("tokenizer_fingerprint"):
-            raise MtkitError(f"{path}: its tokenizer does not match the one it was trained with")
+        tokenizer = state.make_tokenizer()
         try:
-            self.model = checkpoint.build_model(state)
+            self.model = state.build_model()
         except (TypeError, RuntimeError) as e:  # unknown config keys; weights of another shape
-            raise MtkitError(f"{path}: its weights do not fit its model config ({' '.join(str(e).split())[:160]})",
+            raise MtkitError(f"{state.path}: its weights do not fit its model config ({' '.join(str(e).split())[:160]})",
                              hint="the file was altered or comes from another program; use another checkpoint"
                              ) from None
-        self.trained_precision = state.get("precision", "fp32")
-        self.init_from = state.get("init_from")  # the model it was fine-tuned from (train.init), if any
-        self.imported_from = state.get("imported_from")  # where mtkit import found it, if it did
-        super().__init__(tokenizer, state.get("config", {}), path, distributed.decode_precision(
+        self.trained_precision = state.precision
+        self.init_from = state.init_from  # the model it was fine-tuned from (train.init), if any
+        self.imported_from = state.imported_from  # where mtkit import found it, if it did
+        super().__init__(tokenizer, state.config, state.path, distributed.decode_precision(
             precision, device, self.trained_precision, *distributed.machine_facts(device)))
         self.device = torch.device(device)
         self.model = self.model.to(self.device)  # the one place the model moves
@@ -52,8 +47,7 @@ class Translator(Engine):
         path = checkpoint.resolve(path)
         distributed.limit_kernel_caches()
         distributed.keep_freed_memory()
-        return cls(checkpoint.load(path, mmap=True), path, str(distributed.choose_device(device, option="--device")),
-                   precision)
+        return cls(checkpoint.load(path, mmap=True), str(distributed.choose_device(device, option="--device")), precision)
 
     @property
     def max_source_tokens(self) -> int:

@@ -85,7 +85,7 @@ def _inherit(cfg: Config) -> TokenizerResult:
     """train.init: the tokenizer of the model the run starts from becomes this run's, so that
     prepare encodes the new data as that model reads."""
     lineage.adopt(cfg)  # a config that asks for another vocabulary is said now, not after prepare
-    out, tok = cfg.tokenizer_dir, Tokenizer(*lineage.load(cfg)["tokenizer"])
+    out, tok = cfg.tokenizer_dir, lineage.load(cfg).make_tokenizer()
     inherited = {"path": str(lineage.parent(cfg)), "fingerprint": tok.fingerprint}
     had = (read_json(out / "tokenizer.json") or {}).get("inherited_from")
     if had == inherited:

@@ -2,6 +2,7 @@
 run in-process."""
 
 import importlib.util
+import json
 import os
 import tempfile
 
@@ -58,6 +59,10 @@ def demo_config(tmp_path, demo_dir) -> Path:
                         tokenizer={"vocab_size": 500})
 
 
+# scripts/same_behaviour.py: every command `cli` runs, with its answer, appended to this file.
+RECORD_CLI = os.environ.get("MTKIT_RECORD_CLI")
+
+
 @pytest.fixture
 def cli(capsys):
     """Run `mtkit ARGS...` in-process; returns (exit code, stdout, stderr)."""
@@ -69,6 +74,10 @@ def cli(capsys):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         out, err = capsys.readouterr()
+        if RECORD_CLI:
+            with open(RECORD_CLI, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST"), "args": [str(a) for a in args],
+                                    "code": code, "out": out, "err": err}) + "\n")
         return code, out, err
 
     return run

@@ -570,7 +570,7 @@ def test_average_of_runs_with_other_tokenizers(cli, trained, demo_dir, tmp_path)
     config = tiny_config(tmp_path / "other", demo_dir, max_steps=2, eval_every=2, save_every=2)
     assert cli("train", config, "--set", "tokenizer.type=unigram")[0] == 0
     other = tmp_path / "other/run/checkpoints/best.pt"
-    assert checkpoint.load(other)["model_config"] == checkpoint.load(trained / "checkpoints/best.pt")["model_config"]
+    assert checkpoint.load(other).model_config == checkpoint.load(trained / "checkpoints/best.pt").model_config
     code, _, err = cli("average", trained / "checkpoints/best.pt", other, "-o", tmp_path / "avg.pt")
     assert_refused(code, err, f"{other} was trained with another tokenizer than")
     assert "checkpoints/step_*.pt" in err and not (tmp_path / "avg.pt").exists()

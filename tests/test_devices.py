@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,9 +99,8 @@ def test_decoding_precision_is_a_choice_and_fp32_agrees_with_the_ctranslate2_exp
     """A bf16-trained model decodes in bf16 where the CPU has it (auto), in fp32 when asked; fp32
     is what its CTranslate2 export computes (CTranslate2 has no bf16 on CPUs), line for line."""
     state = checkpoint.load(trained / "checkpoints/best.pt")
-    state["precision"] = "bf16"
     bf16 = tmp_path / "bf16.pt"
-    checkpoint.save({k: v for k, v in state.items() if k not in ("format", "version")}, bf16)
+    checkpoint.save(replace(state, precision="bf16"), bf16)
     from mtkit.translate import Translator
 
     assert Translator.load(bf16, precision="fp32").precision == "fp32"

@@ -33,9 +33,9 @@ def test_two_processes_train_as_one_with_their_batches_together_and_resume_in_on
 
     a = checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")
     b = checkpoint.load(tmp_path / "one/run/checkpoints/last.pt")
-    assert a["step"] == b["step"] == 30 and a["sampler"] == b["sampler"]  # the same 60 batches
-    for name, tensor in a["model"].items():  # two halves of a step summed by DDP = one step of both
-        assert torch.allclose(tensor, b["model"][name], atol=1e-5), name
+    assert a.step == b.step == 30 and a.sampler == b.sampler  # the same 60 batches
+    for name, tensor in a.model.items():  # two halves of a step summed by DDP = one step of both
+        assert torch.allclose(tensor, b.model[name], atol=1e-5), name
     events = [json.loads(line) for line in (tmp_path / "ddp/run/metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in events if e["event"] == "train"]
     assert len(losses) == 6 and losses[-1] < losses[0] - 1.0  # it learns
@@ -44,13 +44,13 @@ def test_two_processes_train_as_one_with_their_batches_together_and_resume_in_on
     code, _, err = cli("train", ddp, "--resume", "--set", "train.max_steps=40", "--set", "model.dropout=0")
     assert code == 0, err
     assert "resuming from" in err and "at step 30" in err
-    assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 40
+    assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt").step == 40
     result = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "mtkit", "train", ddp, "--resume",
                              "--set", "train.max_steps=50", "--set", "model.dropout=0"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("resuming from") == 1 and "at step 40" in result.stderr
-    assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["step"] == 50
+    assert checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt").step == 50
 
 
 
@@ -69,8 +69,8 @@ def test_an_output_layer_used_only_by_the_loss_is_trained_by_ddp_as_by_one_proce
     assert result.returncode == 0, result.stderr[-3000:]
     code, _, err = cli("train", one, *untied)
     assert code == 0, err
-    a = checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt")["model"]
-    b = checkpoint.load(tmp_path / "one/run/checkpoints/last.pt")["model"]
+    a = checkpoint.load(tmp_path / "ddp/run/checkpoints/last.pt").model
+    b = checkpoint.load(tmp_path / "one/run/checkpoints/last.pt").model
     assert "generator.weight" in a
     for name, tensor in a.items():
         assert torch.allclose(tensor, b[name], atol=1e-5), name
@@ -92,9 +92,9 @@ def test_ctrl_c_on_torchrun_saves_the_run(tmp_path, demo_dir, cli):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: torchrun and its workers
     proc.communicate(timeout=120)
     last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
-    assert last["progress"]["stopped_by"] == "interrupted" and last["step"] >= 10
-    code, _, err = cli("train", config, "--resume", "--set", f"train.max_steps={last['step'] + 5}")
-    assert code == 0 and f"at step {last['step']:,}" in err, err
+    assert last.progress["stopped_by"] == "interrupted" and last.step >= 10
+    code, _, err = cli("train", config, "--resume", "--set", f"train.max_steps={last.step + 5}")
+    assert code == 0 and f"at step {last.step:,}" in err, err
 
 
 EXIT = """import atexit, sys

@@ -97,9 +97,9 @@ def test_every_model_variant_exports_faithfully(trained, demo_dir, tmp_path, var
 
     state = checkpoint.load(trained / "checkpoints/best.pt")
     torch.manual_seed(0)
-    cfg = replace(ModelConfig(**state["model_config"]), **variant)
-    state.update(model_config=asdict(cfg), model=Transformer(cfg).state_dict(), precision="fp32")
-    checkpoint.save(state, tmp_path / "variant.pt")
+    cfg = replace(ModelConfig(**state.model_config), **variant)
+    checkpoint.save(replace(state, model_config=asdict(cfg), model=Transformer(cfg).state_dict(), ema=None,
+                            precision="fp32"), tmp_path / "variant.pt")
     lines = (demo_dir / "test.en").read_text().splitlines()[:40]
     ours = Translator.load(tmp_path / "variant.pt").translate(lines, beam_size=1)
     exported = export_ctranslate2(tmp_path / "variant.pt", tmp_path / "ct2")

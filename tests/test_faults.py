@@ -84,7 +84,7 @@ def test_sigkill_at_random_moments_and_during_writes(tmp_path, demo_dir):
         for path in sorted(folder.glob("*.pt")):
             checkpoint.load(path)  # every checkpoint stays readable (raises if not)
         # A kill before the first save leaves no last.pt (the next start is a fresh one): 0 steps saved.
-        lost = _logged_step(workdir) - (checkpoint.load(last)["step"] if last.exists() else 0)
+        lost = _logged_step(workdir) - (checkpoint.load(last).step if last.exists() else 0)
         assert 0 <= lost <= SAVE_EVERY, f"kill {kills}: {lost} steps lost"
         most_lost = max(most_lost, lost)
 
@@ -97,13 +97,13 @@ def test_sigkill_at_random_moments_and_during_writes(tmp_path, demo_dir):
     assert proc.wait(timeout=600) == 0, (tmp_path / "whole" / "train.log").read_text()[-2000:]
     a = checkpoint.load(last)
     b = checkpoint.load(tmp_path / "whole/run/checkpoints/last.pt")
-    assert a["step"] == b["step"] == settings["max_steps"]
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert a["progress"]["best_bleu"] == b["progress"]["best_bleu"]
+    assert a.step == b.step == settings["max_steps"]
+    for name, tensor in a.model.items():
+        assert torch.equal(tensor, b.model[name]), name
+    assert a.progress["best_bleu"] == b.progress["best_bleu"]
     print(f"\nfault harness: {kills} SIGKILLs survived ({during_writes} during a checkpoint write), "
           f"at most {most_lost} steps lost (save_every {SAVE_EVERY}), final parameters equal to an "
-          f"uninterrupted run's after {a['step']} steps")
+          f"uninterrupted run's after {a.step} steps")
     assert kills == KILLS, f"the run finished after {kills} kills; raise max_steps"
 
 

@@ -33,7 +33,7 @@ def child(demo_dir, tmp_path):
 
 
 def weights(path) -> dict:
-    return checkpoint.load(path)["model"]
+    return checkpoint.load(path).model
 
 
 def test_a_run_starts_from_the_model_with_its_tokenizer_and_shape(cli, trained, child):
@@ -45,23 +45,23 @@ def test_a_run_starts_from_the_model_with_its_tokenizer_and_shape(cli, trained, 
     parent = trained / "checkpoints" / "best.pt"
     parent_state = checkpoint.load(parent)
     # the tokenizer is the parent's, and prepare encoded the new data with it
-    assert Tokenizer.load(workdir / "tokenizer").fingerprint == parent_state["tokenizer_fingerprint"]
+    assert Tokenizer.load(workdir / "tokenizer").fingerprint == parent_state.tokenizer_fingerprint
     info = json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())
-    assert info["inherited_from"] == {"path": str(parent), "fingerprint": parent_state["tokenizer_fingerprint"]}
+    assert info["inherited_from"] == {"path": str(parent), "fingerprint": parent_state.tokenizer_fingerprint}
     manifest = json.loads((workdir / "data" / "manifest.json").read_text())
-    assert manifest["tokenizer_fingerprint"] == parent_state["tokenizer_fingerprint"]
+    assert manifest["tokenizer_fingerprint"] == parent_state.tokenizer_fingerprint
     assert manifest["splits"]["train"]["pairs_in"] == 2000
     # a fresh run: its own steps, the warm-up from the start, the parent's shape
     state = checkpoint.load(workdir / "checkpoints" / "last.pt")
-    assert state["step"] == 4 and state["progress"]["step"] == 4
-    assert state["model_config"] == parent_state["model_config"]
+    assert state.step == 4 and state.progress["step"] == 4
+    assert state.model_config == parent_state.model_config
     lrs = [json.loads(line)["lr"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["event"] == "train"]
     assert lrs[0] == pytest.approx(1e-3 * 1 / 5)  # step 1 of a 5-step warm-up
-    assert state["init_from"] == {"path": str(parent), "sha256": sha256_file(parent),
-                                  "step": parent_state["step"], "init_from": None}
+    assert state.init_from == {"path": str(parent), "sha256": sha256_file(parent),
+                                  "step": parent_state.step, "init_from": None}
     # started from the parent's weights: the frozen parts are still exactly them, the rest moved
-    before, after = weights(parent), state["model"]
+    before, after = weights(parent), state.model
     frozen = [k for k in after if k.startswith(("tgt_embed.", "src_embed.", "encoder.", "enc_norm."))]
     trained_parts = [k for k in after if k.startswith(("decoder.", "dec_norm."))]
     assert frozen and trained_parts
@@ -92,7 +92,7 @@ def test_the_lineage_is_shown_and_chains(cli, trained, child):
     # averaging a fine-tuned run's checkpoints keeps what they started from
     steps = sorted((config.parent / "run2" / "checkpoints").glob("step_*.pt"))
     assert cli("average", *steps, "-o", config.parent / "averaged.pt")[0] == 0
-    assert checkpoint.load(config.parent / "averaged.pt")["init_from"] == checkpoint.load(steps[-1])["init_from"]
+    assert checkpoint.load(config.parent / "averaged.pt").init_from == checkpoint.load(steps[-1]).init_from
     # the model's positions bound the new data's lengths as the config's own would
     code, _, err = cli("train", config, "--init", trained, "--set", "data.max_len=200",
                        "--set", "experiment.workdir=" + str(config.parent / "run3"))
@@ -130,7 +130,7 @@ def test_a_config_that_asks_for_another_model_is_refused(cli, trained, child, mu
     code, _, err = cli("train", config, "--init", trained, "--set", "model.d_model=32", "--set", "model.dropout=0.3",
                        "--set", "train.max_steps=2")
     assert code == 0, err
-    assert checkpoint.load(config.parent / "run" / "checkpoints" / "last.pt")["model_config"]["dropout"] == 0.3
+    assert checkpoint.load(config.parent / "run" / "checkpoints" / "last.pt").model_config["dropout"] == 0.3
     # a model of several target languages has tags that one-target data would not get
     code, _, err = cli("train", config, "--init", multi_run[1], "--set", "experiment.workdir=" + str(config.parent / "r2"))
     assert code == 2 and "translates into sv, vs (told which by a tag); this config's data go into vs" in err

@@ -161,13 +161,13 @@ def test_the_imported_model_fine_tunes_with_init_and_resumes_exactly(cli, import
     assert code == 0, err
     straight, resumed = (checkpoint.load(w / "run" / "checkpoints" / "last.pt") for w in (tmp_path / "straight",
                                                                                         tmp_path / "resumed"))
-    assert straight["step"] == resumed["step"] == 6
-    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    assert straight.step == resumed.step == 6
+    assert all(torch.equal(straight.model[k], resumed.model[k]) for k in straight.model)
     parent = checkpoint.load(imported / "checkpoints" / "best.pt")
-    assert straight["init_from"]["path"] == str(imported / "checkpoints" / "best.pt")
-    assert describe(straight["init_from"]) == f"{imported / 'checkpoints' / 'best.pt'} (imported from {marian_dir})"
-    assert {**straight["model_config"], "dropout": 0.0} == parent["model_config"]  # (the fine-tune's own dropout)
-    assert not torch.equal(straight["model"]["logits_bias"], parent["model"]["logits_bias"])  # it learned
+    assert straight.init_from["path"] == str(imported / "checkpoints" / "best.pt")
+    assert describe(straight.init_from) == f"{imported / 'checkpoints' / 'best.pt'} (imported from {marian_dir})"
+    assert {**straight.model_config, "dropout": 0.0} == parent.model_config  # (the fine-tune's own dropout)
+    assert not torch.equal(straight.model["logits_bias"], parent.model["logits_bias"])  # it learned
 
 
 def test_the_imported_model_exports_to_ctranslate2(both, imported, tmp_path):
@@ -184,11 +184,11 @@ def test_provenance_survives_average_and_export(cli, imported, tmp_path):
     """An imported model, averaged, still says where it came from (average dropped imported_from),
     and its export keeps that too."""
     best = imported / "checkpoints" / "best.pt"
-    source = checkpoint.load(best)["imported_from"]
+    source = checkpoint.load(best).imported_from
     code, _, err = cli("average", best, best, "-o", tmp_path / "avg.pt")
     assert code == 0, err
     averaged = checkpoint.load(tmp_path / "avg.pt")
-    assert averaged["imported_from"] == source and averaged["averaged_from"] == [str(best)] * 2
+    assert averaged.imported_from == source and averaged.averaged_from == [str(best)] * 2
     code, _, err = cli("translate", tmp_path / "avg.pt", "-i", "/dev/null")
     assert code == 0 and f"imported from {source['source']}" in err, err
     if importlib.util.find_spec("ctranslate2"):
@@ -291,7 +291,7 @@ def test_a_model_of_few_positions_is_imported_with_a_max_len_that_fits(cli, mari
     (folder / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 12}))
     code, _, err = cli("import", "marian", folder, "-o", tmp_path / "out")
     assert code == 0, err
-    assert checkpoint.load(tmp_path / "out/checkpoints/best.pt")["config"]["data"]["max_len"] == 10
+    assert checkpoint.load(tmp_path / "out/checkpoints/best.pt").config["data"]["max_len"] == 10
 
 
 def test_the_explorer_shows_an_imported_model_with_its_own_ids(imported, both):

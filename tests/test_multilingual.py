@@ -139,7 +139,7 @@ def test_validation_scores_each_direction_and_their_mean_decides(run):
     assert valid[0]["examples"]["en-sv"]["source"].startswith("<2sv> ")  # as the model reads it
     for v in valid:
         assert v["bleu"] == pytest.approx(sum(v["bleu_by_direction"].values()) / 2, abs=0.01)
-    assert checkpoint.load(workdir / "checkpoints" / "best.pt")["progress"]["best_bleu"] == max(v["bleu"] for v in valid)
+    assert checkpoint.load(workdir / "checkpoints" / "best.pt").progress["best_bleu"] == max(v["bleu"] for v in valid)
     for direction in ("en-vs", "en-sv"):  # mtkit run scored each on test
         assert json.loads((workdir / "eval" / f"test.{direction}.json").read_text())["sentences"] == 60
 

@@ -67,12 +67,12 @@ def kill_after(config_path: Path, overrides: dict, workdir: Path, step: int) -> 
 
 # rule: (first settings, extended settings, what the extended run must end with)
 RULES = {
-    "max_steps": ({"max_steps": 6}, {"max_steps": 30}, lambda s: s["step"] == 30),
-    "max_epochs": ({"max_epochs": 1}, {"max_epochs": 3}, lambda s: s["sampler"]["epoch"] == 3),
-    "max_time": ({"max_time": 1.0}, {"max_time": 3.0}, lambda s: s["progress"]["seconds"] >= 3.0),
+    "max_steps": ({"max_steps": 6}, {"max_steps": 30}, lambda s: s.step == 30),
+    "max_epochs": ({"max_epochs": 1}, {"max_epochs": 3}, lambda s: s.sampler["epoch"] == 3),
+    "max_time": ({"max_time": 1.0}, {"max_time": 3.0}, lambda s: s.progress["seconds"] >= 3.0),
     # lr so small that greedy BLEU never improves: patience 2 stops at the second bad validation.
     "patience": ({"patience": 2, "lr": 1e-9, "max_steps": 40}, {"patience": 50, "lr": 1e-9, "max_steps": 40},
-                 lambda s: s["step"] == 40),
+                 lambda s: s.step == 40),
 }
 
 
@@ -88,23 +88,22 @@ def test_an_extended_run_killed_midway_is_continued_not_taken_for_finished(cli, 
     code, _, err = cli("run", config_path, *sets(first))
     assert code == 0, err
     before = last_state(workdir)
-    assert before["progress"]["stopped_by"] == rule, before["progress"]
+    assert before.progress["stopped_by"] == rule, before.progress
 
-    kill_after(config_path, extended, workdir, before["step"] + 1)
+    kill_after(config_path, extended, workdir, before.step + 1)
     killed = last_state(workdir)
-    assert killed["step"] > before["step"]
-    assert killed["progress"]["stopped_by"] is None  # the first run's reason is not carried along
+    assert killed.step > before.step
+    assert killed.progress["stopped_by"] is None  # the first run's reason is not carried along
     # An older mtkit did carry it along: `mtkit run` must still judge by the current settings.
-    killed["progress"]["stopped_by"] = rule
-    checkpoint.save({k: v for k, v in killed.items() if k not in ("format", "version")},
-                    workdir / "checkpoints" / "last.pt")
+    killed.progress["stopped_by"] = rule
+    checkpoint.save(killed, workdir / "checkpoints" / "last.pt")
 
     code, _, err = cli("run", config_path, *sets(extended))
     assert code == 0, err
     assert "train: up to date" not in err and f"resuming from {workdir / 'checkpoints' / 'last.pt'}" in err
     final = last_state(workdir)
     expected = "max_steps" if rule == "patience" else rule  # patience 50 is never reached in 40 steps
-    assert final["progress"]["stopped_by"] == expected and ended(final), final["progress"]
+    assert final.progress["stopped_by"] == expected and ended(final), final.progress
     code, _, err = cli("run", config_path, *sets(extended))  # and now it is finished
     assert code == 0 and "train: up to date" in err, err
 
@@ -114,8 +113,8 @@ def test_patience_stops_after_that_many_validations_without_a_better_bleu(cli, t
     assert code == 0, err
     state = last_state(tmp_path / "run")
     # Validations at steps 2 (the best so far), 4 and 6 (no better: 2 in a row), then the stop.
-    assert state["step"] == 6 and state["progress"]["stopped_by"] == "patience", state["progress"]
-    assert state["progress"]["best_step"] == 2 and state["progress"]["bad_evals"] == 2
+    assert state.step == 6 and state.progress["stopped_by"] == "patience", state.progress
+    assert state.progress["best_step"] == 2 and state.progress["bad_evals"] == 2
 
 
 def test_stop_reason_judges_progress_by_the_settings_given():

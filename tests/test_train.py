@@ -88,14 +88,14 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli, 
 
     a = checkpoint.load(tmp_path / "a/run/checkpoints/last.pt")
     b = checkpoint.load(tmp_path / "b/run/checkpoints/last.pt")
-    assert a["step"] == b["step"] == 12
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    assert a.step == b.step == 12
+    for name, tensor in a.model.items():
+        assert torch.equal(tensor, b.model[name]), name
     assert losses(tmp_path / "a/run") == losses(tmp_path / "b/run")
     assert len(losses(tmp_path / "a/run")) == 6
-    assert a["sampler"] == b["sampler"]
+    assert a.sampler == b.sampler
     if precision == "fp16":  # the loss scaler went on counting its good steps across the resume
-        assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 12
+        assert a.scaler == b.scaler and a.scaler["_growth_tracker"] == 12
 
 
 def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_path, demo_dir):
@@ -112,7 +112,7 @@ def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_pat
             [MTKIT, "translate", tmp_path / name / "run", "-i", demo_dir / "test.en", "--beam", "3"], env=env, check=True,
             capture_output=True).stdout
         runs[name] = (losses(tmp_path / name / "run"), translated,
-                      checkpoint.load(tmp_path / name / "run/checkpoints/last.pt")["model"])
+                      checkpoint.load(tmp_path / name / "run/checkpoints/last.pt").model)
     (curve_a, text_a, weights_a), (curve_b, text_b, weights_b), (curve_c, _, _) = runs.values()
     assert len(curve_a) == 6 and curve_a == curve_b
     # Pinned at 47cfbd7, before several translation directions could share a run (issue 20): a
@@ -150,11 +150,11 @@ def test_ema_is_saved_resumed_exactly_and_translated_with(tmp_path, demo_dir, cl
     assert code == 0, err
     a = checkpoint.load(tmp_path / "a/run/checkpoints/last.pt")
     b = checkpoint.load(tmp_path / "b/run/checkpoints/last.pt")
-    for name, tensor in a["ema"].items():
-        assert torch.equal(tensor, b["ema"][name]), name
+    for name, tensor in a.ema.items():
+        assert torch.equal(tensor, b.ema[name]), name
     name = "decoder.0.feed_forward.inner.weight"
-    assert not torch.equal(a["ema"][name], a["model"][name])  # an average, not the weights
-    assert torch.equal(checkpoint.build_model(a).state_dict()[name], a["ema"][name])  # translation uses it
+    assert not torch.equal(a.ema[name], a.model[name])  # an average, not the weights
+    assert torch.equal(a.build_model().state_dict()[name], a.ema[name])  # translation uses it
     # Resuming a run without EMA with train.ema set is refused; the opposite is allowed.
     plain = tiny_config(tmp_path, demo_dir, max_steps=6)
     assert cli("train", plain)[0] == 0
@@ -167,7 +167,7 @@ def test_rdrop_trains_on_two_dropout_masks_and_without_dropout_is_plain_training
         (tmp_path / name).mkdir()
         code, _, err = cli("train", tiny_config(tmp_path / name, demo_dir, max_steps=6), *overrides)
         assert code == 0, err
-        return checkpoint.load(tmp_path / name / "run/checkpoints/last.pt")["model"], losses(tmp_path / name / "run")
+        return checkpoint.load(tmp_path / name / "run/checkpoints/last.pt").model, losses(tmp_path / name / "run")
 
     plain, plain_losses = last_weights("plain", "--set", "model.dropout=0")
     twice, twice_losses = last_weights("twice", "--set", "model.dropout=0", "--set", "train.rdrop=5")
@@ -193,7 +193,7 @@ def test_subword_sampling_trains_on_the_sampled_copies(tmp_path, demo_dir, cli):
         (tmp_path / name).mkdir()
         code, _, err = cli("train", tiny_config(tmp_path / name, demo_dir, max_steps=4), *extra)
         assert code == 0, err
-        runs[name] = err, checkpoint.load(tmp_path / name / "run/checkpoints/last.pt")["model"], losses(tmp_path / name / "run")
+        runs[name] = err, checkpoint.load(tmp_path / name / "run/checkpoints/last.pt").model, losses(tmp_path / name / "run")
     assert "(2 subword-sampled copies)" in runs["sampled"][0] and "subword-sampled" not in runs["plain"][0]
     assert all(math.isfinite(loss) for _, loss in runs["sampled"][2])
     assert runs["plain"][2] != runs["sampled"][2]
@@ -211,15 +211,15 @@ def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
     assert os.path.samefile(folder / "last.pt", folder / "step_0000012.pt")  # a link, not a copy
     for key in ("model_config", "model", "optimizer", "sampler", "progress", "rng", "config",
                 "tokenizer_fingerprint", "data_fingerprint", "precision"):
-        assert key in last, key
-    assert last["config"]["train"]["save_every"] == 2
+        assert getattr(last, key) is not None, key
+    assert last.config["train"]["save_every"] == 2
     best = checkpoint.load(folder / "best.pt")
-    assert best["progress"]["best_step"] == best["step"] and best["step"] in (6, 12)
+    assert best.progress["best_step"] == best.step and best.step in (6, 12)
     # train.average_last: averaged.pt is the mean of the last two step checkpoints.
     avg = checkpoint.load(folder / "averaged.pt")
     older = checkpoint.load(folder / "step_0000010.pt")
-    for name, tensor in avg["model"].items():
-        assert torch.allclose(tensor, (older["model"][name] + last["model"][name]) / 2, atol=1e-7)
+    for name, tensor in avg.model.items():
+        assert torch.allclose(tensor, (older.model[name] + last.model[name]) / 2, atol=1e-7)
     assert "averaged the last 2" in err
     events = [json.loads(line)["event"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert events.count("valid") == 2 and events[-1] == "end" and "valid_averaged" in events
@@ -254,10 +254,10 @@ def test_average_command_averages(tmp_path, demo_dir, cli):
     code, _, err = cli("average", *paths, "-o", tmp_path / "avg.pt")
     assert code == 0, err
     avg = checkpoint.load(tmp_path / "avg.pt")
-    states = [checkpoint.load(p)["model"] for p in paths]
-    for name in avg["model"]:
-        assert torch.allclose(avg["model"][name], sum(s[name] for s in states) / 2, atol=1e-7)
-    checkpoint.build_model(avg)  # loadable as a model
+    states = [checkpoint.load(p).model for p in paths]
+    for name in avg.model:
+        assert torch.allclose(avg.model[name], sum(s[name] for s in states) / 2, atol=1e-7)
+    avg.build_model()  # loadable as a model
 
 
 def test_a_run_too_short_to_average_says_so_and_eval_says_why(tmp_path, demo_dir, cli):
@@ -321,16 +321,16 @@ def test_sigkill_never_leaves_an_unreadable_checkpoint_and_resume_goes_on(tmp_pa
     for delay in (0.0, 0.13, 0.31):  # checkpoints are written every step: kills land during writes too
         proc = _start(config, *(["--resume"] if last.exists() else []))
         _wait_for(last, proc)
-        before = checkpoint.load(last)["step"]
+        before = checkpoint.load(last).step
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         state = checkpoint.load(last)  # readable after every kill
-        assert state["step"] >= before
-    proc = _start(config, "--resume", "--set", "train.max_steps=" + str(state["step"] + 3))
+        assert state.step >= before
+    proc = _start(config, "--resume", "--set", "train.max_steps=" + str(state.step + 3))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert checkpoint.load(last)["step"] == state["step"] + 3
+    assert checkpoint.load(last).step == state.step + 3
     assert not list(last.parent.glob(".*.tmp"))  # temp files of killed writes are cleared on start
 
 
@@ -345,7 +345,7 @@ def test_sigint_and_sigterm_save_and_exit_cleanly(tmp_path, demo_dir, sig):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"stopped by {sig.name}" in err and "--resume" in err
     state = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
-    assert state["step"] >= 1 and state["progress"]["step"] == state["step"]
+    assert state.step >= 1 and state.progress["step"] == state.step
     assert math.isfinite(losses(tmp_path / "run")[-1][1])
     assert load_config(config).train.max_steps == 100000
 
@@ -367,31 +367,31 @@ def test_every_precision_learns_the_demo_corpus(tmp_path, demo_dir, cli, precisi
     last_window = [e for e in events if e["event"] == "train"][-1]
     assert 0 < last_window["nll"] < last_window["loss"] - 0.2, last_window
     last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
-    assert last["precision"] == precision and ("scaler" in last) == (precision == "fp16")  # fp16's loss scale
+    assert last.precision == precision and (last.scaler is not None) == (precision == "fp16")  # fp16's loss scale
 
 
 def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, max_steps=6)
     code, _, err = cli("run", config, "--set", "decode.beam_size=2")
     assert code == 0, err
-    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["progress"]["stopped_by"] == "max_steps"
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt").progress["stopped_by"] == "max_steps"
     code, _, err = cli("run", config, "--set", "decode.beam_size=2")
     assert code == 0 and "train: up to date" in err and "eval: up to date" in err
     assert re.search(r"translate \+ eval\s*│\s*up to date", err), err  # the summary says so too
     # A run saved before a config key existed is still up to date (the key at its default).
     last = tmp_path / "run/checkpoints/last.pt"
     state = checkpoint.load(last)
-    del state["config"]["train"]["max_nonfinite"]
-    checkpoint.save({k: v for k, v in state.items() if k not in ("format", "version")}, last)
+    del state.config["train"]["max_nonfinite"]
+    checkpoint.save(state, last)
     code, _, err = cli("run", config, "--set", "decode.beam_size=2")
     assert code == 0 and "train: up to date" in err
     # A longer budget: the finished run is continued (resumed), not restarted.
     code, _, err = cli("run", config, "--set", "decode.beam_size=2", "--set", "train.max_steps=9")
     assert code == 0, err
     assert "resuming from" in err and "at step 6" in err
-    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["step"] == 9
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt").step == 9
     # eval reruns only if best.pt changed (a better validation BLEU at step 9).
-    best_step = checkpoint.load(tmp_path / "run/checkpoints/best.pt")["step"]
+    best_step = checkpoint.load(tmp_path / "run/checkpoints/best.pt").step
     assert ("eval: up to date" in err) == (best_step == 6)
 
 
@@ -412,8 +412,8 @@ def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_c
     assert code == 2 and "Traceback" not in err
     assert "was NaN or infinite for 3 steps in a row (4 in all" in err and "(step 6)" in err and "train.lr" in err
     last = checkpoint.load(tmp_path / "run/checkpoints/last.pt")
-    assert last["step"] == 6 and last["progress"]["skipped_steps"] == 1
-    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert last.step == 6 and last.progress["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in last.model.values())
     events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert events[-1] == {"event": "stopped_nonfinite", "step": 9, "in_row": 3, "skipped_steps": 4}
 
@@ -422,7 +422,7 @@ def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_c
     code, _, err = cli("train", config, "--resume", "--set", "train.precision=bf16")
     assert code == 0, err
     assert "resuming from" in err and "at step 6" in err and "bf16 (set in the config (fp32 before the resume))" in err
-    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["step"] == 12
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt").step == 12
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(tmp_path, demo_dir, cli, monkeypatch):
@@ -443,12 +443,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(tmp_path,
     assert "could not write the checkpoint" in err and "step_0000006.pt: No space left on device" in err
     folder = tmp_path / "run/checkpoints"
     assert not list(folder.glob(".*.tmp")) and not (folder / "step_0000006.pt").exists()
-    assert checkpoint.load(folder / "last.pt")["step"] == 4
+    assert checkpoint.load(folder / "last.pt").step == 4
 
     monkeypatch.setattr(checkpoint.torch, "save", real)
     code, _, err = cli("train", config, "--resume")
     assert code == 0, err
-    assert "at step 4" in err and checkpoint.load(folder / "last.pt")["step"] == 12
+    assert "at step 4" in err and checkpoint.load(folder / "last.pt").step == 12
 
 
 def test_a_full_disk_for_the_metrics_log_stops_with_the_checkpoints_intact(tmp_path, demo_dir, cli):
@@ -458,7 +458,7 @@ def test_a_full_disk_for_the_metrics_log_stops_with_the_checkpoints_intact(tmp_p
     code, _, err = cli("train", config)
     assert code == 2 and "Traceback" not in err
     assert "metrics.jsonl: No space left on device" in err and "last.pt (step 2) is intact" in err
-    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt")["step"] == 2
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt").step == 2
 
     (tmp_path / "run/metrics.jsonl").unlink()  # space freed
     code, _, err = cli("train", config, "--resume")
@@ -488,7 +488,7 @@ def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path
                 translator = Translator.load(path)  # loads every time: a file replaced mid-read would fail here
                 found = translator.translate(["the dog follows the cat", ""], beam_size=2)
                 assert len(found) == 2
-            steps.add(checkpoint.load(folder / "last.pt")["step"])
+            steps.add(checkpoint.load(folder / "last.pt").step)
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)

@@ -275,9 +275,9 @@ def breaking_model(demo_dir, tmp_path_factory) -> tuple[Path, str]:
             model.tgt_embed.tokens.weight[token, i] = 1.0  # token i of the script: direction i ...
             model.generator.weight[following, i] = 10.0  # ... which makes the next token most likely
     path = tmp_path_factory.mktemp("breaking") / "model.pt"
-    checkpoint.save({"model_config": asdict(cfg), "model": model.state_dict(), "tokenizer": list(tok.protos),
-                     "tokenizer_fingerprint": tok.fingerprint, "precision": "fp32",
-                     "config": {"decode": {"beam_size": 3, "alpha": 0.6}}}, path)
+    checkpoint.save(checkpoint.Checkpoint(model_config=asdict(cfg), model=model.state_dict(), tokenizer=tok.protos,
+                                          tokenizer_fingerprint=tok.fingerprint, precision="fp32",
+                                          config={"decode": {"beam_size": 3, "alpha": 0.6}}), path)
     return path, tok.tgt.decode(script[1:-1])
 
 
