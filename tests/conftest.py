@@ -25,6 +25,7 @@ from hypothesis import settings  # noqa: E402
 from mtkit import demo  # noqa: E402
 from mtkit.cli import main  # noqa: E402
 from mtkit.corpus import read_lines  # noqa: E402
+from tests.helpers import STARTED  # noqa: E402
 
 # The fuzz tests draw the same examples on every run, so that CI never fails by luck;
 # HYPOTHESIS_PROFILE=explore draws new ones each run (run it after changing what they test).
@@ -34,6 +35,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = Path(os.environ.get("MTKIT_MULTI30K", REPO.parent / "shared" / "data" / "multi30k"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_server_outlives_the_tests():
+    """A server (tests/helpers.py: Server) that a failed test did not stop is killed."""
+    yield
+    for process in STARTED:  # one a failed test did not stop
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.fixture(scope="session")

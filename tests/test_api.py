@@ -2,9 +2,10 @@
 
 import contextlib
 import io
-import os
 import re
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -18,18 +19,16 @@ def readme_example() -> str:
     return re.search(r"## Python API\n\n<!-- run by tests/test_api.py -->\n```python\n(.*?)```", page, re.S).group(1)
 
 
-def test_the_documented_api_example_runs(tmp_path):
+@pytest.mark.slow
+def test_the_documented_api_example_runs(tmp_path, monkeypatch):
     code = readme_example()
     assert '["train.max_steps=300"]' in code
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/demo.yaml").write_bytes((REPO / "configs/demo.yaml").read_bytes())
     out = io.StringIO()
-    os.chdir(tmp_path)  # the config's relative paths (data/demo, runs/demo) resolve here
-    try:
-        with contextlib.redirect_stdout(out):
-            exec(code.replace('["train.max_steps=300"]', FAST), {})
-    finally:
-        os.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # the config's relative paths (data/demo, runs/demo) resolve here
+    with contextlib.redirect_stdout(out):
+        exec(code.replace('["train.max_steps=300"]', FAST), {})
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("30 ")  # result.step, result.best_bleu
     assert re.fullmatch(r"[\d.]+ nrefs:1\|case:mixed.*", lines[1])  # the test BLEU and its signature

@@ -19,8 +19,9 @@ from typing import Callable
 import pytest
 import typer
 
-from tests.test_bad_input import (CHECKPOINTS, CONFIGS, CORPUS_HANDLED, CORPUS_REFUSED, TRANSLATE, WORKDIRS,
-                                  Handled, Refused, assert_refused, write_split, GOOD)
+from tests.bad_input_rows import (CHECKPOINTS, CONFIGS, CORPUS_HANDLED, CORPUS_REFUSED, GOOD, TRANSLATE, WORKDIRS,
+                                   write_split)
+from tests.helpers import Handled, Refused, assert_refused
 from tests.conftest import write_config
 
 TEXT = "The dog sees a cat.\n\nA boy runs.\n"

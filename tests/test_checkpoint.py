@@ -8,7 +8,7 @@ import torch
 from mtkit import checkpoint
 from mtkit.model import ModelConfig, Transformer
 from mtkit.translate import Translator
-from tests.test_bad_input import assert_refused
+from tests.helpers import assert_refused
 
 TINY = ModelConfig(src_vocab=11, tgt_vocab=11, d_model=8, heads=2, enc_layers=1, dec_layers=1, ff_dim=16,
                    dropout=0.0, attention_dropout=0.0, activation="relu", norm="pre", positions="sinusoidal",

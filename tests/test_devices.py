@@ -62,6 +62,7 @@ def test_decode_precision_for_every_model_and_device(device, capability, cpu_bf1
                 assert decode_precision(wanted, device, trained, capability, cpu_bf16) == wanted
 
 
+@pytest.mark.slow
 def test_every_model_trained_validated_and_averaged_is_placed_on_the_training_device(tmp_path, demo_dir, cli,
                                                                                    monkeypatch):
     """On a GPU, a model left on the CPU crashes at its first batch; on a CPU nothing shows it.
@@ -140,6 +141,7 @@ print(kept, step())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_serves_the_next_step_without_page_faults(monkeypatch):
     for name in [n for n in os.environ if n.startswith("MALLOC_")]:

@@ -12,6 +12,8 @@ import torch
 from mtkit import checkpoint
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # the full suite's (CI's); `pytest -m "not slow"` is the fast tier
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -99,6 +101,7 @@ def test_ctrl_c_on_torchrun_saves_the_run(tmp_path, demo_dir, cli):
 
 EXIT = """import atexit, sys
 from mtkit import distributed
+
 atexit.register(lambda: print("shutdown ran"))
 distributed._joined = {joined}
 print("written", end="")

@@ -14,22 +14,11 @@ import typer.main
 
 from mtkit.cli import app
 from tests.conftest import REPO, tiny_config
+from tests.helpers import blocks, commands
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # The order the runnable blocks go in, in one scratch folder: training makes runs/demo first.
 ORDER = ["docs/training.md", "README.md", "docs/translating.md", "docs/seeing-inside.md", "docs/ctranslate2.md"]
-BLOCK = re.compile(r"(?:<!-- (?P<mark>[^>]*) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
-
-
-def blocks(page: Path) -> list[tuple[str | None, str, str]]:
-    """(mark, language, text) of each fenced block of a page."""
-    return [(m["mark"], m["lang"], m["body"]) for m in BLOCK.finditer(page.read_text(encoding="utf-8"))]
-
-
-def commands(text: str) -> list[str]:
-    """The commands of a bash block: continuation lines joined, comments dropped."""
-    joined = text.replace("\\\n", " ")
-    return [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def test_every_block_is_run_or_marked():
@@ -89,6 +78,7 @@ def test_the_runnable_commands_are_found():
     assert names == set(ORDER)  # each page of ORDER still has commands to run
 
 
+@pytest.mark.slow
 def test_every_runnable_command_works(scratch):
     for name, command in runnable():
         result = subprocess.run(["bash", "-c", command], cwd=scratch, capture_output=True, text=True,
@@ -132,6 +122,7 @@ def test_every_written_command_names_real_options():
     assert checked > 40
 
 
+@pytest.mark.slow
 def test_the_sizes_the_pages_state_are_current():
     """README and docs count the bad-input table and the lines of mtkit/ and model.py: counts that drift
     as rows and code arrive (the table was said to be 251 tests when it was 253)."""

@@ -81,6 +81,7 @@ def test_eval_config_translates_the_split_against_raw_references(trained, cli):
     assert code == 0 and "eval: up to date" in err
 
 
+@pytest.mark.slow
 def test_eval_config_scores_the_checkpoint_named_by_eval_checkpoint(trained, cli, tmp_path):
     """eval.checkpoint picks best.pt or averaged.pt in the workdir; a missing one is named."""
     import shutil
@@ -199,6 +200,7 @@ def zh_corpus(demo_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_an_experiment_into_chinese_validates_and_evaluates_with_the_zh_tokenizer(tmp_path, demo_dir, cli):
     from sacrebleu.metrics import BLEU
 

@@ -12,7 +12,7 @@ import torch
 from mtkit.corpus import read_lines
 from mtkit.explain import MAX_BEAM, BadInput, explain, explorer_page
 from mtkit.search import max_lengths
-from tests.test_reference_decoder import reference_beam
+from tests.helpers import reference_beam
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def path_of(tree: list[dict], node: dict) -> list[str]:
     return pieces[::-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 5])
 def test_the_tree_is_the_search_and_the_reference_decoders(demo, beam):
     translator, lines = demo

@@ -5,17 +5,16 @@ must be what `mtkit translate` writes and what /v1/explain answers."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from tests.test_serve import STARTED, Server, no_server_outlives_the_tests, translated  # noqa: F401 -- fixture
+from tests.helpers import Server, translated
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium "
-                                                          "(scripts/setup.sh does, as root on Debian)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium "
+                                                          "(scripts/setup.sh does, as root on Debian)")]
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +206,7 @@ def test_the_commands_of_docs_explorer_md(trained, cli, tmp_path):
     import subprocess
 
     from tests.conftest import REPO
-    from tests.test_docs import blocks, commands
+    from tests.helpers import blocks, commands
 
     (block,) = [body for mark, lang, body in blocks(REPO / "docs" / "explorer.md") if lang == "bash"]
     lines = commands(block)

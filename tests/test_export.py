@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bad_input import assert_refused
+from tests.helpers import assert_refused
 
 pytest.importorskip("ctranslate2")  # the optional extra (installed with the dev extras, so in CI)
 MTKIT = Path(sys.executable).with_name("mtkit")
@@ -66,6 +66,7 @@ def test_both_engines_give_a_true_log_prob_and_one_scoring_rule(trained, exporte
         assert common >= len(lines)  # at least as many as one per line: most of the n-best agree
 
 
+@pytest.mark.slow
 def test_translate_with_the_ctranslate2_engine(exported, cli):
     text = b"The dog follows the cat.\n\n\xff broken bytes\nA boy sees a river.\n"
     for compute_type in ("float32", "int8"):

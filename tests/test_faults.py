@@ -15,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from mtkit import checkpoint
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow  # the full suite's (CI's); `pytest -m "not slow"` is the fast tier
 
 MTKIT = Path(sys.executable).with_name("mtkit")
 KILLS = int(os.environ.get("MTKIT_FAULT_KILLS", "6"))

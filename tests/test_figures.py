@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_bad_input import assert_refused
+from tests.helpers import assert_refused
 
 MTKIT = Path(sys.executable).with_name("mtkit")
 
@@ -52,6 +52,7 @@ def test_mtkit_attention_draws_every_layer_and_head(cli, trained, tmp_path):
     assert_refused(code, err, "nothing to translate")
 
 
+@pytest.mark.slow
 def test_translate_with_attention_draws_one_map_per_line_and_writes_the_same(trained, tmp_path):
     text = b"The dog follows the cat.\n\nA boy sees a river.\n"
     env = {**os.environ, "MTKIT_QUIET": "1"}
@@ -119,6 +120,7 @@ def test_tensorboard_gets_the_same_curves_as_metrics_jsonl(cli, tmp_path, demo_d
                                          for step, e in examples]
 
 
+@pytest.mark.slow
 def test_no_title_of_an_attention_map_hides_under_the_picture_s_title(monkeypatch, tmp_path):
     """The sentence and its translation head the picture; with three layers (a Multi30k model's)
     tight_layout put that heading over the middle map's title."""

@@ -201,3 +201,31 @@ def test_a_planted_import_between_stages_and_its_cycle_are_caught(planted):
 def test_a_planted_long_function_is_caught(planted):
     plant(planted, "data", "def long():\n" + "    x = 1\n" * 70)
     assert over_budget(planted) == ["data.long: 71 lines (budget 60)"]
+
+
+# The tests' own layout: a test module imports shared code from conftest.py or tests/helpers.py
+# (or the bad-input rows), never from another test module, and never changes the process's folder
+# for the tests after it (os.chdir; monkeypatch.chdir puts it back).
+
+TESTS = Path(__file__).resolve().parent
+
+
+def layout_breaks_of_tests(folder: Path = TESTS) -> list[str]:
+    problems = []
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.test_"):
+                problems.append(f"{path.name} imports from {node.module}")
+            elif isinstance(node, ast.Attribute) and node.attr == "chdir" and getattr(node.value, "id", "") == "os":
+                problems.append(f"{path.name}:{node.lineno} calls os.chdir")
+    return problems
+
+
+def test_a_test_module_imports_no_other_and_keeps_the_folder():
+    assert layout_breaks_of_tests() == []
+
+
+def test_a_planted_import_of_a_test_module_and_a_chdir_are_caught(tmp_path):
+    (tmp_path / "test_a.py").write_text("from tests.test_b import helper\n\n\ndef test_x():\n    os.chdir('/')\n")
+    assert layout_breaks_of_tests(tmp_path) == ["test_a.py imports from tests.test_b", "test_a.py:5 calls os.chdir"]

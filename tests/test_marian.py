@@ -20,7 +20,9 @@ from mtkit.lineage import describe
 from mtkit.tokenizer import train_model
 from mtkit.translate import Translator
 from tests.conftest import write_config
-from tests.test_bad_input import assert_refused
+from tests.helpers import assert_refused
+
+pytestmark = pytest.mark.slow  # the full suite's (CI's); `pytest -m "not slow"` is the fast tier
 
 transformers = pytest.importorskip("transformers")
 
@@ -302,7 +304,7 @@ def test_the_explorer_shows_an_imported_model_with_its_own_ids(imported, both):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("needs Chromium: apt-get install chromium")
-    from tests.test_serve import Server
+    from tests.helpers import Server
 
     hf_model, hf_tokenizer, ours, lines = both
     server = Server(imported)

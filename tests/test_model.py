@@ -4,30 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkit.config import ModelSection
-from mtkit.model import DecoderCache, ModelConfig, Transformer, sinusoidal_positions
-
-PAD, BOS, EOS = 0, 2, 3
-
-
-def tiny(**kw) -> Transformer:
-    torch.manual_seed(0)
-    cfg = dict(d_model=32, heads=4, enc_layers=2, dec_layers=2, ff_dim=64, dropout=0.0, max_positions=64)
-    cfg.update(kw)
-    section = {k: v for k, v in cfg.items() if k in ModelSection.model_fields}  # defaults and checks: the config's
-    extra = {k: v for k, v in cfg.items() if k not in section}
-    extra = {"src_vocab": 37, "tgt_vocab": 37, "share_src_tgt": True, **extra}
-    return Transformer(ModelConfig(**ModelSection(**section).model_dump(), **extra)).eval()
-
-
-def batch(b=3, s=7, t=6, vocab=37, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, vocab, (b, s), generator=g)
-    tgt = torch.randint(4, vocab, (b, t), generator=g)
-    src[1, 4:] = PAD  # a short sentence in the batch
-    tgt[1, 3:] = PAD
-    tgt[:, 0] = BOS
-    return src, tgt
+from mtkit.model import DecoderCache, sinusoidal_positions
+from tests.helpers import PAD, batch, tiny
 
 
 VARIANTS = [dict(), dict(norm="post"), dict(positions="learned"), dict(activation="gelu"),
@@ -99,7 +77,6 @@ def test_incremental_decoding_equals_full_forward(kw):
     first, cache = model.decode(tgt[:, :4], memory, cache=cache)
     rest, cache = model.decode(tgt[:, 4:], memory, cache=cache)
     assert torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
-
 
 
 def test_bf16_decoding_attends_over_its_growing_cache_in_fp32():
@@ -181,7 +158,6 @@ def test_dropout_drops_p_and_keeps_the_expected_value():
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
     # p within 1/65536 of 1 drops nearly all (it once wrapped around to keeping all)
     assert Dropout(1 - 1e-7).train()(x.detach()).count_nonzero() < 100
-
 
 
 def test_dropout_makes_its_bf16_mask_once():
@@ -267,6 +243,7 @@ def test_attention_weights_are_returned_per_layer_and_are_distributions():
     assert torch.allclose(logits, model.decode(tgt, model.encode(src))[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_batch():
     torch.manual_seed(0)
     model = tiny(dropout=0.1).train()

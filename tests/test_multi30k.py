@@ -7,8 +7,8 @@ from mtkit.prepare import prepare
 from mtkit.vocab import train_tokenizer
 from tests.conftest import MULTI30K, REPO
 
-pytestmark = pytest.mark.skipif(not (MULTI30K / "train.de.gz").is_file(),
-                                reason=f"Multi30k not found in {MULTI30K} (set MTKIT_MULTI30K)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (MULTI30K / "train.de.gz").is_file(),
+                                reason=f"Multi30k not found in {MULTI30K} (set MTKIT_MULTI30K)")]
 
 
 @pytest.mark.parametrize("pair", ["de_en", "fr_en"])

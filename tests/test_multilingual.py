@@ -16,6 +16,8 @@ from mtkit.corpus import read_lines
 from mtkit.metrics import bleu
 from tests.conftest import MULTI_SIZES as SIZES
 
+pytestmark = pytest.mark.slow  # the full suite's (CI's); `pytest -m "not slow"` is the fast tier
+
 
 @pytest.fixture(scope="module")
 def run(multi_run):
@@ -206,7 +208,7 @@ def test_eval_scores_one_direction_or_each(run, cli):
 def test_the_server_takes_target_lang_and_asks_for_it(run, three_way):
     pytest.importorskip("fastapi")
     from mtkit.translate import Translator
-    from tests.test_serve import Server
+    from tests.helpers import Server
 
     _, workdir = run
     lines = list(read_lines(three_way / "test.en"))[:5]

@@ -12,39 +12,9 @@ import pytest
 import torch
 
 from mtkit.corpus import read_lines
-from mtkit.search import length_penalty, max_lengths
-from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mtkit.search import max_lengths
 from mtkit.translate import Translator
-
-
-@torch.no_grad()
-def reference_beam(model, src: list[int], k: int, limit: int, alpha: float) -> list[tuple[float, float, list[int]]]:
-    """-> up to k finished (score, log_prob, tokens), best first."""
-    memory = model.encode(torch.tensor([src + [EOS_ID]]))
-    beams = [([BOS_ID], 0.0)]  # (prefix, log-probability)
-    finished, count = [], 0
-    for step in range(limit + 1):
-        totals = []
-        for prefix, log_prob in beams:
-            next_lp = model.decode(torch.tensor([prefix]), memory)[0][0, -1].float().log_softmax(-1)
-            next_lp[[PAD_ID, BOS_ID]] = float("-inf")  # never written
-            if step >= limit:  # out of room: only EOS may follow, at no cost
-                next_lp = torch.full_like(next_lp, float("-inf"))
-                next_lp[EOS_ID] = 0.0
-            totals.append(log_prob + next_lp)
-        flat = torch.stack(totals).flatten()
-        vocab = totals[0].numel()
-        top, index = flat.topk(min(2 * k, flat.numel()))
-        candidates = [(s, beams[i // vocab][0], i % vocab) for s, i in zip(top.tolist(), index.tolist())]
-        for rank, (s, prefix, token) in enumerate(candidates):
-            if token == EOS_ID and rank < k and s > float("-inf"):
-                finished.append((s / length_penalty(step + 1.0, alpha), s, prefix[1:]))
-                count += 1
-        finished = sorted(finished, key=lambda f: -f[0])[:k]
-        if count >= k or step >= limit:
-            return finished
-        beams = [(prefix + [token], s) for s, prefix, token in candidates if token != EOS_ID][:k]
-    return finished
+from tests.helpers import reference_beam
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +25,7 @@ def demo_model(trained, demo_dir):
     return translator, lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 5])
 def test_optimized_decoder_equals_the_reference(demo_model, beam):
     translator, lines = demo_model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_bad_input import assert_refused
+from tests.helpers import assert_refused
 
 
 def snapshot(folder: Path) -> dict[str, object]:

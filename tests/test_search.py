@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtkit.search import BeamStep, GreedyStep, Trace, beam_search, greedy, max_lengths, top_few
-from tests.test_model import BOS, EOS, PAD, batch, tiny
+from tests.helpers import BOS, EOS, PAD, batch, tiny
 
 
 def slow_greedy(model, src, limit):

@@ -21,67 +21,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers import HANG, Server, translated
+
+pytestmark = pytest.mark.slow  # the full suite's (CI's); `pytest -m "not slow"` is the fast tier
 
 pytest.importorskip("fastapi")
-
-
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_server_outlives_the_tests():
-    yield
-    for process in STARTED:  # one a failed test did not stop
-        if process.poll() is None:
-            process.kill()
-
-
-# Every wait in these tests is only a guard against a hang: beside a busy core a server took over
-# 120 s to start and over 60 s to stop, so none is shorter than this.
-HANG = 600
-
-
-class Server:
-    """`mtkit serve MODEL --port 0 ARGS`, started and read until it says where it listens."""
-
-    def __init__(self, model: Path, *args: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "mtkit", "serve", str(model), "--port", "0", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        STARTED.append(self.process)
-        self.log: list[str] = []
-        found = threading.Event()
-
-        def read(stream) -> None:
-            for line in stream:
-                self.log.append(line)
-                if " at http://" in line:
-                    self.url = line.split(" at ")[1].split()[0]
-                    found.set()
-        for stream in (self.process.stdout, self.process.stderr):
-            threading.Thread(target=read, args=(stream,), daemon=True).start()
-        deadline = time.monotonic() + HANG  # a busy machine starts it slowly
-        while not found.wait(0.1):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise AssertionError(f"the server did not start (exit code {self.process.poll()}):\n"
-                                     + "".join(self.log))
-
-    def request(self, path: str, body=None, timeout: float = HANG) -> tuple[int, dict]:
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def translate(self, lines: list[str], **settings) -> tuple[int, dict]:
-        return self.request("/v1/translate", {"text": lines, **settings})
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(HANG)
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +39,6 @@ def server(trained):
 @pytest.fixture(scope="module")
 def lines(demo_dir) -> list[str]:
     return (demo_dir / "test.en").read_text(encoding="utf-8").splitlines()[:60]
-
-
-def translated(cli, tmp_path: Path, trained: Path, lines: list[str], *args: str) -> list[str]:
-    """What `mtkit translate` writes for these lines."""
-    source = tmp_path / f"in{len(args)}.txt"
-    source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    code, out, err = cli("translate", trained, "-i", source, *args)
-    assert code == 0, err
-    return out.split("\n")[:-1]
 
 
 def test_the_translate_contract(server, cli, tmp_path, trained, lines):
@@ -293,7 +228,7 @@ def test_health_answers_during_a_long_request_and_sigterm_lets_it_finish(trained
 def test_the_commands_of_docs_serving_md(trained):
     """docs/serving.md's block, run: each `mtkit serve` line on a free port (--port 0), then its
     curl line against the first server."""
-    from tests.test_docs import blocks, commands
+    from tests.helpers import blocks, commands
 
     from tests.conftest import REPO
 

@@ -20,6 +20,8 @@ from mtkit.bookkeeping import Progress, stop_reason
 from tests import fake_clock
 from tests.conftest import REPO, TINY_MODEL, write_config
 
+pytestmark = pytest.mark.slow  # the full suite's (CI's); `pytest -m "not slow"` is the fast tier
+
 TICK = 0.005
 
 

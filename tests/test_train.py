@@ -56,6 +56,7 @@ def test_schedule_end_is_max_steps_or_where_the_clock_will_stop_the_run():
     assert lr_at(150, max_steps=schedule_end(149, 1200.0, max_steps=10**5, max_time=1200), **kw) == 0.0
 
 
+@pytest.mark.slow
 def test_a_cosine_schedule_bounded_by_the_clock_decays_to_near_zero_at_the_time_limit(tmp_path, demo_dir, cli,
                                                                                        monkeypatch):
     fake_clock.install(monkeypatch, tick=0.05)  # ~0.2 s a step: ~30 steps in 6 s, on any machine
@@ -70,6 +71,7 @@ def test_a_cosine_schedule_bounded_by_the_clock_decays_to_near_zero_at_the_time_
     assert lrs[-1][1] < 0.05 * peak  # ...and the run ended at the bottom of the schedule
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the loss scaler's state resumes too
 def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli, precision):
     (tmp_path / "a").mkdir()
@@ -98,6 +100,7 @@ def test_train_resume_reproduces_the_uninterrupted_run(tmp_path, demo_dir, cli, 
         assert a.scaler == b.scaler and a.scaler["_growth_tracker"] == 12
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_path, demo_dir):
     """Determinism (fp32, this machine): two trainings from one config, each its own process, log
     the same loss curve, end with the same weights and translate the test set the same."""
@@ -140,6 +143,7 @@ def test_ema_update_is_the_moving_average():
         assert torch.allclose(a, 0.1 * old + 0.9 * w)
 
 
+@pytest.mark.slow
 def test_ema_is_saved_resumed_exactly_and_translated_with(tmp_path, demo_dir, cli):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -162,6 +166,7 @@ def test_ema_is_saved_resumed_exactly_and_translated_with(tmp_path, demo_dir, cl
     assert code == 2 and "without train.ema" in err
 
 
+@pytest.mark.slow
 def test_rdrop_trains_on_two_dropout_masks_and_without_dropout_is_plain_training(tmp_path, demo_dir, cli):
     def last_weights(name: str, *overrides: str) -> tuple[dict, list]:
         (tmp_path / name).mkdir()
@@ -185,6 +190,7 @@ def test_rdrop_trains_on_two_dropout_masks_and_without_dropout_is_plain_training
     assert all(math.isfinite(loss) for _, loss in rdropped_losses)
 
 
+@pytest.mark.slow
 def test_subword_sampling_trains_on_the_sampled_copies(tmp_path, demo_dir, cli):
     """With data.subword_sampling the trainer reads the sampled copies (train.s<k>), not the
     deterministic cut: the same seed and batches' sentences, other pieces, other weights."""
@@ -201,6 +207,7 @@ def test_subword_sampling_trains_on_the_sampled_copies(tmp_path, demo_dir, cli):
     assert not torch.equal(runs["plain"][1][weight], runs["sampled"][1][weight])
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_everything_and_rotate(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, save_every=2, keep_last=2, average_last=2)
     code, _, err = cli("train", config)
@@ -315,6 +322,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_an_unreadable_checkpoint_and_resume_goes_on(tmp_path, demo_dir):
     config = tiny_config(tmp_path, demo_dir, save_every=1, eval_every=1000, max_steps=400, log_every=50)
     last = tmp_path / "run/checkpoints/last.pt"
@@ -334,6 +342,7 @@ def test_sigkill_never_leaves_an_unreadable_checkpoint_and_resume_goes_on(tmp_pa
     assert not list(last.parent.glob(".*.tmp"))  # temp files of killed writes are cleared on start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_save_and_exit_cleanly(tmp_path, demo_dir, sig):
     config = tiny_config(tmp_path, demo_dir, save_every=1000, eval_every=1000, max_steps=100000, log_every=1)
@@ -350,6 +359,7 @@ def test_sigint_and_sigterm_save_and_exit_cleanly(tmp_path, demo_dir, sig):
     assert load_config(config).train.max_steps == 100000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_every_precision_learns_the_demo_corpus(tmp_path, demo_dir, cli, precision):
     config = tiny_config(tmp_path, demo_dir, precision=precision, max_steps=150, eval_every=150, save_every=150,
@@ -370,6 +380,7 @@ def test_every_precision_learns_the_demo_corpus(tmp_path, demo_dir, cli, precisi
     assert last.precision == precision and (last.scaler is not None) == (precision == "fp16")  # fp16's loss scale
 
 
+@pytest.mark.slow
 def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, demo_dir, cli):
     config = tiny_config(tmp_path, demo_dir, max_steps=6)
     code, _, err = cli("run", config, "--set", "decode.beam_size=2")
@@ -395,6 +406,7 @@ def test_run_skips_a_finished_training_and_continues_a_changed_one(tmp_path, dem
     assert ("eval: up to date" in err) == (best_step == 6)
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_checkpoint(
         tmp_path, demo_dir, cli, monkeypatch):
     from mtkit.train import Trainer
@@ -425,6 +437,7 @@ def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_c
     assert checkpoint.load(tmp_path / "run/checkpoints/last.pt").step == 12
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(tmp_path, demo_dir, cli, monkeypatch):
     import errno
 
@@ -473,6 +486,7 @@ def test_training_caps_the_kernel_caches_unless_the_user_set_them(tmp_path, demo
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32" and os.environ["LRU_CACHE_CAPACITY"] == "500"
 
 
+@pytest.mark.slow
 def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path, demo_dir):
     from mtkit.translate import Translator
 
@@ -496,6 +510,7 @@ def test_translate_reads_whole_checkpoints_while_training_replaces_them(tmp_path
     assert len(steps) >= 3  # the checkpoints really changed under the reader
 
 
+@pytest.mark.slow
 def test_the_training_benchmark_runs_and_ends_on_its_json_line(tmp_path, demo_dir):
     """scripts/bench_train.py, cut small, on the demo corpus: it finishes, and its last line is the
     JSON it promises (it calls Trainer._step, whose return value once grew without it)."""
@@ -531,6 +546,7 @@ def test_the_training_bar_fits_the_terminal_without_cutting_a_column(width):
     assert ("epoch 140" in shown and "lr 1.50e-03" in shown) == (width >= 110)
 
 
+@pytest.mark.slow
 def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(tmp_path, demo_dir, capsys,
                                                                                  monkeypatch):
     """With max_time and the default max_steps (100,000), the bar stood at 1% when the demo run

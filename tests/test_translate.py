@@ -21,6 +21,7 @@ def run(args, stdin: bytes) -> subprocess.CompletedProcess:
                           timeout=120, env={**os.environ, "MTKIT_QUIET": "1"})
 
 
+@pytest.mark.slow
 def test_one_line_out_per_line_in_whatever_the_line(trained):
     lines = [b"The dog follows the cat.", b"", b"   \t ", b"A boy " * 2000, b"caf\xe9 \xff broken bytes",
              b"A girl sees a river.\r", b"\x01control\x7f chars", "Ünïcödé – ok".encode(), "\u200f".encode()]
@@ -37,6 +38,7 @@ def test_one_line_out_per_line_in_whatever_the_line(trained):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_stdin_is_translated_as_lines_arrive(trained):
     proc = subprocess.Popen([str(MTKIT), "translate", str(trained), "--greedy"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MTKIT_QUIET": "1"})
@@ -55,6 +57,7 @@ def test_stdin_is_translated_as_lines_arrive(trained):
     assert proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_batch_size_changes_nothing(trained, tmp_path):
     lines = [f"The {w} follows the cat under the bridge." for w in ("dog", "boy", "girl", "horse")] * 5
     lines += ["A boy did not visit a river.", "We played beside the short big balls."]
@@ -65,6 +68,7 @@ def test_batch_size_changes_nothing(trained, tmp_path):
     assert small.stdout == large.stdout and small.stdout.count(b"\n") == len(lines)
 
 
+@pytest.mark.slow
 def test_nbest_tsv_and_output_file(trained, tmp_path):
     (tmp_path / "in.txt").write_text("The dog follows the cat.\n\nA boy sees a river.\n")
     result = run([trained / "checkpoints/best.pt", "-i", tmp_path / "in.txt", "-o", tmp_path / "out.tsv",
@@ -181,6 +185,7 @@ def trained_translator(trained):
     return Translator.load(trained)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(lines=LINES, chunk=st.integers(min_value=1, max_value=5))
 def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lines, chunk):
@@ -298,6 +303,7 @@ def test_a_model_that_emits_line_breaks_and_tabs_still_writes_one_line_per_line(
     assert rows[0].split("\t")[2] == expected
 
 
+@pytest.mark.slow
 def test_the_decoding_benchmark_runs_and_ends_on_its_json_line(trained, demo_dir):
     """scripts/bench_decode.py on the demo model's test split: it finishes, and its last line is the
     JSON it promises, with both searches' speed and BLEU."""
