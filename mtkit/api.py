@@ -27,7 +27,7 @@ def _config(config: Config | str | Path) -> Config:
 def train_tokenizer(config: Config | str | Path, force: bool = False):
     """Train the SentencePiece model(s) on the train split (skipped when up to date);
     returns a TokenizerResult (folder, skipped, fingerprint)."""
-    from mtkit.vocab import train_tokenizer as stage
+    from mtkit.train_tokenizer import train_tokenizer as stage
 
     return stage(_config(config), force=force)
 
@@ -57,11 +57,11 @@ def evaluate(config: Config | str | Path, split: str | None = None, beam: int | 
     {"bleu": {"score", "signature"}, "chrf": ..., "ter": ..., "sentences", ...}. device and
     precision as for Translator.load; direction: which one, e.g. "de-en", for an experiment of
     several (data.directions)."""
-    from mtkit.evaluate import directions_of, evaluate_split
+    from mtkit.evaluate import directions_to_score, evaluate_split
 
     cfg = _config(config)
     if direction is not None:
-        directions_of(cfg, direction)  # checked
+        directions_to_score(cfg, direction)  # checked
     return evaluate_split(cfg, split, beam, Path(checkpoint) if checkpoint else None, device, precision, direction)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from mtkit.config import DecodeSection as DecodeOptions
+from mtkit.config import DecodeSection
 from mtkit.engine import Engine
 
 
@@ -17,7 +17,7 @@ from mtkit.engine import Engine
 class Job:
     """One request's lines, waiting for the worker; or a call to run on the engine alone."""
     ids: list[list[int]]
-    opts: DecodeOptions | None
+    opts: DecodeSection | None
     future: Future
     arrived: float
     tokens: int
@@ -45,7 +45,7 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, args=(load,), name="mtkit-search", daemon=True)
         self.thread.start()
 
-    def submit(self, ids: list[list[int]], opts: DecodeOptions) -> Future:
+    def submit(self, ids: list[list[int]], opts: DecodeSection) -> Future:
         """The future of [(score, text), ...] (n-best, best first) for each line of `ids`."""
         job = Job(ids, opts, Future(), time.monotonic(), sum(len(x) + 1 for x in ids))
         with self.changed:

@@ -1,5 +1,5 @@
 """The bookkeeping of a training run, kept out of train.py so that the training reads on its own:
-what the run has done (`Progress`) and when it is finished (`stop_reason`), one run per workdir (a
+what the run has done (`RunState`) and when it is finished (`stop_reason`), one run per workdir (a
 lock), Ctrl-C and SIGTERM, the record (progress bar, metrics.jsonl, TensorBoard) and the summary.
 """
 
@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedCol
 from mtkit.config import TrainSection
 from mtkit.console import console, table
 from mtkit.errors import MtkitError
+from mtkit.files import write_text
 
 
 def bar_columns(width: int) -> list:
@@ -32,7 +33,7 @@ def bar_columns(width: int) -> list:
 
 
 @dataclass
-class Progress:
+class RunState:
     """What the loop has done so far; all of it goes into checkpoints (as a dict)."""
     step: int = 0
     seconds: float = 0.0  # of training, over all sessions of the run
@@ -46,7 +47,7 @@ class Progress:
     stopped_by: str | None = None  # set by the final save only: max_steps | ... | interrupted
 
     @classmethod
-    def from_dict(cls, saved: dict) -> "Progress":
+    def from_dict(cls, saved: dict) -> "RunState":
         """A checkpoint's progress; a counter added since it was saved starts at its default."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names})
@@ -62,7 +63,7 @@ class TrainResult:
     best_step: int | None
 
 
-def stop_reason(t: TrainSection, progress: Progress, epoch: int) -> str | None:
+def stop_reason(t: TrainSection, progress: RunState, epoch: int) -> str | None:
     """Which stop rule of the train section `t` a run with this progress has met (None: it goes
     on). The one judge of "finished": the loop asks it after every step, and `mtkit run` asks it
     of last.pt, so a run is finished only when its *current* settings say so (a run extended from
@@ -139,7 +140,7 @@ class RunLog:
     (train.tensorboard), and a progress bar, or without a terminal one parseable line per log
     window. Only the main process keeps it (`active`); the others' RunLog writes nothing."""
 
-    def __init__(self, workdir: Path, progress: Progress, last_checkpoint: Path, *, active: bool,
+    def __init__(self, workdir: Path, progress: RunState, last_checkpoint: Path, *, active: bool,
                  tensorboard: bool, max_steps: int):
         self.path, self.progress, self.last_checkpoint = workdir / "metrics.jsonl", progress, last_checkpoint
         self.active = active
@@ -249,4 +250,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:  # a line cut short by a kill
             continue
-    path.write_text("".join(kept), encoding="utf-8")
+    write_text(path, "".join(kept))

@@ -10,6 +10,7 @@ file from an older mtkit is brought up to date.
 """
 
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from mtkit.config import Config
 from mtkit.errors import MtkitError
-from mtkit.files import fsync_dir, output_file
+from mtkit.files import output_file
 from mtkit.model import ModelConfig, Transformer
 from mtkit.tokenizer import Tokenizer
 
@@ -44,7 +45,7 @@ class Checkpoint:
     # What only resuming needs.
     optimizer: dict | None = None
     sampler: dict | None = None
-    progress: dict | None = None  # a bookkeeping.Progress as a dict
+    progress: dict | None = None  # a bookkeeping.RunState as a dict
     rng: dict | None = None
     scaler: dict | None = None  # fp16's loss scaler
     path: Path | None = field(default=None, compare=False)  # the file it was read from (not saved)
@@ -119,15 +120,11 @@ def save(ckpt: Checkpoint, path: Path) -> None:
 
 def link(src: Path, dst: Path) -> None:
     """Make `dst` name the same file as `src` (a hard link: no copy, no second write), atomically."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a file system without hard links: copy (still atomic through the rename)
-        save(load(src), tmp)
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+    with output_file(Path(dst), durable=True) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:  # a file system without hard links: a copy (still atomic through the rename)
+            shutil.copyfile(src, tmp)
 
 
 def load(path: Path, mmap: bool = False) -> Checkpoint:

@@ -6,6 +6,7 @@ code 2, never as a traceback.
 """
 
 import errno
+import functools
 import shlex
 from pathlib import Path
 from typing import Annotated, Optional
@@ -58,7 +59,7 @@ def _load(config: Path, overrides: Optional[list[str]], writes: bool = True):
 @tokenizer_app.command("train")
 def tokenizer_train(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Train the SentencePiece model(s) on the train split (into <workdir>/tokenizer)."""
-    from mtkit.vocab import train_tokenizer
+    from mtkit.train_tokenizer import train_tokenizer
 
     train_tokenizer(_load(config, set_), force=force)
 
@@ -125,8 +126,8 @@ def translate(
     """Translate text: one output line per input line, always (an empty line gives an empty line)."""
     from mtkit.config import DecodeSection
     from mtkit.config_text import section_overrides
-    from mtkit.engine import translate_file
     from mtkit.files import ensure_writable_dir
+    from mtkit.line_io import translate_file
     from mtkit.translate import Translator
 
     if greedy and beam not in (None, 1):
@@ -144,7 +145,6 @@ def translate(
         if device != "auto" or precision != "auto":
             raise MtkitError("--device and --precision are mtkit's engine's settings",
                              hint="CTranslate2's is --compute-type (its export decodes on the CPU)")
-
         translator = CT2Translator.load(checkpoint, compute_type)
     else:
         if compute_type != "default":
@@ -156,14 +156,15 @@ def translate(
     overrides.update({k: v for k, v in options.items() if v is not None})  # an option not given keeps --set's
     opts = translator.options(**overrides)
     translator.tag_for(tgt_lang)  # a missing or unknown --tgt-lang is said before any input is read
-    draw = None
+    draw = search = None
     if attention is not None:
         from mtkit.figures import attention_png  # matplotlib: only when asked for
+        search = functools.partial(translator.search, attention=True)  # mtkit's engine keeps the attention
 
-        def draw(number: int, amap) -> None:
+        def draw(number: int, line: str, ids: list[int], best) -> None:
             attention.mkdir(parents=True, exist_ok=True)  # made with the first map, not before a refusal
-            attention_png(amap, attention / f"{number:06d}.png")
-    translate_file(translator, input, output, opts, draw, tgt_lang)
+            attention_png(translator.attention_map(line, ids, best), attention / f"{number:06d}.png")
+    translate_file(translator, input, output, opts, draw, tgt_lang, search=search)
 
 
 @app.command()
@@ -344,7 +345,7 @@ def eval_(
         cfg = _load(config, [*(set_ or []), *([f"eval.tokenize={tokenize}"] if tokenize else [])])
         metrics = cfg.eval.metrics
         results = [evaluate.evaluate_split(cfg, split, beam, checkpoint, device, precision, d)
-                   for d in evaluate.directions_of(cfg, direction)]
+                   for d in evaluate.directions_to_score(cfg, direction)]
     _report(results, metrics, as_json, bootstrap)
 
 
@@ -411,6 +412,10 @@ def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(to_yaml(cfg), nl=False)
 
 
+# The flag of each setting that an error of the stages and the core names by its concept (MtkitError.setting).
+FLAGS = {"target_lang": "--tgt-lang", "input": "--input", "output": "--output", "device": "--device", "precision":
+         "--precision", "quantization": "--quantization", "compute_type": "--compute-type", "direction": "--direction",
+         "bootstrap": "--bootstrap", "host": "--host", "layer": "--layer", "head": "--head", "engine": "--engine"}
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -440,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except MtkitError as e:
         from mtkit.console import print_error
 
-        print_error(e)
+        print_error(MtkitError(f"{FLAGS[e.setting]}: {e.message}", e.hint) if e.setting in FLAGS else e)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

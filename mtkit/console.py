@@ -16,7 +16,7 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 120  # tables in logs: rich's 80-column default squeezes them
 
 
-def progress() -> Progress:
+def progress_bar() -> Progress:
     """A progress display for long work; silent when stderr is not a terminal (logs, CI)."""
     return Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -69,7 +69,8 @@ def device_for(setting: str, gpus: int, local_rank: int = 0, option: str = "trai
     a machine takes GPU local_rank, round robin)."""
     if setting == "cuda" or (setting == "auto" and gpus > 0):
         if gpus == 0:
-            raise MtkitError(f"{option} is cuda but PyTorch sees no GPU", hint=f"set {option} to cpu (or auto)")
+            raise MtkitError(f"{option} is cuda but PyTorch sees no GPU", hint=f"set {option} to cpu (or auto)",
+                             setting=option)
         return f"cuda:{local_rank % gpus}"
     return "cpu"
 
@@ -93,8 +94,8 @@ def decode_precision(wanted: str, device: str, trained: str, gpu_capability: tup
     trained in where this device computes it natively, else fp32 (a bf16 model on a CPU without
     bf16 would be emulated: slower than fp32, and no more exact)."""
     if wanted == "fp16" and device == "cpu":
-        raise MtkitError("--precision fp16 needs a GPU (CPUs compute float16 slowly, by conversion)",
-                         hint="use bf16 or fp32 on a CPU")
+        raise MtkitError("the precision fp16 needs a GPU (CPUs compute float16 slowly, by conversion)",
+                         hint="use bf16 or fp32 on a CPU", setting="precision")
     if wanted != "auto":
         return wanted
     if trained not in ("bf16", "fp16"):
@@ -104,6 +105,13 @@ def decode_precision(wanted: str, device: str, trained: str, gpu_capability: tup
         native = {"bf16": major >= 8, "fp16": major >= 7}
         return trained if native[trained] else "fp32"
     return "bf16" if trained == "bf16" and cpu_bf16 else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The context that runs a model's products in `precision` (fp32, bf16 or fp16) on `device`,
+    as training and translating both do."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
 
 
 def machine_facts(device: str) -> tuple[tuple[int, int] | None, bool]:

@@ -7,29 +7,29 @@ from pathlib import Path
 
 from mtkit import checkpoint, corpus, metrics
 from mtkit.config import Config
-from mtkit.console import console, info, progress, table
+from mtkit.console import console, info, progress_bar, table
 from mtkit.errors import MtkitError
-from mtkit.files import read_json, sha256_file, sha256_json, write_json
+from mtkit.files import read_json, sha256_file, sha256_json, write_json, write_text
 from mtkit.translate import Translator
 
 LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
 
 
-def bleu_tokenizer(cfg: Config, tgt: str | None = None) -> str:
-    """BLEU's tokenizer for this experiment into `tgt` (default: the first of its target languages),
-    each target's proven usable: a missing MeCab is said before any work."""
-    return [metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, t))
-            for t in ([tgt] if tgt else cfg.data.targets)][0]
+def check_scoring(cfg: Config) -> None:
+    """Prove BLEU's tokenizer usable for each target language of the experiment: a missing MeCab
+    is said before any work, not at the end of training."""
+    for tgt in cfg.data.targets:
+        metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, tgt))
 
 
-def directions_of(cfg: Config, direction: str | None) -> list[str | None]:
+def directions_to_score(cfg: Config, direction: str | None) -> list[str | None]:
     """What `mtkit eval` scores: the named direction (another than the trained ones too: zero-shot,
     when the model knows its target language), else each of the experiment's (None: its one pair)."""
     if direction is None:
         return cfg.data.names or [None]
     src, _, tgt = direction.partition("-")
     if not src or not tgt or src == tgt:
-        raise MtkitError(f"--direction {direction!r}: a source and a target language, e.g. de-en")
+        raise MtkitError(f"the direction {direction!r}: a source and a target language, e.g. de-en", setting="direction")
     return [direction]
 
 
@@ -58,7 +58,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
     corpus.ensure_demo(cfg.data.format, cfg.data.dir)
     source = corpus.source_for(**cfg.data.source_args(split, direction))
-    tokenize = bleu_tokenizer(cfg, source.tgt)
+    tokenize = metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, source.tgt))
     translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
     target_lang = source.tgt if direction is not None else None
     translator.tag_for(target_lang)  # a target the model does not know is said before any work
@@ -76,14 +76,14 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     pairs = list(corpus.read_pairs(source))
     sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
     start = time.perf_counter()
-    with progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"translate {name} (beam {opts.beam_size})", total=len(sources))
         hypotheses = translator.translate(sources, target_lang, on_sentences=lambda n: bar.advance(task, n),
                                           **opts.model_dump())
     seconds = time.perf_counter() - start
     scores = metrics.score(hypotheses, [references], cfg.eval.metrics, tokenize)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    write_text(out / f"{name}.hyp", "".join(h + "\n" for h in hypotheses))
     result = {"split": name, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
               "precision": translator.precision, "device": str(translator.device),
               "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
@@ -101,7 +101,7 @@ def score_files(hyps: list[Path], refs: list[Path], tokenize: str, bootstrap: in
     if bootstrap:
         return metrics.paired_bootstrap(systems, references, bootstrap, names, tokenize)
     if len(systems) > 1:
-        raise MtkitError("several --hyp files are compared with --bootstrap N",
+        raise MtkitError("several files of translations are compared by paired bootstrap resampling", setting="bootstrap",
                          hint="mtkit eval --hyp base.txt --hyp new.txt --ref ref.txt --bootstrap 1000")
     return {"split": systems[0][0], "sentences": len(systems[0][1]), "beam_size": "-", "checkpoint": "-",
             **metrics.score(systems[0][1], references, names, tokenize)}

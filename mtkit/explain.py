@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtkit.config import DecodeSection as DecodeOptions
+from mtkit.config import DecodeSection
 from mtkit.console import console, info
 from mtkit.corpus import normalize
 from mtkit.errors import MtkitError
@@ -39,7 +39,7 @@ class BadInput(MtkitError):
         self.field = field
 
 
-def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: str | None = None,
+def explain(translator: "Translator", line: str, opts: DecodeSection, whatif: str | None = None,
             target_lang: str | None = None) -> dict:
     """Everything the Explorer shows for one sentence, searched with `opts` (beam and greedy);
     target_lang: for a model of several target languages, which one."""
@@ -87,7 +87,7 @@ def explain(translator: "Translator", line: str, opts: DecodeOptions, whatif: st
     return result
 
 
-def _limit(translator: "Translator", ids: list[int], opts: DecodeOptions) -> int:
+def _limit(translator: "Translator", ids: list[int], opts: DecodeSection) -> int:
     """The most subwords the search lets this sentence's output have (EOS not counted)."""
     return int(max_lengths(torch.tensor([len(ids) + 1]), opts.max_len_a, opts.max_len_b,
                            translator.model.cfg.max_positions - 1)[0])
@@ -182,7 +182,7 @@ def _greedy_tree(steps: list[GreedyStep], tok: Tokenizer, found: Hypothesis) -> 
     return tree
 
 
-def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeOptions) -> dict:
+def what_if(translator: "Translator", ids: list[int], text: str, opts: DecodeSection) -> dict:
     """How the model scores a translation of source `ids` that the user gives: each subword's
     log-probability given the ones before it, what the model would have chosen there instead,
     and the whole one's score, as the search scores its hypotheses."""
@@ -243,8 +243,8 @@ def explore_page(translator: "Translator", line: str, output: Path, whatif: str 
         with output_file(output) as name:
             name.write_text(explorer_page(live=False, data=found), encoding="utf-8")
     except OSError as e:
-        raise MtkitError(f"cannot write --output {output}: {e.strerror}",
-                         hint="check that its folder exists and is writable") from None
+        raise MtkitError(f"cannot write the output {output}: {e.strerror}",
+                         hint="check that its folder exists and is writable", setting="output") from None
     for warning in found["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
     info(f"{found['beam']['translation']}  (score {found['beam']['hypotheses'][0]['score']:.3f})")

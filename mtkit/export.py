@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from mtkit import checkpoint
-from mtkit.config import DecodeSection as DecodeOptions
-from mtkit.engine import Engine, check_options
+from mtkit.config import DecodeSection
+from mtkit.engine import TextSide, check_options
 from mtkit.errors import MtkitError
 from mtkit.model import ModelConfig, sinusoidal_positions
-from mtkit.search import Hypothesis, length_penalty
+from mtkit.search import Hypothesis, length_penalty, max_lengths
 from mtkit.tokenizer import Tokenizer
 
 SETTINGS = "mtkit.json"
@@ -46,8 +46,8 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     ctranslate2 = _ctranslate2()
     out = Path(os.path.abspath(out))  # `-o ""` or `-o .` is the current folder, which has a name
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / SETTINGS).is_file())):
-        raise MtkitError(f"--output {out} is " + ("a file" if not out.is_dir() else "a folder that holds other files"),
-                         hint="name a new folder (or an earlier export, which is replaced)")
+        raise MtkitError(f"the output {out} is " + ("a file" if not out.is_dir() else "a folder that holds other files"),
+                         hint="name a new folder (or an earlier export, which is replaced)", setting="output")
     path = checkpoint.resolve(path)
     state = checkpoint.load(path)
     cfg = ModelConfig(**state.model_config)
@@ -63,7 +63,7 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     try:
         spec.optimize(quantization=quantization)
     except ValueError as e:  # CTranslate2 lists the types it accepts
-        raise MtkitError(f"--quantization {quantization}: {e}") from None
+        raise MtkitError(f"the quantization {quantization}: {e}", setting="quantization") from None
     # Written beside the target and renamed when whole: no half-written export is left behind.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -137,20 +137,21 @@ def _spec(cfg: ModelConfig, w: dict[str, np.ndarray]):
     return spec
 
 
-class CT2Translator(Engine):
+class CT2Translator(TextSide):
     """An engine whose search runs in CTranslate2: the same text side and line I/O as mtkit's."""
 
     def __init__(self, folder: Path, compute_type: str = "default"):
         ctranslate2 = _ctranslate2()
         folder = Path(folder)
         settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
-        super().__init__(Tokenizer.load(folder), settings.get("config", {}), folder, compute_type)
+        super().__init__(Tokenizer.load(folder), settings.get("config", {}), folder, compute_type, "cpu")
         # As many threads as torch uses (the cores): CTranslate2's default of 4 oversubscribes 2 cores.
         try:
             self.engine = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type,
                                                  intra_threads=torch.get_num_threads())
         except ValueError as e:  # an unknown compute type
-            raise MtkitError(f"--compute-type {compute_type}: {e}", hint="e.g. int8, float32 or default") from None
+            raise MtkitError(f"the compute type {compute_type}: {e}", hint="e.g. int8, float32 or default",
+                             setting="compute_type") from None
         self.positions = settings["max_positions"]
         # As mtkit's search: padding and the start token are never written (CTranslate2 would).
         self.never = [[piece] for piece in dict.fromkeys(self.tokenizer.tgt_pieces([self.tokenizer.pad_id,
@@ -167,11 +168,8 @@ class CT2Translator(Engine):
     def max_source_tokens(self) -> int:
         return self.positions - 1
 
-    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
-               on_sentences=None) -> list[list[Hypothesis]]:
+    def search(self, ids: list[list[int]], opts: DecodeSection, on_sentences=None) -> list[list[Hypothesis]]:
         check_options(opts, on_sentences)
-        if attention:
-            raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
         results: list[list[Hypothesis]] = [[] for _ in ids]
         # mtkit's output limit depends on each source's length; CTranslate2 takes one limit per
         # call, so sentences are grouped by their limit (a handful of calls).
@@ -179,7 +177,7 @@ class CT2Translator(Engine):
         for i, x in enumerate(ids):
             if x:
                 n = min(len(x), self.max_source_tokens) + 1  # with EOS, as search_sorted counts
-                limit = max(1, min(int(n * opts.max_len_a + opts.max_len_b), self.max_source_tokens))
+                limit = int(max_lengths(torch.tensor([n]), opts.max_len_a, opts.max_len_b, self.max_source_tokens))
                 groups.setdefault(limit, []).append(i)
         for limit, rows in groups.items():
             sources = [self.tokenizer.src_pieces(ids[i][:self.max_source_tokens] + [self.tokenizer.eos_id])
@@ -208,6 +206,3 @@ class CT2Translator(Engine):
             found.append(Hypothesis(self.tokenizer.tgt_ids(tokens),
                                     log_prob / length_penalty(len(tokens) + 1, alpha), log_prob))
         return sorted(found, key=lambda h: -h.score)
-
-    def attention(self, line: str, **settings):
-        raise MtkitError("attention maps need mtkit's own engine", hint="use the checkpoint, not the export")

@@ -33,8 +33,8 @@ def attention_png(amap: "AttentionMap", path: Path, layer: int | None = None, he
     target subwords, columns the source subwords; dark = much attention."""
     plt = _pyplot()
     n_layers, n_heads = amap.weights.shape[1], amap.weights.shape[2]
-    layers = range(n_layers) if layer is None else [_pick(layer, n_layers, "--layer")]
-    heads = list(range(n_heads)) if head is None else [_pick(head, n_heads, "--head")]
+    layers = range(n_layers) if layer is None else [_pick(layer, n_layers, "layer")]
+    heads = list(range(n_heads)) if head is None else [_pick(head, n_heads, "head")]
     columns = heads + ["mean"] if len(heads) > 1 else heads
     cell = 0.28  # inches per subword: labels stay readable for sentences up to ~40 subwords
     width = max(2.5, 1.2 + cell * len(amap.source))
@@ -56,14 +56,14 @@ def attention_png(amap: "AttentionMap", path: Path, layer: int | None = None, he
 FORMATS = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
-def check_picture_path(path: Path, option: str = "--output") -> Path:
+def check_picture_path(path: Path) -> Path:
     """A picture is written where it is named, or refused before any work: matplotlib would take
     a name without a known ending for a folder-less PNG name (`-o maps` writes maps.png) and fail
     on an unknown one after the work is done."""
-    path = check_output(path, option, "picture.png")
+    path = check_output(path, "picture.png")
     if path.suffix.lower() not in FORMATS:
-        raise MtkitError(f"{option} {path}: the picture's format comes from its ending, one of "
-                         f"{', '.join(FORMATS)}", hint=f"e.g. {option} {shlex.quote(str(path.with_suffix('.png')))}")
+        raise MtkitError(f"the picture {path}: its format comes from its ending, one of {', '.join(FORMATS)}",
+                         hint=f"e.g. {shlex.quote(str(path.with_suffix('.png')))}", setting="output")
     return path
 
 
@@ -82,10 +82,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _pick(index: int, count: int, option: str) -> int:
+def _pick(index: int, count: int, what: str) -> int:
     """A 1-based layer or head number (as the picture labels them) -> 0-based."""
     if not 1 <= index <= count:
-        raise MtkitError(f"{option} {index}: the model has {count} (numbered 1 to {count})")
+        raise MtkitError(f"{what} {index}: the model has {count} (numbered 1 to {count})", setting=what)
     return index - 1
 
 

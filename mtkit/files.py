@@ -64,14 +64,16 @@ def ensure_writable_dir(path: Path, what: str, hint: str, create: bool = True) -
         raise MtkitError(f"{what} {path} is not writable: {e.strerror}", hint=hint) from None
 
 
-def check_output(path: Path, option: str = "--output", example: str = "out.txt") -> Path:
+def check_output(path: Path, example: str = "out.txt", setting: str = "output") -> Path:
     """Say before any work whether the output file `path` can be written: not a folder, and its
     folder there (behind a symlink, the link's target's)."""
     path = Path(path)
     if path.is_dir():
-        raise MtkitError(f"{option} {path} is a folder", hint=f"name a file to write, e.g. {option} {shlex.quote(str(path / example))}")
+        raise MtkitError(f"the output {path} is a folder", hint=f"name a file to write, e.g. {shlex.quote(str(path / example))}",
+                         setting=setting)
     if not written_through(path) and not real_path(path).parent.is_dir():
-        raise MtkitError(f"{option} {path}: the folder {real_path(path).parent} does not exist", hint="create it first")
+        raise MtkitError(f"the output {path}: the folder {real_path(path).parent} does not exist", hint="create it first",
+                         setting=setting)
     return path
 
 
@@ -132,11 +134,14 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a whole text file atomically (output_file): readers never see a partial file."""
+    with output_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def write_json(path: Path, obj: object) -> None:
-    """Write JSON via a temporary file and rename, so readers never see a partial file."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path) -> dict | None:

@@ -52,7 +52,7 @@ class ModelConfig:
 # Dropout: while training, zero each activation with probability p and scale the others by
 # 1/(1-p), so the expected value is unchanged; at inference do nothing.
 
-class Dropout(nn.Module):
+class NumpyDropout(nn.Module):
     """nn.Dropout, with a cheaper random mask on a CPU, where drawing random numbers is the cost (F.dropout
     of a 3,700 x 1,024 bf16 activation: 20 ms forward + backward, a fifth of a step). 16 random bits per
     element (p within 1/65536) from numpy's PCG64, twice as fast as torch's generator, which seeds it
@@ -101,7 +101,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
 
 
-class Linear(nn.Linear):
+class RoundedLinear(nn.Linear):  # nn.Linear, through linear()
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
 
@@ -145,7 +145,7 @@ class Embedding(nn.Module):
             self.register_buffer("table", sinusoidal_positions(cfg.max_positions, cfg.d_model,
                                                                halves=cfg.positions == "sinusoidal-halves"),
                                  persistent=False)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = NumpyDropout(cfg.dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """ids (B, L) -> (B, L, D). `start` is the position of ids[:, 0] (the cache length when
@@ -209,8 +209,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
-        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model)
-        self.out = Linear(cfg.d_model, cfg.d_model)
+        self.qkv = RoundedLinear(cfg.d_model, 3 * cfg.d_model)
+        self.out = RoundedLinear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: Tensor, *, keep: Tensor | None = None, causal: bool = False,
                 past: tuple[Tensor, Tensor] | None = None, weights: list | None = None
@@ -244,9 +244,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
-        self.q = Linear(cfg.d_model, cfg.d_model)
-        self.kv = Linear(cfg.d_model, 2 * cfg.d_model)
-        self.out = Linear(cfg.d_model, cfg.d_model)
+        self.q = RoundedLinear(cfg.d_model, cfg.d_model)
+        self.kv = RoundedLinear(cfg.d_model, 2 * cfg.d_model)
+        self.out = RoundedLinear(cfg.d_model, cfg.d_model)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory (B, S, D) -> keys and values (B, H, S, E): computed once per sentence."""
@@ -281,10 +281,10 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.inner = Linear(cfg.d_model, cfg.ff_dim)
-        self.outer = Linear(cfg.ff_dim, cfg.d_model)
+        self.inner = RoundedLinear(cfg.d_model, cfg.ff_dim)
+        self.outer = RoundedLinear(cfg.ff_dim, cfg.d_model)
         self.activation = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[cfg.activation]
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = NumpyDropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.outer(self.dropout(self.activation(self.inner(x))))
@@ -300,7 +300,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = NumpyDropout(cfg.dropout)
         self.pre = cfg.norm == "pre"
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -398,7 +398,7 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         final_norm = nn.LayerNorm if cfg.norm == "pre" else nn.Identity
         self.enc_norm, self.dec_norm = final_norm(cfg.d_model), final_norm(cfg.d_model)
-        self.generator = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
+        self.generator = None if cfg.tie_embeddings else RoundedLinear(cfg.d_model, cfg.tgt_vocab, bias=False)
         self.logits_bias = nn.Parameter(torch.zeros(cfg.tgt_vocab)) if cfg.logits_bias else None
         for name, p in self.named_parameters():
             # Xavier for every projection matrix (fairseq, the Annotated Transformer); embeddings

@@ -3,14 +3,14 @@ and `mtkit train` (the tokenizer and data first when missing or stale). Each sta
 its output is current for the config."""
 
 from mtkit import checkpoint, distributed
-from mtkit.bookkeeping import Progress, refuse_a_second_run, stop_reason
+from mtkit.bookkeeping import RunState, refuse_a_second_run, stop_reason
 from mtkit.config import Config
 from mtkit.console import console, info, table
 from mtkit.errors import MtkitError
-from mtkit.evaluate import bleu_tokenizer, evaluate_split, print_scores
+from mtkit.evaluate import check_scoring, evaluate_split, print_scores
 from mtkit.prepare import prepare
 from mtkit.train import train
-from mtkit.vocab import train_tokenizer
+from mtkit.train_tokenizer import train_tokenizer
 
 
 def prepare_data(cfg: Config, force: bool = False) -> tuple:
@@ -22,7 +22,7 @@ def prepare_data(cfg: Config, force: bool = False) -> tuple:
 def prepare_and_train(cfg: Config, resume: bool = False):
     """`mtkit train`: the tokenizer and data when missing or stale, then training. Under torchrun
     the first process builds them while the others wait, then all train together."""
-    bleu_tokenizer(cfg)
+    check_scoring(cfg)
     last = cfg.workdir / "checkpoints" / "last.pt"
     if resume and not last.exists():  # said before the tokenizer and data are built for nothing
         raise MtkitError(f"nothing to resume: {last} does not exist", hint="start training without --resume")
@@ -52,13 +52,13 @@ def check_shared_workdir(cfg: Config, world: distributed.World) -> None:
                          f"share", hint="set experiment.workdir to a shared folder (NFS, Lustre, ...) on every machine")
 
 
-def train_if_needed(cfg: Config) -> tuple[str, Progress]:
+def train_if_needed(cfg: Config) -> tuple[str, RunState]:
     """Train, resume an unfinished run, or skip a finished one whose settings are unchanged.
     Returns (what happened, the last checkpoint's progress)."""
     last = cfg.workdir / "checkpoints" / "last.pt"
     if last.exists():
         state = checkpoint.load(last, mmap=True)
-        progress = Progress.from_dict(state.progress)
+        progress = RunState.from_dict(state.progress)
         # Finished: the run ended itself (a final save records why; a kill leaves none) and the
         # settings of *this* run agree (an older mtkit carried a stopped_by into resumed runs).
         reason = stop_reason(cfg.train, progress, state.sampler["epoch"])
@@ -72,11 +72,11 @@ def train_if_needed(cfg: Config) -> tuple[str, Progress]:
     result = train(cfg, resume=resume)
     if result.stopped_by == "interrupted":
         raise KeyboardInterrupt
-    return ("resumed" if resume else "done"), Progress.from_dict(checkpoint.load(last, mmap=True).progress)
+    return ("resumed" if resume else "done"), RunState.from_dict(checkpoint.load(last, mmap=True).progress)
 
 
 def run(cfg: Config) -> None:
-    bleu_tokenizer(cfg)
+    check_scoring(cfg)
     tok, data = prepare_data(cfg)
     trained, progress = train_if_needed(cfg)
     results = [evaluate_split(cfg, "test", direction=d) for d in cfg.data.names or [None]]

@@ -17,7 +17,7 @@ from pathlib import Path
 from mtkit import corpus, lineage
 from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
-from mtkit.console import console, info, progress, table
+from mtkit.console import console, info, progress_bar, table
 from mtkit.data import ArrayWriter, TokenArray, token_dtype
 from mtkit.errors import MtkitError
 from mtkit.files import atomic_dir, read_json, sha256_json, write_json
@@ -66,7 +66,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     # that match them; only dedup must remember every distinct train pair (16 bytes + set overhead).
     train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": set()}
     splits = {}
-    with atomic_dir(out) as tmp, progress() as bar:
+    with atomic_dir(out) as tmp, progress_bar() as bar:
         for split, source in sources.items():
             expected = tok_info.get("pairs_seen") if split == "train" else None
             task = bar.add_task(f"prepare {split}", total=expected)

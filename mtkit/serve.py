@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mtkit import checkpoint
-from mtkit.config import DecodeSection as DecodeOptions, ServeSection
+from mtkit.config import DecodeSection, ServeSection
 from mtkit.config_text import Checked
 from mtkit.batcher import Batcher
 from mtkit.console import info
@@ -81,7 +81,7 @@ class TranslateResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="Lines cut to the model's length, by index.")
 
 
-def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection) -> FastAPI:
+def create_app(batcher: Batcher, defaults: DecodeSection, settings: ServeSection) -> FastAPI:
     """The HTTP application over the batcher's loaded model (`defaults`: the decoding settings of
     a request that gives none)."""
     translator = batcher.loaded.result()
@@ -138,7 +138,7 @@ def create_app(batcher: Batcher, defaults: DecodeOptions, settings: ServeSection
     return app
 
 
-def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeOptions, settings: ServeSection) -> None:
+def add_explorer(app: FastAPI, batcher: Batcher, defaults: DecodeSection, settings: ServeSection) -> None:
     """The Explorer page at / and the data it draws, POST /v1/explain."""
     page = explorer_page(live=True)
 
@@ -176,7 +176,7 @@ def encode(translator: Engine, lines: list[str], target_lang: str | None) -> lis
                                        "input": target_lang}]) from None
 
 
-def request_options(defaults: DecodeOptions, given: dict, settings: ServeSection) -> DecodeOptions:
+def request_options(defaults: DecodeSection, given: dict, settings: ServeSection) -> DecodeSection:
     """The server's decoding settings with the request's own (`given`); a contradiction (n_best
     above the beam) or a search wider than serve.max_beam_size is a 422 naming the field. The cap
     bounds what one request costs the others: a beam of 30,000 took 41 s and 760 MB."""
@@ -186,7 +186,7 @@ def request_options(defaults: DecodeOptions, given: dict, settings: ServeSection
                                            "msg": f"{field} {given[field]}: this server searches at most "
                                                   f"serve.max_beam_size ({settings.max_beam_size}) beams"}])
     try:
-        return DecodeOptions(**defaults.model_dump() | given)
+        return DecodeSection(**defaults.model_dump() | given)
     except ValidationError as e:
         field = "n_best" if "n_best" in given else next((f for f in ("beam_size", "alpha") if f in given), "beam_size")
         raise RequestValidationError([{"type": "value_error", "loc": ("body", field),
@@ -247,7 +247,7 @@ class BodyLimit:
         await self.app(scope, counted, unless_refused)
 
 
-def model_facts(translator: Translator, defaults: DecodeOptions) -> dict:
+def model_facts(translator: Translator, defaults: DecodeSection) -> dict:
     state = checkpoint.load(translator.path, mmap=True)
     data = translator.config.get("data", {})
     return {"source_language": data.get("src"), "target_language": data.get("tgt"),
@@ -269,7 +269,8 @@ def listen(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
-        raise MtkitError(f"--host {host}: {e.strerror}", hint="an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+        raise MtkitError(f"the host {host}: {e.strerror}", hint="an address of this machine, e.g. 127.0.0.1 or 0.0.0.0",
+                         setting="host")
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

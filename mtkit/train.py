@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mtkit import checkpoint, corpus, distributed, lineage
-from mtkit.bookkeeping import (Progress, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
+from mtkit.bookkeeping import (RunState, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
                                stop_reason, workdir_lock)
 from mtkit.config import Config
 from mtkit.console import console, info
@@ -110,7 +110,7 @@ class Trainer:
         if state is None:
             refuse_a_second_run(self.last_path)
         self._build_model()
-        self.progress = Progress()
+        self.progress = RunState()
         # fp16 needs its loss scaled, so that small gradients do not round to zero; the scaler
         # lowers the scale after an overflow (that step is skipped) and raises it again later.
         self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=False)
@@ -222,7 +222,7 @@ class Trainer:
             self.ema_model.load_state_dict(state.ema)
         self.optimizer.load_state_dict(state.optimizer)
         self.sampler.load_state_dict(state.sampler)
-        self.progress = Progress.from_dict(state.progress)
+        self.progress = RunState.from_dict(state.progress)
         self.init_from = state.init_from
         # Why the last session stopped is history: this session's checkpoints must not carry it
         # (a later `mtkit run` would take a half-trained run for a finished one).
@@ -266,10 +266,6 @@ class Trainer:
         return self.world.from_main((choice, f"auto: forward+backward {times['fp32'] * 1000 / 3:.0f} ms fp32, "
                                              f"{times['bf16'] * 1000 / 3:.0f} ms bf16"))
 
-    def _autocast(self, precision: str):
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.world.device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
     # -- one step ---------------------------------------------------------------------------
     def _batch(self, indices: np.ndarray, split: str = "train"):
         src, tgt = (self.train_src, self.train_tgt) if split == "train" else (self.valid_src, self.valid_tgt)
@@ -279,7 +275,8 @@ class Trainer:
     def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> list[float]:
         # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
         copies = 2 if self.cfg.train.rdrop else 1  # R-Drop: each sentence twice in one batch
-        with self._autocast(precision), contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync():
+        no_sync = contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync()
+        with distributed.autocast(self.world.device, precision), no_sync:
             states = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1), project=False)
             # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
             loss, ce, nll = translation_loss(states, *self.model.output_layer(), batch.tgt_out, pad_id=self.tok.pad_id,
@@ -339,7 +336,7 @@ class Trainer:
         model.eval()
         start = time.perf_counter()
         loss_sum, n_tokens = 0.0, 0
-        with self._autocast(self.precision):
+        with distributed.autocast(self.world.device, self.precision):
             for ix in self.valid_batches:
                 b = self._batch(ix, "valid")
                 logits = model(b.src, b.tgt_in).float()

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from mtkit import checkpoint, distributed
-from mtkit.config import DecodeSection as DecodeOptions
-from mtkit.engine import Engine, check_options
+from mtkit.config import DecodeSection
+from mtkit.engine import TextSide, check_options
 from mtkit.errors import MtkitError
 from mtkit.search import Hypothesis, Trace, search_sorted
 
 
-class Translator(Engine):
+class Translator(TextSide):
     """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
 
     def __init__(self, state: checkpoint.Checkpoint, device: str = "cpu", precision: str = "auto"):
@@ -31,8 +31,7 @@ class Translator(Engine):
         self.init_from = state.init_from  # the model it was fine-tuned from (train.init), if any
         self.imported_from = state.imported_from  # where mtkit import found it, if it did
         super().__init__(tokenizer, state.config, state.path, distributed.decode_precision(
-            precision, device, self.trained_precision, *distributed.machine_facts(device)))
-        self.device = torch.device(device)
+            precision, device, self.trained_precision, *distributed.machine_facts(device)), torch.device(device))
         self.model = self.model.to(self.device)  # the one place the model moves
 
     @classmethod
@@ -41,13 +40,13 @@ class Translator(Engine):
         cpu or cuda. precision: auto (the training precision where the device does it natively,
         else fp32), fp32, bf16 or fp16 (GPU only)."""
         if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise MtkitError(f"--precision {precision!r}: auto, fp32, bf16 or fp16")
+            raise MtkitError(f"the precision {precision!r}: auto, fp32, bf16 or fp16", setting="precision")
         if device not in ("auto", "cpu", "cuda"):
-            raise MtkitError(f"--device {device!r}: auto, cpu or cuda")
+            raise MtkitError(f"the device {device!r}: auto, cpu or cuda", setting="device")
         path = checkpoint.resolve(path)
         distributed.limit_kernel_caches()
         distributed.keep_freed_memory()
-        return cls(checkpoint.load(path, mmap=True), str(distributed.choose_device(device, option="--device")), precision)
+        return cls(checkpoint.load(path, mmap=True), str(distributed.choose_device(device, option="device")), precision)
 
     @property
     def max_source_tokens(self) -> int:
@@ -72,16 +71,17 @@ class Translator(Engine):
         return AttentionMap(line, self.tokenizer.decode_tgt([hyp.tokens])[0], hyp.score, pieces, out,
                             hyp.attention.float().cpu())
 
-    def search(self, ids: list[list[int]], opts: DecodeOptions, attention: bool = False,
-               trace: Trace | None = None, on_sentences=None) -> list[list[Hypothesis]]:
+    def search(self, ids: list[list[int]], opts: DecodeSection, on_sentences=None, *, attention: bool = False,
+               trace: Trace | None = None) -> list[list[Hypothesis]]:
         """Source ids -> for each sentence its hypotheses, best first (none for an empty one).
-        trace: record the search of one sentence (search.Trace). on_sentences(n): progress, as
-        each batch is done (the empty ones first)."""
+        on_sentences(n): progress, as each batch is done (the empty ones first). mtkit's engine
+        only: attention, each hypothesis' cross-attention (attention_map); trace, the search of one
+        sentence recorded (search.Trace, the Explorer's)."""
         check_options(opts, on_sentences)
         todo = [i for i, x in enumerate(ids) if x]
         if on_sentences is not None and len(todo) < len(ids):
             on_sentences(len(ids) - len(todo))
-        with self._autocast():
+        with distributed.autocast(self.device, self.precision):
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
                                   max_tokens=opts.max_tokens, pad_id=self.tokenizer.pad_id,
@@ -104,13 +104,9 @@ class Translator(Engine):
                                  f"(0..{size - 1})")
         tok = self.tokenizer
         src = torch.tensor([ids[:self.max_source_tokens] + [tok.eos_id]], device=self.device)
-        with self._autocast():
+        with distributed.autocast(self.device, self.precision):
             logits = self.model(src, torch.tensor([[tok.bos_id] + target], device=self.device))
         return logits[0].float().log_softmax(dim=-1).cpu()
-
-    def _autocast(self):
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
 
 
 @dataclass

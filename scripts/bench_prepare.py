@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def child(data_dir: Path, workdir: Path, dedup: bool, encode_step: bool, config: str) -> None:
     from mtkit.config import load_config
     from mtkit.prepare import prepare
-    from mtkit.vocab import train_tokenizer
+    from mtkit.train_tokenizer import train_tokenizer
 
     cfg = load_config(REPO / "configs" / config,
                       [f"data.dir={data_dir}", f"experiment.workdir={workdir}", "tokenizer.sample_pairs=29000",

@@ -346,7 +346,7 @@ TRANSLATE = {  # name: (args after the model, stdin, what the shell adds, outcom
     "--set with broken YAML": (["--set", "decode.beam_size=["], b"A cat.\n", "", Refused("decode.beam_size: Input should be a valid integer")),
     "--set without =": (["--set", "decode.beam_size"], b"A cat.\n", "", Refused("bad override 'decode.beam_size'")),
     "--output where nothing may be written": (["-o", "{unwritable}/out.txt"], b"A cat.\n", "",
-                                              Refused("cannot write --output")),
+                                              Refused("--output: cannot write the output")),
     "--nbest > --beam": (["--nbest", "4", "--beam", "2"], b"A cat.\n", "", Refused("error: bad decoding settings: decode.n_best (4) cannot exceed decode.beam_size (2)")),
     "--greedy with --beam 3": (["--greedy", "--beam", "3"], b"A cat.\n", "", Refused("contradict each other")),
     "--set for another section": (["--set", "train.lr=1"], b"A cat.\n", "", Refused("only decode.* overrides")),

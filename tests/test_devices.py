@@ -56,7 +56,7 @@ def test_decode_precision_for_every_model_and_device(device, capability, cpu_bf1
         assert auto == (trained if native[trained] else "fp32"), (trained, auto)
         for wanted in ("fp32", "bf16", "fp16"):
             if wanted == "fp16" and device == "cpu":
-                with pytest.raises(MtkitError, match="--precision fp16 needs a GPU"):
+                with pytest.raises(MtkitError, match="the precision fp16 needs a GPU"):
                     decode_precision(wanted, device, trained, capability, cpu_bf16)
             else:
                 assert decode_precision(wanted, device, trained, capability, cpu_bf16) == wanted

@@ -21,6 +21,29 @@ def exported(trained, tmp_path_factory) -> Path:
     return export_ctranslate2(trained, tmp_path_factory.mktemp("ct2") / "model")
 
 
+def test_both_engines_are_the_one_interface_and_take_nothing_they_cannot_honour(trained, exported):
+    """engine.Engine is all that translate, eval and serve use of an engine. CTranslate2 keeps no
+    attention and no trace of its search, so its search takes neither; mtkit's takes them as
+    keywords of its own, which no caller of an Engine passes."""
+    import inspect
+
+    from mtkit.engine import Engine
+    from mtkit.export import CT2Translator
+    from mtkit.translate import Translator
+
+    mtkit, ct2 = Translator.load(trained), CT2Translator.load(exported)
+    assert isinstance(mtkit, Engine) and isinstance(ct2, Engine)
+    assert list(inspect.signature(ct2.search).parameters) == ["ids", "opts", "on_sentences"]
+    own = list(inspect.signature(mtkit.search).parameters.values())
+    assert [p.name for p in own[:3]] == ["ids", "opts", "on_sentences"]
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in own[3:]) and len(own) == 5
+    assert not hasattr(ct2, "attention") and not hasattr(ct2, "attention_map")
+    for engine in (mtkit, ct2):  # every member the interface names
+        for name in ("max_source_tokens", "search", "options", "tag_for", "encode", "texts", "translate_ids",
+                     "translate", "translate_nbest", "tokenizer", "config", "path", "precision", "device"):
+            assert hasattr(engine, name), (type(engine).__name__, name)
+
+
 def test_greedy_output_of_the_float32_export_equals_mtkit_s(trained, exported, demo_dir):
     from mtkit.export import CT2Translator
     from mtkit.translate import Translator

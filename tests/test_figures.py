@@ -47,7 +47,7 @@ def test_mtkit_attention_draws_every_layer_and_head(cli, trained, tmp_path):
     assert code == 0, err
     assert png_size(tmp_path / "all.png")[0] > 2 * png_size(tmp_path / "one.png")[0]  # the tiny model has 2 heads: 2 maps and their mean side by side, against 1
     code, _, err = cli("attention", trained, "The dog.", "-o", tmp_path / "x.png", "--head", "3")
-    assert_refused(code, err, "--head 3: the model has 2 (numbered 1 to 2)")
+    assert_refused(code, err, "--head: head 3: the model has 2 (numbered 1 to 2)")
     code, _, err = cli("attention", trained, "   ", "-o", tmp_path / "x.png")
     assert_refused(code, err, "nothing to translate")
 

@@ -27,7 +27,7 @@ LAYERS = {
     0: {"errors", "model", "metrics"},
     1: {"loss", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
     2: {"corpus", "search", "engine", "batcher"},
-    3: {"vocab", "prepare", "train", "translate", "export", "marian", "figures", "explain"},
+    3: {"train_tokenizer", "prepare", "train", "translate", "line_io", "export", "marian", "figures", "explain"},
     4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
     5: {"pipeline"},
     6: {"cli", "api", "__init__", "__main__"},
@@ -229,3 +229,40 @@ def test_a_test_module_imports_no_other_and_keeps_the_folder():
 def test_a_planted_import_of_a_test_module_and_a_chdir_are_caught(tmp_path):
     (tmp_path / "test_a.py").write_text("from tests.test_b import helper\n\n\ndef test_x():\n    os.chdir('/')\n")
     assert layout_breaks_of_tests(tmp_path) == ["test_a.py imports from tests.test_b", "test_a.py:5 calls os.chdir"]
+
+
+# Errors outside the CLI name the concept ("the target language"), not a flag the caller may not
+# have typed (a Python API user, an HTTP client); the CLI adds its flag, found by MtkitError.setting.
+
+def flags_in_errors(folder: Path = PACKAGE) -> list[str]:
+    import re
+
+    from mtkit.cli import FLAGS
+
+    problems = []
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "MtkitError" and node.args):
+                continue
+            message = "".join(part.value for part in ast.walk(node.args[0])
+                              if isinstance(part, ast.Constant) and isinstance(part.value, str))
+            if re.search(r"(?<![\w-])--[a-z]", message):
+                problems.append(f"{path.name}:{node.lineno} names a flag: {message[:60]!r}")
+            for keyword in node.keywords:
+                if keyword.arg == "setting" and isinstance(keyword.value, ast.Constant) and \
+                        keyword.value.value not in FLAGS and "." not in keyword.value.value:
+                    problems.append(f"{path.name}:{node.lineno} names setting {keyword.value.value!r}, which has no flag")
+    return problems
+
+
+def test_errors_outside_the_cli_name_no_flag_and_each_setting_has_one():
+    assert flags_in_errors() == []
+
+
+def test_a_planted_flag_in_an_error_and_a_setting_without_a_flag_are_caught(planted):
+    (planted / "bad.py").write_text('def bad(x):\n    raise MtkitError(f"--tgt-lang {x!r} is unknown")\n\n\n'
+                                    'def worse():\n    raise MtkitError("no such thing", setting="colour")\n')
+    assert flags_in_errors(planted) == ["bad.py:2 names a flag: '--tgt-lang  is unknown'",
+                                        "bad.py:6 names setting 'colour', which has no flag"]

@@ -141,8 +141,8 @@ def test_beams_share_the_memory_without_copying_it():
 
 
 def test_dropout_drops_p_and_keeps_the_expected_value():
-    from mtkit.model import Dropout
-    drop = Dropout(0.3).train()
+    from mtkit.model import NumpyDropout
+    drop = NumpyDropout(0.3).train()
     x = torch.ones(1001, 999, requires_grad=True)  # an odd number of elements
     torch.manual_seed(1)
     y = drop(x)
@@ -157,7 +157,7 @@ def test_dropout_drops_p_and_keeps_the_expected_value():
     # the rows of a mask are not copies of each other (four masks come from each 64-bit draw)
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, 0], kept[:, 1])
     # p within 1/65536 of 1 drops nearly all (it once wrapped around to keeping all)
-    assert Dropout(1 - 1e-7).train()(x.detach()).count_nonzero() < 100
+    assert NumpyDropout(1 - 1e-7).train()(x.detach()).count_nonzero() < 100
 
 
 def test_dropout_makes_its_bf16_mask_once():
@@ -166,8 +166,8 @@ def test_dropout_makes_its_bf16_mask_once():
     It is converted from bytes: torch converted bools to bf16 at a sixth of the speed."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mtkit.model import Dropout
-    drop = Dropout(0.3).train()
+    from mtkit.model import NumpyDropout
+    drop = NumpyDropout(0.3).train()
     x = torch.ones(101, 99, dtype=torch.bfloat16, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         y = drop(x)
@@ -200,9 +200,9 @@ def products_seen(fn) -> set[tuple[int, ...]]:
 def test_training_products_in_bf16_see_rounded_rows_and_give_the_plain_results():
     """Zero rows are added (so oneDNN meets a few shapes, not a new one per batch) and dropped:
     the outputs and gradients are those of F.linear, and decoding (no gradient) is left alone."""
-    from mtkit.model import Linear
+    from mtkit.model import RoundedLinear
     torch.manual_seed(0)
-    layer = Linear(16, 24)
+    layer = RoundedLinear(16, 24)
     x = torch.randn(3, 339, 16, requires_grad=True)  # 1,017 rows
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)

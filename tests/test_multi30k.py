@@ -4,7 +4,7 @@ import pytest
 
 from mtkit.config import load_config
 from mtkit.prepare import prepare
-from mtkit.vocab import train_tokenizer
+from mtkit.train_tokenizer import train_tokenizer
 from tests.conftest import MULTI30K, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (MULTI30K / "train.de.gz").is_file(),

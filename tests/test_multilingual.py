@@ -44,7 +44,7 @@ def test_the_tags_are_whole_pieces_and_each_direction_is_prepared(run):
 def test_prepare_counts_each_direction_and_finds_a_leak_where_it_is(three_way, tmp_path, capsys):
     from mtkit.config import load_config
     from mtkit.prepare import prepare
-    from mtkit.vocab import train_tokenizer
+    from mtkit.train_tokenizer import train_tokenizer
     from tests.conftest import write_config
 
     folder = tmp_path / "corpus"
@@ -90,7 +90,7 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
     from mtkit.tokenizer import Tokenizer
     from mtkit.train import Trainer
     from mtkit.translate import Translator
-    from mtkit.vocab import train_tokenizer
+    from mtkit.train_tokenizer import train_tokenizer
     from tests.conftest import TINY_MODEL, write_config
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -128,7 +128,7 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
     trainer.run()
     translator = Translator.load(cfg.workdir)
     assert translator.targets == ["sv", "vs"] and translator.directions == ["en-vs", "en-sv"]
-    with pytest.raises(MtkitError, match="say which with --tgt-lang"):
+    with pytest.raises(MtkitError, match="say which target language"):
         translator.translate(["The dog sees a cat."])
     assert model_facts(translator, translator.options())["directions"] == ["en-vs", "en-sv"]
 
@@ -173,9 +173,9 @@ def test_translate_needs_a_target_language_and_follows_it(run, three_way, cli, t
 
     _, workdir = run
     code, _, err = cli("translate", workdir, "-i", three_way / "test.en")
-    assert code == 2 and "this model translates into sv, vs: say which with --tgt-lang" in err
+    assert code == 2 and "--tgt-lang: this model translates into sv, vs: say which target language" in err
     code, _, err = cli("translate", workdir, "-i", three_way / "test.en", "--tgt-lang", "fr")
-    assert code == 2 and "--tgt-lang 'fr': this model translates into sv, vs" in err
+    assert code == 2 and "--tgt-lang: the target language 'fr' is not one this model translates into (sv, vs)" in err
     outputs = {}
     for lang in ("vs", "sv"):
         code, out, err = cli("translate", workdir, "-i", three_way / "test.en", "--tgt-lang", lang)

@@ -108,6 +108,6 @@ def test_a_hint_quotes_a_path_with_a_space(cli, trained, tmp_path):
     folder = tmp_path / "my outputs"
     folder.mkdir()
     code, _, err = cli("translate", trained, "-i", "/dev/null", "-o", folder)
-    assert code == 2 and f"e.g. --output '{folder}/out.txt'" in err, err
+    assert code == 2 and f"e.g. '{folder}/out.txt'" in err, err
     code, _, err = cli("attention", trained, "A dog.", "-o", tmp_path / "my map")
-    assert code == 2 and f"e.g. --output '{tmp_path}/my map.png'" in err, err
+    assert code == 2 and f"e.g. '{tmp_path}/my map.png'" in err, err

@@ -14,7 +14,7 @@ from mtkit.errors import MtkitError
 from mtkit.files import read_json
 from mtkit.prepare import prepare
 from mtkit.tokenizer import Tokenizer, train_model
-from mtkit.vocab import train_tokenizer
+from mtkit.train_tokenizer import train_tokenizer
 from tests.conftest import write_config
 
 FILLER = [(f"die katze {i} schläft im haus", f"the cat {i} sleeps in the house") for i in range(200)]

@@ -16,7 +16,7 @@ import pytest
 
 from mtkit import checkpoint
 from mtkit.config import TrainSection
-from mtkit.bookkeeping import Progress, stop_reason
+from mtkit.bookkeeping import RunState, stop_reason
 from tests import fake_clock
 from tests.conftest import REPO, TINY_MODEL, write_config
 
@@ -120,7 +120,7 @@ def test_patience_stops_after_that_many_validations_without_a_better_bleu(cli, t
 
 
 def test_stop_reason_judges_progress_by_the_settings_given():
-    progress = Progress(step=180, seconds=100.0, bad_evals=3)
+    progress = RunState(step=180, seconds=100.0, bad_evals=3)
     assert stop_reason(TrainSection(max_steps=400), progress, epoch=0) is None
     assert stop_reason(TrainSection(max_steps=180), progress, epoch=0) == "max_steps"
     assert stop_reason(TrainSection(max_epochs=2), progress, epoch=1) is None

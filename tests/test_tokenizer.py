@@ -5,7 +5,7 @@ from mtkit.config import load_config
 from mtkit.errors import MtkitError
 from mtkit.files import read_json
 from mtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from mtkit.vocab import train_tokenizer
+from mtkit.train_tokenizer import train_tokenizer
 
 
 def test_joint_bpe_round_trips_and_has_fixed_special_ids(demo_config, demo_dir):

@@ -88,10 +88,10 @@ def test_an_unfinished_translation_is_kept_and_the_same_command_continues_it(tra
     """-i FILE -o FILE that does not finish (Ctrl-C here; a kill or a full disk alike) keeps the
     chunks it wrote; the same command then continues after them and writes what an uninterrupted
     run writes (n-best line numbers included). Another input, model or settings starts over."""
-    from mtkit import engine
+    from mtkit import line_io
     from mtkit.translate import Translator
 
-    monkeypatch.setattr(engine, "CHUNK_LINES", 40)
+    monkeypatch.setattr(line_io, "CHUNK_LINES", 40)
     lines = (demo_dir / "test.en").read_text().splitlines()[:150]
     src, out = tmp_path / "in.txt", tmp_path / "out.tsv"
     src.write_text("\n".join(lines[:100] + [""] + lines[100:]) + "\n")
@@ -168,7 +168,7 @@ LINES = st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")) |
 def test_file_chunks_split_any_bytes_on_newlines_only(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("chunks") / "input"
     path.write_bytes(data)
-    from mtkit.engine import file_chunks
+    from mtkit.line_io import file_chunks
 
     with open(path, "rb") as f:
         lines = [line for chunk in file_chunks(f) for line in chunk]
@@ -191,7 +191,7 @@ def trained_translator(trained):
 def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lines, chunk):
     import io
 
-    from mtkit.engine import translate_stream
+    from mtkit.line_io import translate_stream
 
     out = io.StringIO()
     opts = trained_translator.options(beam_size=2, max_len_b=5)
@@ -204,15 +204,15 @@ def test_translate_keeps_one_line_per_line_for_any_input(trained_translator, lin
 
 def test_progress_moves_with_each_attention_map(trained_translator):
     """Drawing a map takes about a second: with --attention the progress counts each line as its
-    map is drawn, not a whole chunk (engine.CHUNK_LINES, 2,000 lines) once they all are."""
+    map is drawn, not a whole chunk (line_io.CHUNK_LINES, 2,000 lines) once they all are."""
     import io
 
-    from mtkit.engine import translate_stream
+    from mtkit.line_io import translate_stream
 
     events = []
     lines = [b"A dog.", b"", b"The cat sees a dog.", b"We play."]
     n = translate_stream(trained_translator, [lines], io.StringIO(), trained_translator.options(beam_size=2),
-                         on_lines=lambda k: events.append(("lines", k)), on_attention=lambda i, _: events.append(("map", i)))
+                         on_lines=lambda k: events.append(("lines", k)), on_best=lambda i, *_: events.append(("map", i)))
     assert n == 4
     assert events == [("map", 1), ("lines", 1), ("lines", 1), ("map", 3), ("lines", 1), ("map", 4), ("lines", 1)]
 
@@ -224,7 +224,7 @@ def test_progress_moves_with_each_batch(trained_translator, demo_dir):
     import io
 
     from mtkit.corpus import read_lines
-    from mtkit.engine import translate_stream
+    from mtkit.line_io import translate_stream
 
     lines = list(read_lines(demo_dir / "test.en"))[:300]
     raw = [line.encode() for line in lines[:100]] + [b"", b"  "] + [line.encode() for line in lines[100:]]

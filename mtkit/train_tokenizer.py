@@ -14,7 +14,7 @@ from pathlib import Path
 from mtkit import corpus, lineage
 from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
-from mtkit.console import console, info, progress
+from mtkit.console import console, info, progress_bar
 from mtkit.errors import MtkitError
 from mtkit.files import atomic_dir, read_json, write_json
 from mtkit.tokenizer import Tokenizer, train_model
@@ -117,7 +117,7 @@ def _sample(source: corpus.Source, cap: int, seed: int) -> tuple[list[str], list
     rng = random.Random(seed)
     kept: list[tuple[str, str]] = []
     n = 0
-    with progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("reading train split", total=None)
         for n, (src, tgt) in enumerate(corpus.read_pairs(source), 1):
             pair = (corpus.normalize(src), corpus.normalize(tgt))
