@@ -15,10 +15,14 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtkit import demo
 from mtkit.errors import MtkitError
 from mtkit.files import sha256_file, sha256_json
+
+if TYPE_CHECKING:
+    from mtkit.config import DataSection
 
 SPLITS = ("train", "valid", "test")
 HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -69,11 +73,13 @@ class Source:
         return " + ".join(str(p) for p in self.paths) + (f" lines [{':'.join(self.lines)}]" if self.lines else "")
 
 
-def ensure_demo(format: str, root: Path) -> None:
-    """data.format demo: generate the corpus into `root` unless it is there (it is the same every
-    time). Each stage that reads the corpus calls it first."""
-    if format == "demo":
-        demo.ensure_corpus(Path(root))
+def split_source(data: "DataSection", split: str, direction: str | None = None) -> "Source":
+    """An experiment's split (of one direction, or of all): what each stage that reads the corpus
+    reads. data.format demo: the corpus is generated into data.dir first, unless it is there (it
+    is the same every time)."""
+    if data.format == "demo":
+        demo.ensure_corpus(Path(data.dir))
+    return source_for(**data.source_args(split, direction))
 
 
 def tag(lang: str) -> str:

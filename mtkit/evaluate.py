@@ -56,8 +56,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
                                   "or score best.pt: --set eval.checkpoint=best")
         raise MtkitError(f"no checkpoint {ckpt} to score" + ("" if model else f" (eval.checkpoint: {cfg.eval.checkpoint})"),
                          hint="train first (mtkit train CONFIG), or name one with --checkpoint")
-    corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-    source = corpus.source_for(**cfg.data.source_args(split, direction))
+    source = corpus.split_source(cfg.data, split, direction)
     tokenize = metrics.check_tokenizer(metrics.bleu_tokenizer(cfg.eval.tokenize, source.tgt))
     translator = Translator.load(ckpt, device, precision)  # mapped, not read: cheap when the result is cached
     target_lang = source.tgt if direction is not None else None

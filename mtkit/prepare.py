@@ -38,8 +38,7 @@ class PrepareResult:
 def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     out = cfg.data_cache_dir
     tok = Tokenizer.load(cfg.tokenizer_dir)
-    corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-    sources = {split: corpus.source_for(**cfg.data.source_args(split)) for split in corpus.SPLITS}
+    sources = {split: corpus.split_source(cfg.data, split) for split in corpus.SPLITS}
     inputs = {split: {"source": s.describe(), "sha256": corpus.fingerprint(s)} for split, s in sources.items()}
     tok_info = read_json(cfg.tokenizer_dir / "tokenizer.json") or {}
     _check_tokenizer_is_current(cfg, tok_info, inputs["train"]["sha256"])

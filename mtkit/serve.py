@@ -203,6 +203,7 @@ async def answer(batcher: Batcher, future: Future, http: Request):
             return waiting.result()
         if await http.is_disconnected():
             batcher.forget(future)
+            waiting.cancel()  # nobody reads the search's end (Unwanted): asyncio would log it as unread
             raise HTTPException(499, "the client closed the request")  # nginx's code; nobody reads it
 
 

@@ -17,22 +17,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mtkit import checkpoint, corpus, distributed, lineage
 from mtkit.bookkeeping import (RunState, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
                                stop_reason, workdir_lock)
 from mtkit.config import Config
 from mtkit.console import console, info
-from mtkit.data import TokenArray, TokenBucketSampler, length_batches, make_batch, train_arrays
+from mtkit.data import TokenArray, TokenBucketSampler, make_batch, train_arrays
 from mtkit.distributed import World
 from mtkit.errors import MtkitError
-from mtkit.metrics import bleu, bleu_tokenizer, check_tokenizer
 from mtkit.files import read_json
 from mtkit.loss import translation_loss
 from mtkit.model import ModelConfig, Transformer
-from mtkit.search import search_sorted
 from mtkit.tokenizer import Tokenizer
+from mtkit.validation import Validation
 
 
 def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max_steps: int) -> float:
@@ -88,22 +86,35 @@ def train(cfg: Config, resume: bool = False, world: World | None = None) -> Trai
     world = world or distributed.start(cfg.train.device)
     # One training per workdir: rank 0 holds the lock for the processes of its run.
     with workdir_lock(cfg.workdir) if world.main else contextlib.nullcontext():
-        return Trainer(cfg, resume, world).run()
+        return set_up(cfg, resume, world).run()
+
+
+def set_up(cfg: Config, resume: bool, world: World | None = None) -> "Trainer":
+    """A run ready to go. What touches the process, the workdir and the machine's time is done
+    here, once, in order: the memory settings; the shape of the model it starts from (train.init);
+    the checkpoints folder, cleared of writes a kill cut short (never read); the run, built or
+    restored; a new run's precision (train.precision auto: measured)."""
+    world = world or distributed.start(cfg.train.device)
+    distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
+    distributed.keep_freed_memory()
+    cfg = lineage.adopt(cfg)
+    folder = cfg.workdir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink()
+    trainer = Trainer(cfg, resume, world)
+    if trainer.precision is None:
+        trainer.use_precision(*trainer.measure_precision())
+    return trainer
 
 
 class Trainer:
-    """One training run: built in a few named steps, then `run()` is the loop."""
+    """One training run, built (data, model, optimizer and sampler; restored when resuming), then
+    `run()` is the loop; `_step` one update, `validate` the validation (validation.py)."""
 
-    def __init__(self, cfg: Config, resume: bool, world: World | None = None):
-        distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
-        distributed.keep_freed_memory()
-        cfg = lineage.adopt(cfg)  # train.init: the shape of the model it starts from
-        self.cfg, t, self.init_from = cfg, cfg.train, None
-        self.world = world or distributed.start(t.device)
+    def __init__(self, cfg: Config, resume: bool, world: World):
+        self.cfg, self.world, self.init_from, self.precision = cfg, world, None, None
         self.ckpt_dir = cfg.workdir / "checkpoints"
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.ckpt_dir.glob(".*.tmp"):  # a write cut short by a kill; never read
-            leftover.unlink()
         self.last_path = self.ckpt_dir / "last.pt"
         self._load_data()
         state = self._resume_state() if resume else None
@@ -111,23 +122,24 @@ class Trainer:
             refuse_a_second_run(self.last_path)
         self._build_model()
         self.progress = RunState()
-        # fp16 needs its loss scaled, so that small gradients do not round to zero; the scaler
-        # lowers the scale after an overflow (that step is skipped) and raises it again later.
+        # fp16 needs its loss scaled (use_precision); until then, a scaler that does nothing.
         self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=False)
         if state is not None:
             self._restore(state)
-        else:
-            self.precision, self.precision_reason = self._choose_precision()
-            if t.init:
-                self.init_from = lineage.start(cfg, self.model, asdict(self.model_config), self.tok.fingerprint)
-                if self.ema_model is not None:
-                    self.ema_model.load_state_dict(self.model.state_dict())
-        if self.precision == "fp16":
+        elif cfg.train.init:
+            self.init_from = lineage.start(cfg, self.model, asdict(self.model_config), self.tok.fingerprint)
+            if self.ema_model is not None:
+                self.ema_model.load_state_dict(self.model.state_dict())
+
+    def use_precision(self, precision: str, reason: str, scaler: dict | None = None) -> None:
+        """Train in `precision` (fp32, bf16 or fp16). fp16 needs its loss scaled, so that small
+        gradients do not round to zero; the scaler lowers the scale after an overflow (that step is
+        skipped) and raises it again later (scaler: its state, when resuming)."""
+        self.precision, self.precision_reason = precision, reason
+        if precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.world.device.type)
-            if state is not None and state.scaler is not None:
-                self.scaler.load_state_dict(state.scaler)
-        self.log = RunLog(cfg.workdir, self.progress, self.last_path, active=self.world.main,
-                          tensorboard=t.tensorboard, max_steps=t.max_steps)
+            if scaler is not None:
+                self.scaler.load_state_dict(scaler)
 
     def _load_data(self) -> None:
         """The tokenizer, the prepared token arrays, and what validation scores against."""
@@ -142,27 +154,12 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.train_src, self.train_tgt, self.train_copies = train_arrays(cfg.data_cache_dir, self.manifest)
-        self.valid_src, self.valid_tgt = (TokenArray(cfg.data_cache_dir, "valid", side, self.manifest["dtype"])
-                                          for side in ("src", "tgt"))
-        corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-        valid = list(corpus.read_pairs(corpus.source_for(**cfg.data.source_args("valid"))))
-        self.references = [tgt for _, tgt in valid]
-        # BLEU is scored per direction (one, for a single pair) on a fixed sample of its lines, with
-        # the tokenizer of its target language (13a would score Chinese as one word a line), checked
-        # now: a missing MeCab is said before training, not at its first validation.
-        n_valid, rng = len(self.valid_src), np.random.default_rng(cfg.experiment.seed)
-        ranges = self.manifest["splits"]["valid"].get("directions") or {"-".join(cfg.data.pairs[0]): [0, n_valid]}
-        self.bleu_groups = {}
-        for name, (a, b) in ranges.items():
-            share = t.eval_sample if len(ranges) == 1 else max(1, round(t.eval_sample * (b - a) / n_valid))
-            ix = a + (np.sort(rng.choice(b - a, share, replace=False)) if 0 < share < b - a else np.arange(b - a))
-            self.bleu_groups[name] = (ix, check_tokenizer(bleu_tokenizer(cfg.eval.tokenize, name.split("-")[1])))
-        self.bleu_sample = np.concatenate([ix for ix, _ in self.bleu_groups.values()])
-        # One sentence of each direction's sample, of its median length, shown as translated at every validation.
-        self.examples = {name: (i := int(ix[np.argsort(self.valid_src.lengths[ix], kind="stable")[len(ix) // 2]]),
-                                valid[i][0]) for name, (ix, _) in self.bleu_groups.items()}
-        cost = np.maximum(self.valid_src.lengths, self.valid_tgt.lengths) + 1
-        self.valid_batches = length_batches(np.argsort(cost, kind="stable"), cost, t.max_tokens)
+        src, tgt = (TokenArray(cfg.data_cache_dir, "valid", side, self.manifest["dtype"]) for side in ("src", "tgt"))
+        ranges = self.manifest["splits"]["valid"].get("directions") or {"-".join(cfg.data.pairs[0]): [0, len(src)]}
+        self.validation = Validation(
+            src, tgt, list(corpus.read_pairs(corpus.split_source(cfg.data, "valid"))), ranges, sample=t.eval_sample,
+            seed=cfg.experiment.seed, tokenize=cfg.eval.tokenize, max_tokens=t.max_tokens, tok=self.tok,
+            decode=cfg.decode, max_positions=cfg.model.max_positions, place=self.world.place)
 
     def _build_model(self) -> None:
         """The model (from the seed), its moving average, the optimizer and the batch sampler."""
@@ -227,10 +224,11 @@ class Trainer:
         # Why the last session stopped is history: this session's checkpoints must not carry it
         # (a later `mtkit run` would take a half-trained run for a finished one).
         self.progress.stopped_by = None
-        self.precision, self.precision_reason = state.precision, "as before the resume"
         wanted = self.cfg.train.precision
         if wanted not in ("auto", state.precision):  # the weights are fp32 either way: a switch is safe
-            self.precision, self.precision_reason = wanted, f"set in the config ({state.precision} before the resume)"
+            self.use_precision(wanted, f"set in the config ({state.precision} before the resume)", state.scaler)
+        else:
+            self.use_precision(state.precision, "as before the resume", state.scaler)
         random.setstate(state.rng["python"])
         torch.set_rng_state(state.rng["torch"])
         if "cuda" in state.rng and self.world.device.type == "cuda":  # dropout on a GPU draws from its own
@@ -239,7 +237,9 @@ class Trainer:
             info(f"train: resuming from {self.last_path} at step {self.progress.step:,}")
 
     # -- precision --------------------------------------------------------------------------
-    def _choose_precision(self) -> tuple[str, str]:
+    def measure_precision(self) -> tuple[str, str]:
+        """A new run's precision and why: the config's, else the device's native one, else (a CPU
+        with bf16) the faster of fp32 and bf16 on three real batches."""
         wanted, device = self.cfg.train.precision, str(self.world.device)
         if wanted != "auto":
             return wanted, "set in the config"
@@ -267,9 +267,8 @@ class Trainer:
                                              f"{times['bf16'] * 1000 / 3:.0f} ms bf16"))
 
     # -- one step ---------------------------------------------------------------------------
-    def _batch(self, indices: np.ndarray, split: str = "train"):
-        src, tgt = (self.train_src, self.train_tgt) if split == "train" else (self.valid_src, self.valid_tgt)
-        return self.world.place(make_batch(src, tgt, indices, pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
+    def _batch(self, indices: np.ndarray):
+        return self.world.place(make_batch(self.train_src, self.train_tgt, indices, pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
                                            max_positions=self.model_config.max_positions))
 
     def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> list[float]:
@@ -328,42 +327,10 @@ class Trainer:
         self.progress.step = step
         return total / n_tgt, nll / n_tgt, int(n_tgt), int(n_src)
 
-    # -- validation -------------------------------------------------------------------------
-    @torch.no_grad()
+    # -- validation (validation.py) ---------------------------------------------------------
     def validate(self, model: Transformer | None = None) -> dict:
-        model = model or self.model
-        was_training = model.training
-        model.eval()
-        start = time.perf_counter()
-        loss_sum, n_tokens = 0.0, 0
-        with distributed.autocast(self.world.device, self.precision):
-            for ix in self.valid_batches:
-                b = self._batch(ix, "valid")
-                logits = model(b.src, b.tgt_in).float()
-                loss_sum += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=self.tok.pad_id,
-                                            reduction="sum").item()
-                n_tokens += b.n_tgt_tokens
-            hyps = self._greedy(model, self.bleu_sample)
-        model.train(was_training)
-        found = dict(zip(self.bleu_sample.tolist(), hyps))
-        scores = {}
-        for name, (ix, tokenize) in self.bleu_groups.items():  # several directions: their mean decides
-            scores[name], signature = bleu([found[i] for i in ix], [self.references[i] for i in ix], tokenize)
-        loss = loss_sum / n_tokens
-        several = {"bleu_by_direction": {k: round(v, 2) for k, v in scores.items()}} if len(scores) > 1 else {}
-        examples = {name: {"source": source, "translation": found[i], "reference": self.references[i]}
-                    for name, (i, source) in self.examples.items()}
-        return {"loss": round(loss, 4), "ppl": round(math.exp(min(loss, 50)), 2),
-                "bleu": round(sum(scores.values()) / len(scores), 2), **several,
-                "sentences": len(self.bleu_sample), "seconds": round(time.perf_counter() - start, 1),
-                "signature": signature, "examples": examples}
-
-    def _greedy(self, model: Transformer, indices: np.ndarray) -> list[str]:
-        d = self.cfg.decode
-        found = search_sorted(model, [self.valid_src[i] for i in indices], beam_size=1, alpha=0.0, n_best=1,
-                              max_len_a=d.max_len_a, max_len_b=d.max_len_b, max_tokens=d.max_tokens,
-                              pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id)
-        return self.tok.decode_tgt([hyps[0].tokens for hyps in found])
+        """The validation scores of `model` (by default the trained weights)."""
+        return self.validation(model or self.model, self.world.device, self.precision)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self) -> checkpoint.Checkpoint:
@@ -402,6 +369,8 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         t, p, w = self.cfg.train, self.progress, self.world
+        self.log = RunLog(self.cfg.workdir, p, self.last_path, active=w.main, tensorboard=t.tensorboard,
+                          max_steps=t.max_steps)  # a resumed run's: cut to its checkpoint's step
         self._announce()
         self.model.train()
         clock_start, seconds_before = time.perf_counter(), p.seconds

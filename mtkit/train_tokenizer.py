@@ -39,8 +39,7 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
     if cfg.train.init:
         return _inherit(cfg)
     out = cfg.tokenizer_dir
-    corpus.ensure_demo(cfg.data.format, cfg.data.dir)
-    source = corpus.source_for(**cfg.data.source_args("train"))
+    source = corpus.split_source(cfg.data, "train")
     settings = settings_of(cfg)
     train_sha256 = corpus.fingerprint(source)
     previous = read_json(out / "tokenizer.json") or {}

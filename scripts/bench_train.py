@@ -35,7 +35,7 @@ from mtkit.config import load_config
 from mtkit.console import console, table
 from mtkit.distributed import cpu_description
 from mtkit.pipeline import prepare_data
-from mtkit.train import Trainer
+from mtkit.train import set_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def main() -> None:
                                     f"train.precision={args.precision}", f"train.threads={args.threads}",
                                     "model.dropout=0.1", "train.max_tokens=4096", *args.overrides])
     prepare_data(cfg)
-    trainer = Trainer(cfg, resume=False)
+    trainer = set_up(cfg, resume=False)
     trainer.model.train()
     for _ in range(args.warmup_steps):
         trainer._step()

@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 LAYERS = {
     0: {"errors", "model", "metrics"},
     1: {"loss", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
-    2: {"corpus", "search", "engine", "batcher"},
+    2: {"corpus", "search", "engine", "batcher", "validation"},
     3: {"train_tokenizer", "prepare", "train", "translate", "line_io", "export", "marian", "figures", "explain"},
     4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
     5: {"pipeline"},
@@ -266,3 +266,39 @@ def test_a_planted_flag_in_an_error_and_a_setting_without_a_flag_are_caught(plan
                                     'def worse():\n    raise MtkitError("no such thing", setting="colour")\n')
     assert flags_in_errors(planted) == ["bad.py:2 names a flag: '--tgt-lang  is unknown'",
                                         "bad.py:6 names setting 'colour', which has no flag"]
+
+
+# The core (layers 0-2) receives plain values or one section of the config (DataSection,
+# DecodeSection, TrainSection: validated values), never the whole Config, and writes nothing to the
+# console; each exception with its reason. (DESIGN.md's "plain values, never the config object or
+# the console", in terms the code keeps.)
+WHOLE_CONFIG = {"lineage": "its job is a run's config against the parent run's (train.init), which it adopts",
+                "checkpoint": "it brings a saved config up to date (today's defaults), as the rest of an old file"}
+CONSOLE = {"bookkeeping": "a run's record: its progress bar, warnings and summary table"}
+
+
+def core_breaks(folder: Path = PACKAGE) -> list[str]:
+    problems = []
+    for path in sorted(folder.glob("*.py")):
+        if LAYER.get(path.stem, 3) > 2 or path.stem in ("config", "config_text", "console"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            names = {alias.name for alias in node.names}
+            if node.module == "mtkit.config" and "Config" in names and path.stem not in WHOLE_CONFIG:
+                problems.append(f"{path.stem} takes the whole Config")
+            if (node.module == "mtkit.console" or node.module == "mtkit" and "console" in names) \
+                    and path.stem not in CONSOLE:
+                problems.append(f"{path.stem} writes to the console")
+    return problems
+
+
+def test_the_core_takes_plain_values_or_a_section_and_writes_nothing():
+    assert core_breaks() == []
+
+
+def test_a_planted_config_and_console_in_the_core_are_caught(planted):
+    plant(planted, "search", "from mtkit.config import Config")
+    plant(planted, "corpus", "def warn():\n    from mtkit.console import info")
+    assert core_breaks(planted) == ["corpus writes to the console", "search takes the whole Config"]

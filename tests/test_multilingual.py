@@ -88,7 +88,7 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
     from mtkit.prepare import prepare
     from mtkit.serve import model_facts
     from mtkit.tokenizer import Tokenizer
-    from mtkit.train import Trainer
+    from mtkit.train import set_up
     from mtkit.translate import Translator
     from mtkit.train_tokenizer import train_tokenizer
     from tests.conftest import TINY_MODEL, write_config
@@ -119,7 +119,7 @@ def test_corpora_each_in_its_own_folder_with_a_weight(three_way, tmp_path):
     # a direction is scored on its own corpus's files; one not trained (zero-shot) on data.dir's
     assert corpus.source_for(**cfg.data.source_args("test", "en-sv")).paths == (b / "tst.en", b / "tst.sv")
     assert corpus.source_for(**cfg.data.source_args("test", "vs-sv")).paths == (a / "test.vs", a / "test.sv")
-    trainer = Trainer(cfg, resume=False)
+    trainer = set_up(cfg, resume=False)
     drawn = np.concatenate(trainer.sampler.epoch_batches(0))
     sizes = {name: end - begin for name, (begin, end) in splits["train"]["directions"].items()}
     share = 3 * sizes["en-sv"] / (3 * sizes["en-sv"] + sizes["en-vs"])

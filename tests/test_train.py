@@ -553,13 +553,13 @@ def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(
     ended: it now runs to the step the clock is expected to stop at, at the speed so far, and the
     log lines count to it too. On the fake clock: on a busy machine, a 5-second run's speed varied."""
     from mtkit.pipeline import prepare_data
-    from mtkit.train import Trainer
+    from mtkit.train import set_up
 
     fake_clock.install(monkeypatch, tick=0.05)
     cfg = load_config(tiny_config(tmp_path, demo_dir, max_steps=100_000, max_time=5, log_every=5,
                                   eval_every=100_000, save_every=100_000))
     prepare_data(cfg)
-    trainer = Trainer(cfg, resume=False)
+    trainer = set_up(cfg, resume=False)
     done = trainer.run().step
     total = trainer.log.bar.tasks[0].total
     assert done > 20 and 0.7 * done <= total <= 1.3 * done, (done, total)
