@@ -415,7 +415,8 @@ def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
 # The flag of each setting that an error of the stages and the core names by its concept (MtkitError.setting).
 FLAGS = {"target_lang": "--tgt-lang", "input": "--input", "output": "--output", "device": "--device", "precision":
          "--precision", "quantization": "--quantization", "compute_type": "--compute-type", "direction": "--direction",
-         "bootstrap": "--bootstrap", "host": "--host", "layer": "--layer", "head": "--head", "engine": "--engine"}
+         "bootstrap": "--bootstrap", "host": "--host", "layer": "--layer", "head": "--head", "engine": "--engine",
+         "beam_size": "--beam", "translation": "--whatif"}
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 

@@ -32,10 +32,11 @@ MAX_BEAM = 16  # a wider tree is unreadable, and its attention records grow with
 
 
 class BadInput(MtkitError):
-    """A request the Explorer cannot answer; `field` names what to change."""
+    """A request the Explorer cannot answer; `field` names what to change (the request's field, the
+    API's setting: the CLI names its flag)."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
+        super().__init__(message, setting=field)
         self.field = field
 
 

@@ -62,12 +62,14 @@ def bad_input_table(checkout: Path, tests: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "MTKIT_QUIET": "1", "MTKIT_RECORD_CLI": str(record)}
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "--basetemp",
                     str(out / "pytest"), *TABLE], cwd=tree, env=env, capture_output=True)
-    alike = re.compile(re.escape(str(out / "pytest")) + r"|\b\d+\.\d+ ?(s|seconds|ms)\b")
+    # Alike: the temporary folders, timings and speeds, and the padding of tables they widen.
+    alike = re.compile(re.escape(str(out / "pytest")) + r"|\b\d+\.\d+ ?(s|seconds|ms)\b|tgt_tok/s \d+"
+                       r"|[\d,]+ \(training steps only\)")
     table = {}
     for line in record.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         key = alike.sub("~", f"{row['test']} :: {' '.join(row['args'])}")
-        table[key] = tuple(alike.sub("~", str(v)) for v in (row["code"], row["out"], row["err"]))
+        table[key] = tuple(" ".join(alike.sub("~", str(v)).split()) for v in (row["code"], row["out"], row["err"]))
     return table
 
 
