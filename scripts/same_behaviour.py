@@ -106,9 +106,9 @@ def main() -> None:
         tables = [bad_input_table(getattr(args, side).resolve(), args.after.resolve() / "tests", work / f"table-{side}")
                   for side in ("before", "after")]
         differ = sorted(k for k in tables[0].keys() | tables[1].keys() if tables[0].get(k) != tables[1].get(k))
-        for key in differ[:20]:
+        for key in differ:
             print(f"bad-input row differs: {key}\n  before: {tables[0].get(key)}\n  after:  {tables[1].get(key)}")
-        result["bad_input_rows"] = len(tables[1])
+        result["bad_input_rows"], result["bad_input_rows_differing"] = len(tables[1]), len(differ)
         result["bad_input_table"] = not differ and len(tables[1]) > 0
         result["same"] = result["same"] and result["bad_input_table"]
     for key, value in result.items():
