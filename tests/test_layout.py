@@ -40,9 +40,9 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (537, "one run read top to bottom, validated per translation direction, started from scratch or from a model: build, "
-                      "step, validate, save, resume exactly (its bookkeeping is in bookkeeping.py, starting from a model in lineage.py, "
-                      "its loss in loss.py); a schedule that anneals to the time limit; its CPU memory settings"),
+    "train.py": (503, "one run read top to bottom, started from scratch or from a model: set up, build, step, save, resume "
+                      "exactly (its validation is in validation.py, its bookkeeping in bookkeeping.py, starting from a model in "
+                      "lineage.py, its loss in loss.py); a schedule that anneals to the time limit; its precision measured"),
     "model.py": (464, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer, "
                       "has the options an imported Marian model needs beside the others, rounds a training step's "
                       "rows so that oneDNN's compiled kernels are reused on a CPU (a fifth of a 1,024-token step), "
