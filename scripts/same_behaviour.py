@@ -62,9 +62,14 @@ def bad_input_table(checkout: Path, tests: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "MTKIT_QUIET": "1", "MTKIT_RECORD_CLI": str(record)}
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "--basetemp",
                     str(out / "pytest"), *TABLE], cwd=tree, env=env, capture_output=True)
-    # Alike: the temporary folders, timings and speeds, and the padding of tables they widen.
-    alike = re.compile(re.escape(str(out / "pytest")) + r"|\b\d+\.\d+ ?(s|seconds|ms)\b|tgt_tok/s \d+"
-                       r"|[\d,]+ \(training steps only\)")
+    return read_table(record, out / "pytest")
+
+
+def read_table(record: Path, basetemp: Path) -> dict:
+    # Alike: the temporary folders, timings and speeds, ports taken at random, and the width of
+    # tables that the temporary folders' names widen.
+    alike = re.compile(re.escape(str(basetemp)) + r"|\b\d+\.\d+ ?(s|seconds|ms)\b|tgt_tok/s \d+"
+                       r"|[\d,]+ \(training steps only\)|(?<=:)\d{4,5}\b|(?<=--port )\d{4,5}\b|[━─]+")
     table = {}
     for line in record.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
