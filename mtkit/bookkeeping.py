@@ -4,7 +4,6 @@ lock), Ctrl-C and SIGTERM, the record (progress bar, metrics.jsonl, TensorBoard)
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from mtkit.config import TrainSection
 from mtkit.console import console, table
 from mtkit.errors import MtkitError
 from mtkit.files import write_text
+from mtkit.portable import lock
 
 
 def bar_columns(width: int) -> list:
@@ -81,16 +81,19 @@ def stop_reason(t: TrainSection, progress: RunState, epoch: int) -> str | None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: Path):
-    """One training per workdir. flock is released by the kernel when the process dies, so a
-    killed run never leaves a stale lock behind."""
+    """One training per workdir. The lock is released by the system when the process dies, so a
+    killed run never leaves a stale lock behind (portable.lock)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "train.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        taken = lock(f)
+        if taken is False:
             f.seek(0)
             raise MtkitError(f"another mtkit train is running on {workdir} (pid {f.read().strip() or '?'})",
-                             hint="wait for it to finish, or set another experiment.workdir") from None
+                             hint="wait for it to finish, or set another experiment.workdir")
+        if taken is not True:
+            console.print(f"[yellow]warning:[/] {workdir / 'train.lock'} cannot be locked: {taken}; nothing stops a "
+                          f"second training on this workdir meanwhile")
+        f.seek(0)
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()

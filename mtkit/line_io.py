@@ -9,7 +9,6 @@ N the output is a TSV instead: N rows per input line, `line<TAB>score<TAB>transl
 """
 
 import contextlib
-import fcntl
 import functools
 import gzip
 import hashlib
@@ -28,6 +27,7 @@ from mtkit.console import console, progress_bar
 from mtkit.engine import Engine, cut
 from mtkit.errors import MtkitError
 from mtkit.files import check_output, read_json, real_path, replace, sha256_file, sha256_json, write_json, written_through
+from mtkit.portable import lock
 
 CHUNK_LINES = 2000  # lines translated together (sorted by length inside a chunk)
 
@@ -234,12 +234,13 @@ class Unfinished:
         except OSError as e:
             raise MtkitError(f"cannot write the output {self.target}: {e.strerror}",
                              hint="check that its folder exists and is writable", setting="output") from None
-        try:
-            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        taken = lock(out)
+        if taken is False:
             out.close()
             raise MtkitError(f"another mtkit translate is writing {self.target}",
-                             hint="wait until it is done, or write another output file", setting="output") from None
+                             hint="wait until it is done, or write another output file", setting="output")
+        if taken is not True:
+            _warn(f"{self.tmp} cannot be locked: {taken}; nothing stops a second run writing {self.target} meanwhile")
         note = read_json(self.note) if self.key else None
         if note and note.get("key") == self.key and os.fstat(out.fileno()).st_size >= note.get("bytes", math.inf):
             out.truncate(note["bytes"])

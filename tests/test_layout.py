@@ -25,7 +25,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 # down into the core.
 LAYERS = {
     0: {"errors", "model", "metrics"},
-    1: {"loss", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping"},
+    1: {"loss", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping",
+        "portable"},
     2: {"corpus", "search", "engine", "batcher", "validation"},
     3: {"train_tokenizer", "prepare", "train", "translate", "line_io", "export", "marian", "figures", "explain"},
     4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
