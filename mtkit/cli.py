@@ -31,7 +31,7 @@ ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set train.lr=5e-4 (repeatable).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even when its output is up to date.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu, cuda or mps (Apple).")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Decode in auto (the training precision where the "
                                            "device computes it natively, else fp32), fp32, bf16 or fp16 (GPU).")]
 InitOpt = Annotated[Optional[Path], typer.Option("--init", help="Start from this trained model (a checkpoint, or a "
@@ -142,10 +142,9 @@ def translate(
 
         if attention:
             raise MtkitError("attention maps need mtkit's own engine", hint="drop --engine ctranslate2")
-        if device != "auto" or precision != "auto":
-            raise MtkitError("--device and --precision are mtkit's engine's settings",
-                             hint="CTranslate2's is --compute-type (its export decodes on the CPU)")
-        translator = CT2Translator.load(checkpoint, compute_type)
+        if precision != "auto":
+            raise MtkitError("--precision is mtkit's engine's setting", hint="CTranslate2's is --compute-type")
+        translator = CT2Translator.load(checkpoint, compute_type, device)
     else:
         if compute_type != "default":
             raise MtkitError(f"--compute-type {compute_type} is CTranslate2's setting",

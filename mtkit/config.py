@@ -222,7 +222,7 @@ class TrainSection(Section):
     rdrop: Annotated[float, Field(ge=0.0)] = 0.0
     clip: Annotated[float, Field(ge=0.0)] = 1.0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: Annotated[int, Field(ge=0)] = 0
     max_steps: PositiveInt = 100_000
     max_epochs: PositiveInt | None = None

@@ -116,9 +116,13 @@ class Batch:
     n_src_tokens: int
     n_tgt_tokens: int     # non-padding positions of tgt_out (the loss is averaged over these)
 
-    def to(self, device) -> "Batch":
-        return Batch(self.indices, self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device),
-                     self.n_src_tokens, self.n_tgt_tokens)
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """On `device`; non_blocking (a CUDA GPU): through pinned memory, copied while the GPU works."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if non_blocking else t).to(device, non_blocking=non_blocking)
+
+        return Batch(self.indices, move(self.src), move(self.tgt_in), move(self.tgt_out), self.n_src_tokens,
+                     self.n_tgt_tokens)
 
 
 def pad_rows(rows: list[np.ndarray], pad_id: int) -> torch.Tensor:

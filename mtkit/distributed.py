@@ -7,20 +7,23 @@ equal. Each process trains on its own share of every step's batches; only the fi
 (rank 0) validates, logs and saves. Without torchrun (no RANK in the environment) this is a world
 of one process and the process functions do nothing.
 
-The device and precision choices are small pure functions of what the machine reports, so that
-every combination a GPU could report is tested on a machine without one.
+Which device each process takes, and in what precision, is devices.py's.
 """
 
+import contextlib
 import ctypes
 import datetime
+import inspect
 import os
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from mtkit.devices import open_device, pin_batches
 from mtkit.errors import MtkitError
 
 
@@ -37,8 +40,21 @@ class World:
     def place(self, x):
         """The one place tensors and models move to the device: every model that is trained,
         validated or averaged and every batch goes through here, so a CPU run exercises the very
-        placement a GPU run does (a model built elsewhere and left on the CPU would crash on a GPU)."""
-        return x.to(self.device)
+        placement a GPU run does (a model built elsewhere and left on the CPU would crash on a GPU).
+        To a CUDA GPU a batch is copied from pinned memory without waiting (devices.pin_batches)."""
+        return x.to(self.device, non_blocking=pin_batches(str(self.device)))
+
+    def parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` as the processes train it: itself in a world of one, else in DistributedDataParallel,
+        which averages their copies' gradients in every backward pass. Its one buffer, the position
+        table, never changes: not sent to every process before every step (the keyword that says
+        so was renamed in a recent PyTorch; the old one now warns)."""
+        if self.size == 1:
+            return model
+        ddp = torch.nn.parallel.DistributedDataParallel
+        keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        return ddp(model, **{keyword: False})
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -52,6 +68,33 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def main_first(self, build: Callable):
+        """Rank 0 runs build() (what every process reads: the corpus, tokenizer and prepared data)
+        while the others wait, however long it takes; returns its result on rank 0 (None on the
+        others). A mistake there ends every process with rank 0's message, not only rank 0."""
+        if self.size == 1:
+            return build()
+        result = failure = None
+        try:
+            if self.main:
+                result = build()
+        except MtkitError as e:
+            failure = (e.message, e.hint, e.setting)
+            raise
+        except BaseException as e:
+            failure = (f"process 0 failed ({type(e).__name__}: {e})", "its traceback is above", None)
+            raise
+        finally:
+            if self.main:
+                box = [failure]
+                dist.broadcast_object_list(box, src=0, group=_patient)
+        if not self.main:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=_patient)  # waits for rank 0, past the usual timeout
+            if box[0] is not None:
+                raise MtkitError(*box[0])
+        return result
+
     def from_main(self, value):
         """Rank 0's value, on every process: one decision (stop, precision) for all."""
         if self.size == 1:
@@ -61,106 +104,30 @@ class World:
         return box[0]
 
 
-# -- device decisions: small pure functions of what the machine has, tested with every input ---
-# (no GPU has ever run this code: the tests feed them the facts a GPU would report).
-
-def device_for(setting: str, gpus: int, local_rank: int = 0, option: str = "train.device") -> str:
-    """auto (a GPU when there is one), cpu or cuda -> "cpu" or "cuda:N" (process local_rank of
-    a machine takes GPU local_rank, round robin)."""
-    if setting == "cuda" or (setting == "auto" and gpus > 0):
-        if gpus == 0:
-            raise MtkitError(f"{option} is cuda but PyTorch sees no GPU", hint=f"set {option} to cpu (or auto)",
-                             setting=option)
-        return f"cuda:{local_rank % gpus}"
-    return "cpu"
-
-
-def train_precision(wanted: str, device: str, gpu_capability: tuple[int, int] | None, cpu_bf16: bool) -> str | None:
-    """train.precision -> fp32, bf16 or fp16; None: auto on a CPU with bf16, where only timing
-    both tells (bf16 wins on big matrices, loses on small ones). On a GPU, auto takes what its
-    tensor cores do natively: bf16 from Ampere (compute capability 8.0), fp16 (with loss scaling)
-    on Volta and Turing (7.x: V100, T4, where bf16 is emulated and slow), fp32 before."""
-    if wanted != "auto":
-        return wanted
-    if device.startswith("cuda"):
-        major = gpu_capability[0] if gpu_capability else 0
-        return "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
-    return None if cpu_bf16 else "fp32"
-
-
-def decode_precision(wanted: str, device: str, trained: str, gpu_capability: tuple[int, int] | None,
-                     cpu_bf16: bool) -> str:
-    """translate/eval --precision -> fp32, bf16 or fp16. auto: the precision the model was
-    trained in where this device computes it natively, else fp32 (a bf16 model on a CPU without
-    bf16 would be emulated: slower than fp32, and no more exact)."""
-    if wanted == "fp16" and device == "cpu":
-        raise MtkitError("the precision fp16 needs a GPU (CPUs compute float16 slowly, by conversion)",
-                         hint="use bf16 or fp32 on a CPU", setting="precision")
-    if wanted != "auto":
-        return wanted
-    if trained not in ("bf16", "fp16"):
-        return "fp32"
-    if device.startswith("cuda"):
-        major = gpu_capability[0] if gpu_capability else 0
-        native = {"bf16": major >= 8, "fp16": major >= 7}
-        return trained if native[trained] else "fp32"
-    return "bf16" if trained == "bf16" and cpu_bf16 else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """The context that runs a model's products in `precision` (fp32, bf16 or fp16) on `device`,
-    as training and translating both do."""
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
-
-
-def machine_facts(device: str) -> tuple[tuple[int, int] | None, bool]:
-    """What the decisions above need from this machine: the GPU's compute capability (None on a
-    CPU) and whether the CPU does bf16 natively (AVX-512 BF16, AMX: oneDNN's own check)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_capability(torch.device(device)), False
-    return None, bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def cpu_description(cpuinfo: str | None = None) -> str:
-    """What the benchmarks print with every figure, from /proc/cpuinfo's text (read when not given;
-    a machine without it gives "unknown CPU"): the CPU's model name and which of the flags that
-    decide its bf16 speed it has (the machine's CPU changes between sessions: AVX2 only, AVX-512
-    BF16, or AMX matrix units)."""
-    if cpuinfo is None:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    fast = [f for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{model} ({', '.join(fast) if fast else 'no bf16 or AMX flags'})"
-
-
-def choose_device(setting: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return torch.device(device_for(setting, gpus, local_rank, option))
-
-
 _joined = False  # this process joined a group of several (see exit_process)
+_patient = None  # a group whose collectives wait for days: for rank 0's preparing (main_first)
 
 
 def start(device_setting: str) -> World:
     """Join the process group torchrun prepared (gloo on CPU, nccl on GPU), or a world of one."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return World(0, 1, choose_device(device_setting))
+        return World(0, 1, open_device(device_setting))
     rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = choose_device(device_setting, local)
+    device = open_device(device_setting, local)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # Rank 0 validates and saves while the others wait at the next step: allow it an hour.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
-        global _joined
+        global _joined, _patient
         _joined = True
+        # Preparing millions of pairs can take longer than an hour.
+        _patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30))
     return World(rank, size, device)
 
 
 def finish() -> None:
+    """Leave the group after work that ended well (a failure leaves through exit_process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -179,7 +146,24 @@ def exit_process(code: int | str | None) -> None:
         print(code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    if code:
+        _fail_together()
     os._exit(1 if isinstance(code, str) else code or 0)
+
+
+def _fail_together() -> None:
+    """A failing process waits a few seconds at most for the others of its group, which fail with
+    it (main_first), to have said why too: torchrun stops every process once one has ended in
+    failure, and a process stopped so never prints its message."""
+    def wait() -> None:
+        with contextlib.suppress(Exception):  # the group torn down: nobody left to wait for
+            dist.barrier(group=_patient)
+
+    if not dist.is_initialized():
+        return
+    waiting = threading.Thread(target=wait, daemon=True)
+    waiting.start()
+    waiting.join(timeout=5)  # another process gone, or waiting elsewhere: end all the same
 
 
 def limit_kernel_caches() -> None:

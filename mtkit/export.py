@@ -23,6 +23,7 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.config import DecodeSection
+from mtkit.devices import Machine, device_for
 from mtkit.engine import TextSide, check_options
 from mtkit.errors import MtkitError
 from mtkit.model import ModelConfig, sinusoidal_positions
@@ -140,15 +141,21 @@ def _spec(cfg: ModelConfig, w: dict[str, np.ndarray]):
 class CT2Translator(TextSide):
     """An engine whose search runs in CTranslate2: the same text side and line I/O as mtkit's."""
 
-    def __init__(self, folder: Path, compute_type: str = "default"):
+    def __init__(self, folder: Path, compute_type: str = "default", device: str = "auto"):
+        """device: auto (a CUDA GPU when CTranslate2 sees one), cpu or cuda."""
         ctranslate2 = _ctranslate2()
         folder = Path(folder)
         settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
-        super().__init__(Tokenizer.load(folder), settings.get("config", {}), folder, compute_type, "cpu")
+        if device == "mps":
+            raise MtkitError("CTranslate2 computes on CPUs and CUDA GPUs, not on Apple's GPU",
+                             hint="use --device cpu, or mtkit's engine (drop --engine ctranslate2)", setting="device")
+        place = device_for(device, Machine(gpus=ctranslate2.get_cuda_device_count()), option="device")
+        super().__init__(Tokenizer.load(folder), settings.get("config", {}), folder, compute_type, place)
         # As many threads as torch uses (the cores): CTranslate2's default of 4 oversubscribes 2 cores.
         try:
-            self.engine = ctranslate2.Translator(str(folder), device="cpu", compute_type=compute_type,
-                                                 intra_threads=torch.get_num_threads())
+            self.engine = ctranslate2.Translator(str(folder), device=place.split(":")[0],
+                                                 device_index=int(place.partition(":")[2] or 0),
+                                                 compute_type=compute_type, intra_threads=torch.get_num_threads())
         except ValueError as e:  # an unknown compute type
             raise MtkitError(f"the compute type {compute_type}: {e}", hint="e.g. int8, float32 or default",
                              setting="compute_type") from None
@@ -158,11 +165,11 @@ class CT2Translator(TextSide):
                                                                                   self.tokenizer.bos_id]))]
 
     @classmethod
-    def load(cls, path: Path, compute_type: str = "default") -> "CT2Translator":
+    def load(cls, path: Path, compute_type: str = "default", device: str = "auto") -> "CT2Translator":
         if not (Path(path) / SETTINGS).is_file():
             raise MtkitError(f"{path} is not a CTranslate2 export of mtkit (no {SETTINGS})",
                              hint="export one: mtkit export CHECKPOINT --format ctranslate2 -o DIR")
-        return cls(Path(path), compute_type)
+        return cls(Path(path), compute_type, device)
 
     @property
     def max_source_tokens(self) -> int:

@@ -90,6 +90,19 @@ class ProjectedCrossEntropy(torch.autograd.Function):
                 None if grad_b is None else (grad_b * grad_loss).to(ctx.dtypes[1]), None, None, None)
 
 
+@torch.no_grad()
+def summed_nll(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+               pad_id: int) -> float:
+    """The plain cross-entropy -Σ log p[y] of states (B, T, D) against target (B, T), made CHUNK
+    tokens at a time as in training, so that validation never holds more than a chunk's logits
+    (all of them at once, in fp32, took six times a training step's memory at the same batch)."""
+    x, y, total = states.flatten(0, 1), target.flatten(), 0.0
+    for start in range(0, x.size(0), CHUNK):
+        logits = F.linear(x[start:start + CHUNK], weight, bias)
+        total += F.cross_entropy(logits.float(), y[start:start + CHUNK], ignore_index=pad_id, reduction="sum").item()
+    return total
+
+
 def translation_loss(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, *,
                      pad_id: int, smoothing: float, rdrop: float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

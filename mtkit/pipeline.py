@@ -2,6 +2,8 @@
 and `mtkit train` (the tokenizer and data first when missing or stale). Each stage is skipped when
 its output is current for the config."""
 
+from pathlib import Path
+
 from mtkit import checkpoint, distributed
 from mtkit.bookkeeping import RunState, refuse_a_second_run, stop_reason
 from mtkit.config import Config
@@ -29,18 +31,14 @@ def prepare_and_train(cfg: Config, resume: bool = False):
     if not resume:
         refuse_a_second_run(last)
     world = distributed.start(cfg.train.device)
-    try:
-        if world.main:
-            prepare_data(cfg)
-        world.barrier()
-        check_shared_workdir(cfg, world)
-        result = train(cfg, resume=resume, world=world)
-        # Leave together, once rank 0 has validated and saved: a process that tears down its
-        # connections while another still holds them is aborted by gloo.
-        world.barrier()
-        return result
-    finally:
-        distributed.finish()
+    world.main_first(lambda: prepare_data(cfg))
+    check_shared_workdir(cfg, world)
+    result = train(cfg, resume=resume, world=world)
+    # Leave together, once rank 0 has validated and saved: a process that tears down its
+    # connections while another still holds them is aborted by gloo.
+    world.barrier()
+    distributed.finish()
+    return result
 
 
 def check_shared_workdir(cfg: Config, world: distributed.World) -> None:
@@ -52,33 +50,50 @@ def check_shared_workdir(cfg: Config, world: distributed.World) -> None:
                          f"share", hint="set experiment.workdir to a shared folder (NFS, Lustre, ...) on every machine")
 
 
-def train_if_needed(cfg: Config) -> tuple[str, RunState]:
+def finished_run(last: Path, cfg: Config) -> RunState | None:
+    """The progress of the run in `last` when it is finished and its settings are cfg's: a finished
+    run ended itself (a final save records why; a kill leaves none) and the settings of *this* run
+    agree (an older mtkit carried a stopped_by into resumed runs)."""
+    if not last.exists():
+        return None
+    state = checkpoint.load(last, mmap=True)
+    progress = RunState.from_dict(state.progress)
+    reason = stop_reason(cfg.train, progress, state.sampler["epoch"])
+    finished = progress.stopped_by not in (None, "interrupted") and reason is not None
+    before, now = state.current_config(), cfg.model_dump(mode="json")
+    if finished and before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer")):
+        info(f"train: up to date ({last}, stopped by {reason} at step {state.step:,})")
+        return progress
+    return None
+
+
+def train_if_needed(cfg: Config, world: distributed.World) -> tuple[str, RunState | None]:
     """Train, resume an unfinished run, or skip a finished one whose settings are unchanged.
-    Returns (what happened, the last checkpoint's progress)."""
+    Returns (what happened, the last checkpoint's progress: on rank 0)."""
     last = cfg.workdir / "checkpoints" / "last.pt"
-    if last.exists():
-        state = checkpoint.load(last, mmap=True)
-        progress = RunState.from_dict(state.progress)
-        # Finished: the run ended itself (a final save records why; a kill leaves none) and the
-        # settings of *this* run agree (an older mtkit carried a stopped_by into resumed runs).
-        reason = stop_reason(cfg.train, progress, state.sampler["epoch"])
-        finished = progress.stopped_by not in (None, "interrupted") and reason is not None
-        before, now = state.current_config(), cfg.model_dump(mode="json")
-        same = before is not None and all(before[k] == now[k] for k in ("model", "train", "data", "tokenizer"))
-        if finished and same:
-            info(f"train: up to date ({last}, stopped by {reason} at step {state.step:,})")
-            return "up to date", progress
+    if (progress := world.from_main(finished_run(last, cfg) if world.main else None)) is not None:
+        return "up to date", progress
     resume = last.exists()
-    result = train(cfg, resume=resume)
+    result = train(cfg, resume=resume, world=world)
     if result.stopped_by == "interrupted":
         raise KeyboardInterrupt
-    return ("resumed" if resume else "done"), RunState.from_dict(checkpoint.load(last, mmap=True).progress)
+    return ("resumed" if resume else "done"), RunState.from_dict(checkpoint.load(last, mmap=True).progress) \
+        if world.main else None
 
 
 def run(cfg: Config) -> None:
+    """`mtkit run`. Under torchrun the first process builds the corpus, tokenizer and data while
+    the others wait, all train together, then the first translates and scores alone."""
     check_scoring(cfg)
-    tok, data = prepare_data(cfg)
-    trained, progress = train_if_needed(cfg)
+    world = distributed.start(cfg.train.device)
+    prepared = world.main_first(lambda: prepare_data(cfg))
+    check_shared_workdir(cfg, world)
+    trained, progress = train_if_needed(cfg, world)
+    world.barrier()  # leave together (prepare_and_train says why)
+    distributed.finish()
+    if not world.main:
+        return
+    tok, data = prepared
     results = [evaluate_split(cfg, "test", direction=d) for d in cfg.data.names or [None]]
     for result in results:
         console.print(f"[bold]sample translations ({result['split']})[/]")

@@ -2,7 +2,7 @@
 
 Steps, not epochs, drive the loop: take `accum` token-bucketed batches, sum their cross-entropy,
 divide by their target-token count, backpropagate, clip, set the learning rate from the pure
-`lr_at(step)`, take an AdamW step; every so often log, validate (loss, perplexity, greedy BLEU)
+`schedule.lr_at(step)`, take an AdamW step; every so often log, validate (loss, perplexity, greedy BLEU)
 and save. Everything a resumed run needs is in the checkpoint, so `--resume` continues the very
 same run: same batches, same dropout masks, same parameters as if it had never stopped.
 """
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mtkit import checkpoint, corpus, distributed, lineage
+from mtkit import checkpoint, corpus, devices, distributed, lineage
 from mtkit.bookkeeping import (RunState, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
                                stop_reason, workdir_lock)
 from mtkit.config import Config
@@ -29,40 +29,9 @@ from mtkit.errors import MtkitError
 from mtkit.files import read_json
 from mtkit.loss import translation_loss
 from mtkit.model import ModelConfig, Transformer
+from mtkit.schedule import batch_seed, lr_at, schedule_end
 from mtkit.tokenizer import Tokenizer
 from mtkit.validation import Validation
-
-
-def lr_at(step: int, *, lr: float, schedule: str, warmup: int, d_model: int, max_steps: int) -> float:
-    """The learning rate of optimizer update number `step` (1, 2, ...): a pure function, so the
-    schedule needs no state of its own and a resumed run gets the same values.
-
-    inverse_sqrt: linear warm-up to `lr`, then lr * sqrt(warmup / step).
-    noam (the paper): lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); here `lr` is the
-        paper's scale factor (around 1-2), not the peak.
-    cosine: linear warm-up to `lr`, then half a cosine down to 0 at max_steps (schedule_end).
-    """
-    if step <= 0:
-        return 0.0
-    if schedule == "noam":
-        return lr * d_model ** -0.5 * min(step ** -0.5, step * max(warmup, 1) ** -1.5)
-    if step < warmup:
-        return lr * step / warmup
-    if schedule == "inverse_sqrt":
-        return lr * math.sqrt(max(warmup, 1) / step)
-    if schedule == "cosine":
-        done = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return lr * 0.5 * (1.0 + math.cos(math.pi * done))
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def schedule_end(steps_done: int, seconds: float, *, max_steps: int, max_time: float | None) -> int:
-    """Where a decaying schedule (cosine) reaches 0: max_steps, or the step at which max_time is
-    expected to stop the run, at the speed so far, so that it anneals to its last minute on a fast
-    CPU and a slow one alike (its rates then follow the clock: not reproduced exactly)."""
-    if not max_time or steps_done <= 0 or seconds <= 0:
-        return max_steps
-    return min(max_steps, round(steps_done * max_time / seconds))
 
 
 @torch.no_grad()
@@ -100,7 +69,7 @@ def set_up(cfg: Config, resume: bool, world: World | None = None) -> "Trainer":
     cfg = lineage.adopt(cfg)
     folder = cfg.workdir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob(".*.tmp"):
+    for leftover in folder.glob(".*.tmp") if world.main else ():  # rank 0 writes them, and clears them
         leftover.unlink()
     trainer = Trainer(cfg, resume, world)
     if trainer.precision is None:
@@ -169,8 +138,7 @@ class Trainer:
         self.model_config = model_config(cfg, self.tok)
         self.model = self.world.place(Transformer(self.model_config))
         lineage.freeze(self.model, t.freeze)
-        # Several processes: DDP averages the gradients of their copies in every backward pass.
-        self.net = self.model if self.world.size == 1 else torch.nn.parallel.DistributedDataParallel(self.model)
+        self.net = self.world.parallel(self.model)
         # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.
         self.ema_model = copy.deepcopy(self.model).eval() if t.ema else None
         trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -241,13 +209,12 @@ class Trainer:
         """A new run's precision and why: the config's, else the device's native one, else (a CPU
         with bf16) the faster of fp32 and bf16 on three real batches."""
         wanted, device = self.cfg.train.precision, str(self.world.device)
-        if wanted != "auto":
-            return wanted, "set in the config"
-        capability, cpu_bf16 = distributed.machine_facts(device)
-        chosen = distributed.train_precision(wanted, device, capability, cpu_bf16)
+        machine = devices.this_machine(device)
+        chosen = devices.train_precision(wanted, device, machine)
         if chosen is not None:
-            return chosen, (f"auto: GPU compute capability {capability[0]}.{capability[1]}" if capability
-                            else "auto: this CPU has no fast bf16")
+            return chosen, "set in the config" if wanted != "auto" else "auto: " + (
+                f"compute capability {'.'.join(map(str, machine.capability))}" if machine.capability
+                else "Apple's GPU" if device == "mps" else "this CPU has no fast bf16")
         # The measured rule: time forward+backward of real batches in both precisions and take
         # bf16 only if it is clearly (10%) faster here. bf16 wins on big matrices and loses on
         # small ones, so the answer depends on the model and the machine, not on a guess.
@@ -271,17 +238,17 @@ class Trainer:
         return self.world.place(make_batch(self.train_src, self.train_tgt, indices, pad_id=self.tok.pad_id, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id,
                                            max_positions=self.model_config.max_positions))
 
-    def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> list[float]:
+    def _forward_backward(self, batch, precision: str, scale: float = 1.0, sync: bool = True) -> torch.Tensor:
         # sync=False: gradient accumulation under DDP, whose all-reduce waits for the last batch.
         copies = 2 if self.cfg.train.rdrop else 1  # R-Drop: each sentence twice in one batch
         no_sync = contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync()
-        with distributed.autocast(self.world.device, precision), no_sync:
+        with devices.autocast(self.world.device, precision), no_sync:
             states = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1), project=False)
             # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
             loss, ce, nll = translation_loss(states, *self.model.output_layer(), batch.tgt_out, pad_id=self.tok.pad_id,
                                              smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
         self.scaler.scale(loss * scale).backward()
-        return torch.stack([ce, nll]).tolist()  # logged: the cross-entropy (a NaN in the KL shows in the gradient)
+        return torch.stack([ce, nll]).detach()  # logged: the cross-entropy (a NaN in the KL shows in the gradient)
 
     def _step(self) -> tuple[float, float, int, int]:
         """One optimizer update over `accum` batches; returns (loss and plain cross-entropy per
@@ -295,9 +262,15 @@ class Trainer:
         # DDP averages the processes' gradients; scaling by size / all tokens makes that the
         # gradient of the loss per target token over the whole step.
         scale = w.size / n_tgt
-        parts = [self._forward_backward(b, self.precision, scale, sync=i == len(group) - 1) for i, b in enumerate(group)]
-        total, nll = w.sum([sum(part) for part in zip(*parts)])
         step = self.progress.step + 1
+        parts = []
+        for i, b in enumerate(group):
+            # Each batch's dropout masks come from a seed of its own (the run's, the step, which of
+            # the step's batches): the same masks with accum N in one process as in N processes,
+            # and in a resumed run as in one that never stopped, whatever the processes' generators.
+            torch.manual_seed(batch_seed(self.cfg.experiment.seed, step, w.rank + i * w.size))
+            parts.append(self._forward_backward(b, self.precision, scale, sync=i == len(group) - 1))
+        total, nll = w.sum(torch.stack(parts).sum(0).tolist())  # read once a step: a GPU waits for it
         # A NaN/inf loss or gradient (bf16 can overflow in the backward pass while the loss looks
         # fine) would poison the weights: skip the update, count it. The norm is needed anyway to clip.
         self.scaler.unscale_(self.optimizer)  # fp16: clip and check the true gradients (else nothing)
@@ -411,7 +384,8 @@ class Trainer:
     def _announce(self) -> None:
         if self.world.main:
             w = self.world
-            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters, precision {self.precision} "
+            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters on {devices.describe(w.device)}, "
+                 f"precision {self.precision} "
                  f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src) // self.train_copies:,} train pairs"
                  + (f" ({self.train_copies} subword-sampled copies)" if self.train_copies > 1 else "")
                  + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else ""))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mtkit import checkpoint, distributed
+from mtkit import checkpoint, devices, distributed
 from mtkit.config import DecodeSection
 from mtkit.engine import TextSide, check_options
 from mtkit.errors import MtkitError
@@ -19,7 +19,7 @@ class Translator(TextSide):
     """A trained model with its tokenizer: everything needed comes from one checkpoint file."""
 
     def __init__(self, state: checkpoint.Checkpoint, device: str = "cpu", precision: str = "auto"):
-        """device: "cpu" or "cuda:N"; precision: auto, fp32, bf16 or fp16 (distributed.decode_precision)."""
+        """device: "cpu" or "cuda:N"; precision: auto, fp32, bf16 or fp16 (devices.decode_precision)."""
         tokenizer = state.make_tokenizer()
         try:
             self.model = state.build_model()
@@ -30,23 +30,21 @@ class Translator(TextSide):
         self.trained_precision = state.precision
         self.init_from = state.init_from  # the model it was fine-tuned from (train.init), if any
         self.imported_from = state.imported_from  # where mtkit import found it, if it did
-        super().__init__(tokenizer, state.config, state.path, distributed.decode_precision(
-            precision, device, self.trained_precision, *distributed.machine_facts(device)), torch.device(device))
+        super().__init__(tokenizer, state.config, state.path, devices.decode_precision(
+            precision, device, self.trained_precision, devices.this_machine(device)), torch.device(device))
         self.model = self.model.to(self.device)  # the one place the model moves
 
     @classmethod
     def load(cls, path: Path, device: str = "auto", precision: str = "auto") -> "Translator":
         """A checkpoint file or a workdir (its best.pt). device: auto (a GPU when there is one),
-        cpu or cuda. precision: auto (the training precision where the device does it natively,
+        cpu, cuda or mps. precision: auto (the training precision where the device does it natively,
         else fp32), fp32, bf16 or fp16 (GPU only)."""
         if precision not in ("auto", "fp32", "bf16", "fp16"):
             raise MtkitError(f"the precision {precision!r}: auto, fp32, bf16 or fp16", setting="precision")
-        if device not in ("auto", "cpu", "cuda"):
-            raise MtkitError(f"the device {device!r}: auto, cpu or cuda", setting="device")
         path = checkpoint.resolve(path)
         distributed.limit_kernel_caches()
         distributed.keep_freed_memory()
-        return cls(checkpoint.load(path, mmap=True), str(distributed.choose_device(device, option="device")), precision)
+        return cls(checkpoint.load(path, mmap=True), str(devices.open_device(device, option="device")), precision)
 
     @property
     def max_source_tokens(self) -> int:
@@ -81,7 +79,7 @@ class Translator(TextSide):
         todo = [i for i, x in enumerate(ids) if x]
         if on_sentences is not None and len(todo) < len(ids):
             on_sentences(len(ids) - len(todo))
-        with distributed.autocast(self.device, self.precision):
+        with devices.autocast(self.device, self.precision):
             found = search_sorted(self.model, [ids[i] for i in todo], beam_size=opts.beam_size, alpha=opts.alpha,
                                   n_best=opts.n_best, max_len_a=opts.max_len_a, max_len_b=opts.max_len_b,
                                   max_tokens=opts.max_tokens, pad_id=self.tokenizer.pad_id,
@@ -104,7 +102,7 @@ class Translator(TextSide):
                                  f"(0..{size - 1})")
         tok = self.tokenizer
         src = torch.tensor([ids[:self.max_source_tokens] + [tok.eos_id]], device=self.device)
-        with distributed.autocast(self.device, self.precision):
+        with devices.autocast(self.device, self.precision):
             logits = self.model(src, torch.tensor([[tok.bos_id] + target], device=self.device))
         return logits[0].float().log_softmax(dim=-1).cpu()
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from mtkit import distributed
+from mtkit import devices
 from mtkit.config import DecodeSection
 from mtkit.data import Batch, TokenArray, length_batches, make_batch
+from mtkit.loss import summed_nll
 from mtkit.metrics import bleu, bleu_tokenizer, check_tokenizer
 from mtkit.model import Transformer
 from mtkit.search import search_sorted
@@ -58,12 +58,11 @@ class Validation:
         model.eval()
         start = time.perf_counter()
         loss_sum, n_tokens = 0.0, 0
-        with distributed.autocast(device, precision):
+        with devices.autocast(device, precision):
             for ix in self.batches:
                 b = self.batch(ix)
-                logits = model(b.src, b.tgt_in).float()
-                loss_sum += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=self.tok.pad_id,
-                                            reduction="sum").item()
+                states = model(b.src, b.tgt_in, project=False)
+                loss_sum += summed_nll(states, *model.output_layer(), b.tgt_out, self.tok.pad_id)
                 n_tokens += b.n_tgt_tokens
             hyps = self.greedy(model, self.sample)
         model.train(was_training)

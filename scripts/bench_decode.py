@@ -20,7 +20,7 @@ import torch
 from mtkit import metrics
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
-from mtkit.distributed import cpu_description
+from mtkit.devices import cpu_description
 from mtkit.translate import Translator
 
 

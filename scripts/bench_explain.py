@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
-from mtkit.distributed import cpu_description
+from mtkit.devices import cpu_description
 from mtkit.tokenizer import Tokenizer
 from mtkit import checkpoint as checkpoints
 

@@ -28,7 +28,7 @@ import torch
 
 from mtkit.console import console, table
 from mtkit.corpus import read_lines
-from mtkit.distributed import cpu_description
+from mtkit.devices import cpu_description
 from mtkit.translate import Translator
 
 

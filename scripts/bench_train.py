@@ -33,7 +33,7 @@ import torch
 
 from mtkit.config import load_config
 from mtkit.console import console, table
-from mtkit.distributed import cpu_description
+from mtkit.devices import cpu_description
 from mtkit.pipeline import prepare_data
 from mtkit.train import set_up
 

@@ -30,6 +30,10 @@ MTKIT = Path(sys.executable).with_name("mtkit")
 
 DATA = "data:\n  src: de\n  tgt: en\n"
 CONFIGS = {  # name: (config text, --set overrides, outcome)
+    "train.device mps without an Apple GPU": (DATA, ["train.device=mps"],
+                                              Refused("train.device is mps but PyTorch sees no Apple GPU")),
+    "train.device cuda without one": (DATA, ["train.device=cuda"], Refused("train.device is cuda but")),
+    "train.device unknown": (DATA, ["train.device=tpu"], Refused("`train.device`: Input should be 'auto', 'cpu'")),
     "unknown key": (DATA + "train:\n  warmpu: 10\n", [],
                     Refused("line 5: unknown key `train.warmpu`: did you mean `train.warmup`?")),
     "unknown key in --set": (DATA, ["train.warmpu=10"],

@@ -124,10 +124,20 @@ COMMANDS = {
         Refused("--compute-type: the compute type int3: Invalid compute type")),
     "translate --compute-type without ctranslate2": (["translate", "{run}", "--compute-type", "int8"], None,
                                                      Refused("--compute-type int8 is CTranslate2's setting")),
-    "translate --device cuda without a GPU": (["translate", "{run}", "--device", "cuda"], None,
-                                              Refused("--device: device is cuda but PyTorch sees no GPU")),
+    "translate --device cuda on a CPU-only PyTorch": (["translate", "{run}", "--device", "cuda"], None,
+                                                      Refused("--device: device is cuda but this PyTorch")),
+    "translate --device mps without an Apple GPU": (["translate", "{run}", "--device", "mps"], None,
+                                                    Refused("--device: device is mps but PyTorch sees no Apple GPU")),
+    "translate --engine ctranslate2 --device mps": (["translate", "{ct2}", "--engine", "ctranslate2", "--device", "mps"],
+                                                    None, Refused("CTranslate2 computes on CPUs and CUDA GPUs")),
+    "translate --engine ctranslate2 --device cuda without a GPU": (
+        ["translate", "{ct2}", "--engine", "ctranslate2", "--device", "cuda"], None,
+        Refused("--device: device is cuda but PyTorch sees no GPU")),
+    "translate --engine ctranslate2 --device cpu": (
+        ["translate", "{ct2}", "--engine", "ctranslate2", "--device", "cpu", "-i", "{tmp}/text.txt"], None,
+        Handled(lines_written(3))),
     "translate --device unknown": (["translate", "{run}", "--device", "tpu"], None,
-                                   Refused("--device: the device 'tpu': auto, cpu or cuda")),
+                                   Refused("--device: the device 'tpu': auto, cpu, cuda or mps")),
     "translate --precision fp16 on a CPU": (["translate", "{run}", "--device", "cpu", "--precision", "fp16"], None,
                                             Refused("--precision: the precision fp16 needs a GPU")),
     "translate --precision unknown": (["translate", "{run}", "--precision", "int4"], None,
@@ -135,7 +145,7 @@ COMMANDS = {
     "translate --precision bf16": (["translate", "{run}", "-i", "{tmp}/text.txt", "--precision", "bf16"], None,
                                    Handled(lines_written(3))),
     "translate --precision with ctranslate2": (["translate", "{ct2}", "--engine", "ctranslate2", "--precision", "fp32"],
-                                               None, Refused("--device and --precision are mtkit's engine's settings")),
+                                               None, Refused("--precision is mtkit's engine's setting")),
     # export
     "export a missing checkpoint": (["export", "{tmp}/nope.pt", "-o", "{tmp}/ct2"], None,
                                     Refused("checkpoint not found")),
@@ -283,8 +293,8 @@ COMMANDS = {
     "serve --port above 65535": (["serve", "{run}", "--port", "70000"], None, Refused("Invalid value for '--port'")),
     "serve --host not of this machine": (["serve", "{run}", "--host", "192.0.2.1", "--port", "0"], None,
                                          Refused("cannot listen on 192.0.2.1:0")),
-    "serve --device cuda without a GPU": (["serve", "{run}", "--port", "0", "--device", "cuda"], None,
-                                          Refused("--device: device is cuda but PyTorch sees no GPU")),
+    "serve --device cuda on a CPU-only PyTorch": (["serve", "{run}", "--port", "0", "--device", "cuda"], None,
+                                                  Refused("--device: device is cuda but this PyTorch")),
     "serve --precision fp16 on a CPU": (["serve", "{run}", "--port", "0", "--precision", "fp16"], None,
                                         Refused("--precision: the precision fp16 needs a GPU")),
     "serve --set a training key": (["serve", "{run}", "--set", "train.lr=1"], None,
@@ -473,3 +483,77 @@ def test_every_public_api_function_has_a_row(trained):
                if not name.startswith("_") and callable(member)]
     named = {row.split(":")[0] for row in api_rows(trained)}
     assert not [f for f in public if f not in named], sorted(set(public) - named)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun) and machines this one is not: each row starts mtkit in processes of
+# its own, as a user's machine would, after `setup` made the process see what that machine shows
+# it, and reads what each process said (torchrun writes each one's stderr to a file of its own).
+
+ONE_GPU = """import torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda.get_device_capability = lambda device=None: (7, 5)
+torch.version.cuda = "12.4"
+"""
+NO_LOCKS = """import errno, fcntl
+def flock(f, how):
+    raise OSError(errno.ENOLCK, "No locks available")  # an NFS mount without its lock service
+fcntl.flock = flock
+"""
+OWN_FOLDER = """import os
+os.chdir(os.environ["RANK"])  # a workdir (relative: run) that no other process sees
+"""
+SPOILED = "spoiled"  # the train split's line counts differ: the first process refuses the corpus
+MACHINES = {  # name: (setup, processes: 1 or 2 under torchrun, train overrides, per process: (exit code, message))
+    "torchrun --nproc_per_node 2 on a machine with 1 GPU": (
+        ONE_GPU, "rank 1", ["train.device=cuda"],
+        {1: (2, "train.device is cuda but process 1 of this machine has no GPU of its own: it has 1")}),
+    "torchrun with a workdir the processes do not share": (
+        OWN_FOLDER, 2, ["experiment.workdir=run"],
+        {1: (2, "process 1 sees no prepared data in run/data, which process 0 has just written")}),
+    "torchrun: a mistake found by the first process": (
+        SPOILED, 2, [], {0: (2, "train.de has 60 lines but"), 1: (2, "train.de has 60 lines but")}),
+    "a workdir on a file system that cannot lock": (
+        NO_LOCKS, 1, [], {0: (0, "train.lock cannot be locked: this file system takes no locks (No locks available)")}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", sorted(MACHINES))
+def test_machine(tmp_path, row):
+    import subprocess
+    import sys
+
+    setup, processes, overrides, expected = MACHINES[row]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        write_split(corpus, split, *GOOD)
+    if setup == SPOILED:
+        write_split(corpus, "train", GOOD[0], GOOD[1][:-1])
+    config = write_config(tmp_path, data={"dir": str(corpus), "src": "de", "tgt": "en"}, tokenizer={"vocab_size": 60},
+                          model={"d_model": 16, "heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_dim": 32},
+                          train={"max_steps": 2, "eval_every": 2, "save_every": 2, "max_tokens": 200, "precision": "fp32"})
+    (script := tmp_path / "launch.py").write_text(("" if setup == SPOILED else setup)
+                                                  + 'import runpy\nrunpy.run_module("mtkit", run_name="__main__")\n')
+    argv = ["train", str(config), *sum((["--set", o] for o in overrides), [])]
+    for rank in ("0", "1"):
+        (tmp_path / rank).mkdir()
+    env = {**os.environ, "MTKIT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    if processes == 2:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        subprocess.run([torchrun, "--nproc_per_node", "2", "--log-dir", tmp_path / "logs", "--redirects", "3",
+                        "--tee", "0", script, *argv], env=env, cwd=tmp_path, capture_output=True, timeout=300)
+        [attempt] = (tmp_path / "logs").glob("*/attempt_0")
+        said = {int(rank.name): (None, (rank / "stderr.log").read_text()) for rank in attempt.iterdir()}
+    else:  # one process: alone, or torchrun's second on this machine
+        world = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"} if processes == "rank 1" else {}
+        done = subprocess.run([sys.executable, script, *argv], env={**env, **world}, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        said = {int(world.get("RANK", 0)): (done.returncode, done.stderr)}
+    for rank, (code, message) in expected.items():
+        returncode, err = said[rank]
+        assert "Traceback" not in err and message in err, err
+        assert sum(line.startswith("error: ") for line in err.splitlines()) == (code == 2), err
+        assert returncode in (None, code), err

@@ -12,54 +12,120 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mtkit import checkpoint, distributed
-from mtkit.distributed import World, cpu_description, decode_precision, device_for, train_precision
+from mtkit import checkpoint, devices, distributed
+from mtkit.devices import (Machine, cpu_description, decode_precision, device_for, pin_batches, tf32,
+                           train_precision)
+from mtkit.distributed import World
 from mtkit.errors import MtkitError
 from tests.conftest import tiny_config
 
 T4, V100, A100, P100 = (7, 5), (7, 0), (8, 0), (6, 0)
 CAPABILITIES = [None, P100, V100, T4, A100, (9, 0)]
+# Every kind of machine: a CPU-only PyTorch, a CUDA PyTorch without a GPU, 1 or 2 GPUs, a Mac.
+MACHINES = {"cpu-only torch": Machine(cuda_built=False), "cuda torch, no gpu": Machine(),
+            "1 gpu": Machine(gpus=1, capability=T4), "2 gpus": Machine(gpus=2, capability=A100),
+            "mac": Machine(cuda_built=False, mps=True, mps_bf16=True)}
 
 
-@pytest.mark.parametrize("setting,gpus,rank", itertools.product(["auto", "cpu", "cuda"], [0, 1, 2], [0, 1, 3]))
-def test_device_for_every_setting_and_machine(setting, gpus, rank):
-    if setting == "cuda" and gpus == 0:
+@pytest.mark.parametrize("setting,machine,rank", itertools.product(["auto", "cpu", "cuda", "mps"], MACHINES, [0, 1, 3]))
+def test_device_for_every_setting_machine_and_process(setting, machine, rank):
+    m = MACHINES[machine]
+
+    def answer():
+        return device_for(setting, m, rank)
+
+    if setting == "cuda" and not m.cuda_built:
+        with pytest.raises(MtkitError, match=r"train.device is cuda but this PyTorch \(.*\) is built for CPUs only"):
+            answer()
+    elif setting == "cuda" and m.gpus == 0:
         with pytest.raises(MtkitError, match="train.device is cuda but PyTorch sees no GPU"):
-            device_for(setting, gpus, rank)
-    elif setting == "cpu" or gpus == 0:
-        assert device_for(setting, gpus, rank) == "cpu"
+            answer()
+    elif setting in ("cuda", "auto") and m.gpus:  # one GPU per process of the machine, never shared
+        if rank < m.gpus:
+            assert answer() == f"cuda:{rank}"
+        else:
+            with pytest.raises(MtkitError, match=f"train.device is {setting} but process {rank} of this machine has "
+                                                 f"no GPU of its own: it has {m.gpus}") as e:
+                answer()
+            assert e.value.hint == f"start torchrun with --nproc_per_node {m.gpus} (one process per GPU)"
+    elif setting == "mps" and not m.mps:
+        with pytest.raises(MtkitError, match="train.device is mps but PyTorch sees no Apple GPU"):
+            answer()
+    elif setting in ("mps", "auto") and m.mps:
+        if rank == 0:
+            assert answer() == "mps"
+        else:
+            with pytest.raises(MtkitError, match=f"train.device is {setting} but process {rank} of this machine: "
+                                                 "the Apple GPU serves one process"):
+                answer()
     else:
-        assert device_for(setting, gpus, rank) == f"cuda:{rank % gpus}"  # processes of a machine share its GPUs
+        assert answer() == "cpu"
+
+
+def test_an_unknown_device_is_named_with_the_option():
+    with pytest.raises(MtkitError, match="the device 'tpu': auto, cpu, cuda or mps") as e:
+        device_for("tpu", Machine(), option="device")
+    assert e.value.setting == "device"
 
 
 def test_train_precision_on_gpus_takes_what_the_tensor_cores_do():
-    assert train_precision("auto", "cuda:0", A100, False) == "bf16"
-    assert train_precision("auto", "cuda:0", (9, 0), False) == "bf16"
-    assert train_precision("auto", "cuda:0", T4, False) == "fp16"  # bf16 is emulated there: slow
-    assert train_precision("auto", "cuda:0", V100, False) == "fp16"
-    assert train_precision("auto", "cuda:1", P100, False) == "fp32"
-    assert train_precision("auto", "cpu", None, True) is None  # measured on the CPU
-    assert train_precision("auto", "cpu", None, False) == "fp32"
-    for wanted, device, capability, cpu_bf16 in itertools.product(["fp32", "bf16", "fp16"], ["cpu", "cuda:0"],
+    def gpu(capability):
+        return Machine(gpus=1, capability=capability)
+
+    assert train_precision("auto", "cuda:0", gpu(A100)) == "bf16"
+    assert train_precision("auto", "cuda:0", gpu((9, 0))) == "bf16"
+    assert train_precision("auto", "cuda:0", gpu(T4)) == "fp16"  # bf16 is emulated there: slow
+    assert train_precision("auto", "cuda:0", gpu(V100)) == "fp16"
+    assert train_precision("auto", "cuda:1", gpu(P100)) == "fp32"
+    assert train_precision("auto", "cpu", Machine(cpu_bf16=True)) is None  # measured on the CPU
+    assert train_precision("auto", "cpu", Machine()) == "fp32"
+    assert train_precision("auto", "mps", Machine(mps=True, mps_bf16=True)) == "fp32"  # never run in half precision
+    for wanted, device, capability, cpu_bf16 in itertools.product(["fp32", "bf16", "fp16"], ["cpu", "cuda:0", "mps"],
                                                                   CAPABILITIES, [False, True]):
-        assert train_precision(wanted, device, capability, cpu_bf16) == wanted  # the config's choice stands
+        m = Machine(gpus=1, capability=capability, cpu_bf16=cpu_bf16, mps=True, mps_bf16=True)
+        assert train_precision(wanted, device, m) == wanted  # the config's choice stands
+    with pytest.raises(MtkitError, match="bf16 on Apple's GPU needs macOS 14") as e:
+        train_precision("bf16", "mps", Machine(mps=True, mps_bf16=False))
+    assert e.value.setting == "train.precision"
 
 
-@pytest.mark.parametrize("device,capability,cpu_bf16",
-                         [("cpu", None, False), ("cpu", None, True), *(("cuda:0", c, False) for c in CAPABILITIES[1:])])
-def test_decode_precision_for_every_model_and_device(device, capability, cpu_bf16):
-    native = {"fp32": True, "bf16": cpu_bf16 if device == "cpu" else capability >= (8, 0),
-              "fp16": device != "cpu" and capability >= (7, 0)}
+@pytest.mark.parametrize("device,m", [("cpu", Machine()), ("cpu", Machine(cpu_bf16=True)),
+                                      *(("cuda:0", Machine(gpus=1, capability=c)) for c in CAPABILITIES[1:]),
+                                      ("mps", Machine(mps=True)), ("mps", Machine(mps=True, mps_bf16=True))])
+def test_decode_precision_for_every_model_and_device(device, m):
+    native = {"fp32": True, "bf16": {"cpu": m.cpu_bf16, "mps": m.mps_bf16}.get(device, (m.capability or (0,)) >= (8, 0)),
+              "fp16": device == "mps" or device.startswith("cuda") and m.capability >= (7, 0)}
     for trained in ("fp32", "bf16", "fp16"):
-        auto = decode_precision("auto", device, trained, capability, cpu_bf16)
+        auto = decode_precision("auto", device, trained, m)
         # auto: the training precision where the device computes it natively, else fp32.
         assert auto == (trained if native[trained] else "fp32"), (trained, auto)
         for wanted in ("fp32", "bf16", "fp16"):
             if wanted == "fp16" and device == "cpu":
                 with pytest.raises(MtkitError, match="the precision fp16 needs a GPU"):
-                    decode_precision(wanted, device, trained, capability, cpu_bf16)
+                    decode_precision(wanted, device, trained, m)
+            elif wanted == "bf16" and device == "mps" and not m.mps_bf16:
+                with pytest.raises(MtkitError, match="bf16 on Apple's GPU needs macOS 14"):
+                    decode_precision(wanted, device, trained, m)
             else:
-                assert decode_precision(wanted, device, trained, capability, cpu_bf16) == wanted
+                assert decode_precision(wanted, device, trained, m) == wanted
+
+
+@pytest.mark.parametrize("device,capability", [("cpu", None), ("mps", None),
+                                               *(("cuda:0", c) for c in CAPABILITIES[1:])])
+def test_tf32_and_pinned_batches_only_where_a_gpu_has_them(device, capability):
+    m = Machine(gpus=1, capability=capability, mps=True)
+    assert tf32(device, m) == (capability is not None and capability >= (8, 0))  # Ampere on
+    assert pin_batches(device) == device.startswith("cuda")
+
+
+def test_this_machine_is_what_pytorch_reports_here():
+    m = devices.this_machine()
+    assert m.cuda_built == (torch.version.cuda is not None) and m.gpus == torch.cuda.device_count()
+    assert m.mps == torch.backends.mps.is_available() and m.capability is None
+    assert devices.open_device("auto") == torch.device("cpu")  # this machine: no GPU
+    assert devices.describe(torch.device("cpu")).startswith(f"cpu ({cpu_description()}")
+    if torch.version.cuda is None:  # a user with a GPU and this PyTorch learns why it is not used
+        assert devices.describe(torch.device("cpu")).endswith("; this PyTorch is built for CPUs only)")
 
 
 @pytest.mark.slow
@@ -105,7 +171,7 @@ def test_decoding_precision_is_a_choice_and_fp32_agrees_with_the_ctranslate2_exp
     from mtkit.translate import Translator
 
     assert Translator.load(bf16, precision="fp32").precision == "fp32"
-    cpu_bf16 = distributed.machine_facts("cpu")[1]
+    cpu_bf16 = devices.this_machine().cpu_bf16
     assert Translator.load(bf16).precision == ("bf16" if cpu_bf16 else "fp32")
     source = demo_dir / "test.en"
     assert cli("export", bf16, "-o", tmp_path / "ct2")[0] == 0

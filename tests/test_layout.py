@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 # down into the core.
 LAYERS = {
     0: {"errors", "model", "metrics"},
-    1: {"loss", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "checkpoint", "demo", "bookkeeping",
+    1: {"loss", "schedule", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "devices", "checkpoint", "demo", "bookkeeping",
         "portable"},
     2: {"corpus", "search", "engine", "batcher", "validation"},
     3: {"train_tokenizer", "prepare", "train", "translate", "line_io", "export", "marian", "figures", "explain"},
@@ -41,9 +41,9 @@ FILE_LINES = 400
 FUNCTION_LINES = 60
 # Over budget today, each with its reason; the figure is a ceiling: growing past it fails.
 FILE_BUDGETS = {
-    "train.py": (503, "one run read top to bottom, started from scratch or from a model: set up, build, step, save, resume "
+    "train.py": (480, "one run read top to bottom, started from scratch or from a model: set up, build, step, save, resume "
                       "exactly (its validation is in validation.py, its bookkeeping in bookkeeping.py, starting from a model in "
-                      "lineage.py, its loss in loss.py); a schedule that anneals to the time limit; its precision measured"),
+                      "lineage.py, its loss in loss.py, its schedule and dropout seeds in schedule.py); its precision measured"),
     "model.py": (464, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer, "
                       "has the options an imported Marian model needs beside the others, rounds a training step's "
                       "rows so that oneDNN's compiled kernels are reused on a CPU (a fifth of a 1,024-token step), "

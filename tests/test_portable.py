@@ -70,7 +70,7 @@ def test_a_real_lock_is_held_against_a_second_opening(tmp_path):
 @pytest.mark.slow
 def test_mtkit_trains_and_translates_where_fcntl_cannot_be_imported(tmp_path, demo_dir):
     """As on Windows, `import fcntl` fails in mtkit (the libraries it uses pick their own way on
-    each system, so they are loaded first). A run trains, resumes and translates to a file, each
+    each system, so they are loaded first), and the C library has no mallopt. A run trains, resumes and translates to a file, each
     saying once that it goes unlocked."""
     config = tiny_config(tmp_path, demo_dir, max_steps=4, eval_every=4, save_every=2)
 
@@ -79,6 +79,8 @@ def test_mtkit_trains_and_translates_where_fcntl_cannot_be_imported(tmp_path, de
             import runpy, sys
             import sacrebleu, torch  # libraries that take fcntl on POSIX take msvcrt on Windows: theirs
             sys.modules["fcntl"] = None  # mtkit's own: import fcntl is an ImportError, as on Windows
+            import ctypes
+            ctypes.CDLL = lambda *args, **kwargs: object()  # a C library without glibc's mallopt
             sys.argv = ["mtkit", *{[str(a) for a in args]!r}]
             runpy.run_module("mtkit", run_name="__main__", alter_sys=True)
         """)

@@ -16,7 +16,8 @@ import torch
 
 from mtkit import checkpoint
 from mtkit.config import load_config
-from mtkit.train import ema_update, lr_at, schedule_end
+from mtkit.schedule import lr_at, schedule_end
+from mtkit.train import ema_update
 from tests import fake_clock
 from tests.conftest import tiny_config
 
@@ -122,7 +123,9 @@ def test_same_config_and_seed_give_the_same_run_and_another_seed_another(tmp_pat
     # single-pair run must stay as it was (tolerance: another CPU's float kernels, not a change).
     # Pinned again when dropout drew its bits from numpy's PCG64: another random stream, so another
     # curve (6.2828, 6.2768, 6.1752, 6.0984, 6.0068, 5.9762 before; seed 2 gives another again).
-    assert [loss for _, loss in curve_a] == pytest.approx([6.2652, 6.2605, 6.1877, 6.0862, 5.999, 5.9605], rel=2e-4)
+    # Pinned again when each batch's dropout got a seed of its own (schedule.batch_seed, issue 52):
+    # 6.2652, 6.2605, 6.1877, 6.0862, 5.999, 5.9605 before.
+    assert [loss for _, loss in curve_a] == pytest.approx([6.2862, 6.2706, 6.1855, 6.1264, 6.0112, 5.9613], rel=2e-4)
     assert text_a == text_b and text_a.count(b"\n") == 1000
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert curve_c != curve_a  # the seed does decide: this check can fail
@@ -416,7 +419,7 @@ def test_nonfinite_losses_are_skipped_and_a_run_of_them_stops_keeping_the_last_c
     def poisoned(self, batch, precision, scale=1.0, sync=True):
         logged = real(self, batch, precision, scale, sync)  # [label-smoothed, plain] cross-entropy
         step = self.progress.step + 1
-        return [math.nan, math.nan] if step == 3 or step >= 7 else logged  # one stray NaN, then a diverged run
+        return torch.full_like(logged, math.nan) if step == 3 or step >= 7 else logged  # a stray NaN, then divergence
 
     monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
     config = tiny_config(tmp_path, demo_dir, save_every=2, eval_every=100, max_nonfinite=3)
@@ -565,3 +568,44 @@ def test_the_bar_of_a_run_bounded_by_the_clock_runs_to_where_the_clock_stops_it(
     assert done > 20 and 0.7 * done <= total <= 1.3 * done, (done, total)
     ends = [int(m) for m in re.findall(r"^step \d+/(\d+) \|", capsys.readouterr().err, re.M)]
     assert len(ends) > 3 and all(end < 2 * done for end in ends[1:]), ends
+
+
+def test_validation_never_holds_more_logits_than_a_chunk(tmp_path, demo_dir):
+    """Validation's loss made all of a batch's (B, T, V) logits at once, in fp32: six times a training
+    step's memory at the same batch, so a max_tokens tuned to a GPU failed at the first validation.
+    It now goes CHUNK tokens at a time, as training does, and gives the loss it gave before."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    from mtkit.loss import CHUNK
+    from mtkit.pipeline import prepare_data
+    from mtkit.train import set_up
+
+    class Largest(TorchFunctionMode):
+        """The largest block of logits (a tensor over the vocabulary) any torch function returns meanwhile."""
+        largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.size(-1) == vocab:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    cfg = load_config(tiny_config(tmp_path, demo_dir, max_tokens=3000, eval_sample=4))
+    prepare_data(cfg)
+    trainer = set_up(cfg, resume=False)
+    v, vocab = trainer.validation, trainer.model_config.tgt_vocab
+    full = max(v.batch(ix).tgt_out.numel() for ix in v.batches) * vocab
+    assert full > 2 * CHUNK * vocab  # batches of several chunks: the test can tell
+    with Largest() as seen:
+        result = trainer.validate()
+    assert seen.largest <= CHUNK * vocab < full
+    total = tokens = 0  # the loss as it was computed before, all logits at once
+    with torch.no_grad():
+        for ix in v.batches:
+            b = v.batch(ix)
+            logits = trainer.model.eval()(b.src, b.tgt_in).float()
+            total += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=0, reduction="sum").item()
+            tokens += b.n_tgt_tokens
+    assert result["loss"] == pytest.approx(total / tokens, abs=2e-4)
