@@ -247,3 +247,36 @@ def test_a_multilingual_run_and_a_fine_tuning_from_it_under_torchrun(tmp_path, t
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.load(tmp_path / "tuned/run/checkpoints/last.pt")
     assert state.step == 4 and state.init_from["path"].endswith("best.pt")
+
+
+# Collectives that give up after 3 seconds (an hour in mtkit), and a data build of 10.
+SLOW_BUILD = """import datetime, runpy, time
+import torch.distributed as dist
+from mtkit import pipeline
+
+real_init, real_prepare = dist.init_process_group, pipeline.prepare_data
+
+
+def init(*args, **kwargs):
+    real_init(*args, **{**kwargs, "timeout": datetime.timedelta(seconds=3)})
+
+
+def prepare(*args, **kwargs):
+    time.sleep(10)
+    return real_prepare(*args, **kwargs)
+
+
+dist.init_process_group, pipeline.prepare_data = init, prepare
+runpy.run_module("mtkit", run_name="__main__")
+"""
+
+
+def test_the_other_processes_wait_for_a_data_build_longer_than_the_collectives_timeout(tmp_path, demo_dir):
+    """Rank 0 builds the tokenizer and data while the others wait: on their own group, whose
+    timeout is days, since preparing tens of millions of pairs takes longer than the hour the
+    training's collectives allow (the others used to wait at a barrier of that hour)."""
+    config = tiny_config(tmp_path, demo_dir, max_steps=4, eval_every=4, save_every=4)
+    (script := tmp_path / "slow_build.py").write_text(SLOW_BUILD)
+    result = torchrun("train", config, script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint.load(tmp_path / "run/checkpoints/last.pt").step == 4
