@@ -155,10 +155,10 @@ def length_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list
     (rows x longest row) stays within max_tokens; a sentence longer than that goes alone."""
     batches, start, longest = [], 0, 0
     for end, i in enumerate(order):
-        longest_with = max(longest, cost[i])
+        longest_with = max(longest, int(cost[i]))  # (a Python int: a uint16 times the rows would wrap)
         if end > start and (end - start + 1) * longest_with > max_tokens:
             batches.append(order[start:end])
-            start, longest_with = end, cost[i]
+            start, longest_with = end, int(cost[i])
         longest = longest_with
     if start < len(order):
         batches.append(order[start:])
@@ -183,8 +183,10 @@ class TokenBucketSampler:
         an epoch draws direction d's share as weight_d * size_d ** (1 / T) (multilingual
         temperature sampling). copies: the lengths are those of k encodings of the same sentences
         one after another (a Stacked array); epoch e reads copy e % k."""
-        # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target.
-        self.cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
+        # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target;
+        # kept in the smallest type that holds it (2 bytes a sentence and copy, not 8).
+        cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
+        self.cost = cost.astype(np.min_scalar_type(int(cost.max(initial=0))))
         self.copies, self.size = copies, len(self.cost) // copies
         self.max_tokens, self.seed = max_tokens, seed
         per_batch = max(1, max_tokens // max(1, int(np.median(self.cost))))

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mtkit import corpus, lineage
 from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
@@ -62,8 +64,8 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     start = time.perf_counter()
     dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))
     # Memory: the overlap check keeps only the keys of valid/test (small) and of the train pairs
-    # that match them; only dedup must remember every distinct train pair (16 bytes + set overhead).
-    train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": set()}
+    # that match them; only dedup must remember every distinct train pair (8 bytes each: SeenKeys).
+    train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": SeenKeys()}
     splits = {}
     with atomic_dir(out) as tmp, progress_bar() as bar:
         for split, source in sources.items():
@@ -86,7 +88,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
 
 
 def _write_split(tmp: Path, split: str, source: corpus.Source, tok: Tokenizer, dtype, settings: dict,
-                 train_seen: dict[str, set[bytes]], copies: int, report) -> dict:
+                 train_seen: dict, copies: int, report) -> dict:
     """One split into its token arrays (and `copies` subword-sampled copies, train.s<k>), with the
     counts and token statistics the manifest records of it."""
     names = [split] + [f"train.s{k}" for k in range(copies)]
@@ -132,6 +134,33 @@ def _key(*parts: str) -> bytes:
     return hashlib.blake2b("\t".join(parts).encode(), digest_size=16).digest()
 
 
+class SeenKeys:
+    """The train pairs kept so far, for dedup, in 8 bytes each: the first 64 bits of their BLAKE2b
+    key, in sorted arrays of about doubling sizes (a Python set of the 16-byte keys took ~100 bytes
+    a pair: 5 GB at 50 million pairs). Two different pairs share 64 bits with a chance of about
+    one in 10,000 among 50 million pairs (a pair then dropped as a duplicate)."""
+
+    def __init__(self):
+        self.levels: list[np.ndarray] = []
+
+    def first_seen(self, keys: np.ndarray) -> np.ndarray:
+        """Whether each key (uint64) is new: not seen before, nor earlier in `keys`. The new ones
+        are remembered."""
+        new = np.zeros(len(keys), dtype=bool)
+        new[np.unique(keys, return_index=True)[1]] = True
+        for level in self.levels:
+            new &= level[np.searchsorted(level, keys).clip(max=len(level) - 1)] != keys
+        if new.any():
+            self.levels.append(np.sort(keys[new]))
+        while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
+            self.levels.append(np.sort(np.concatenate([self.levels.pop(), self.levels.pop()])))
+        return new
+
+    @property
+    def nbytes(self) -> int:
+        return sum(level.nbytes for level in self.levels)
+
+
 def _heldout_keys(sources: dict[str, corpus.Source]) -> set[bytes]:
     """Keys of the valid/test sources and pairs: what train is checked against for overlap."""
     keys = set()
@@ -143,7 +172,7 @@ def _heldout_keys(sources: dict[str, corpus.Source]) -> set[bytes]:
 
 
 def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[list[ArrayWriter]], filters: dict,
-                   train_seen: dict[str, set[bytes]], report) -> dict:
+                   train_seen: dict, report) -> dict:
     """Normalize, (for train) filter, encode and write one split; returns its counts."""
     is_train = source.split == "train"
     threads = os.cpu_count() or 1
@@ -179,10 +208,10 @@ def _summary(counts: Counter, is_train: bool) -> dict:
 
 
 def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[list[ArrayWriter]], filters: dict,
-                  train_seen: dict[str, set[bytes]], counts: Counter, threads: int, report) -> None:
+                  train_seen: dict, counts: Counter, threads: int, report) -> None:
     """One direction's pairs (or a single pair's): normalized, filtered, encoded, written."""
     while chunk := list(itertools.islice(pairs, CHUNK)):
-        srcs, tgts = [], []
+        srcs, tgts, keys = [], [], []
         for src, tgt in chunk:
             src, tgt = corpus.normalize(src), corpus.normalize(tgt)
             if is_train:
@@ -195,11 +224,7 @@ def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[list[Arra
                     train_seen["src"].add(src_key)
                 if pair in train_seen["heldout"]:
                     train_seen["pair"].add(pair)
-                if filters["dedup"]:
-                    if pair in train_seen["dedup"]:
-                        counts["duplicate"] += 1
-                        continue
-                    train_seen["dedup"].add(pair)
+                keys.append(pair[:8])
             elif not src or not tgt:
                 counts["empty_lines"] += 1
             else:
@@ -207,6 +232,10 @@ def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[list[Arra
                 counts["in_train_pair"] += _key(src, tgt) in train_seen["pair"]
             srcs.append(src)
             tgts.append(tgt)
+        if is_train and filters["dedup"]:  # the first of identical pairs, in this chunk or before it
+            new = train_seen["dedup"].first_seen(np.frombuffer(b"".join(keys), dtype=np.uint64))
+            counts["duplicate"] += len(srcs) - int(new.sum())
+            srcs, tgts = [s for s, n in zip(srcs, new) if n], [t for t, n in zip(tgts, new) if n]
         src_ids, tgt_ids = tok.encode_src(srcs, threads), tok.encode_tgt(tgts, threads)
         if is_train:
             kept = [i for i in range(len(srcs)) if _keep(len(src_ids[i]), len(tgt_ids[i]), filters, counts)]

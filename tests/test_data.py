@@ -151,3 +151,16 @@ def test_stacked_copies_read_as_one_array(tmp_path):
     assert len(stacked) == 6
     assert [stacked[i].tolist() for i in range(6)] == [[0, 1], [0, 2, 2], [0], [1, 1], [1, 2, 2], [1]]
     assert stacked.lengths.tolist() == [2, 3, 1, 2, 3, 1]
+
+
+def test_the_sampler_keeps_a_sentence_in_2_bytes_and_batches_as_with_8():
+    """50 million pairs with 16 subword-sampled copies: 800 million costs, 6.4 GB in int64. Kept in
+    the smallest type that holds them, and cut into the same batches: rows x longest computed in
+    Python ints (in uint16, 300 rows of 256 tokens wrap to 11,264)."""
+    rng = np.random.default_rng(1)
+    src, tgt = rng.integers(1, 400, 5000), rng.integers(1, 400, 5000)
+    sampler = TokenBucketSampler(src, tgt, max_tokens=100_000, seed=3)
+    assert sampler.cost.dtype == np.uint16 and sampler.cost.nbytes == 2 * 5000
+    order = np.argsort(sampler.cost, kind="stable")
+    wide = [b.tolist() for b in length_batches(order, sampler.cost.astype(np.int64), 100_000)]
+    assert [b.tolist() for b in length_batches(order, sampler.cost, 100_000)] == wide and len(wide) > 5

@@ -362,7 +362,7 @@ def test_the_train_filters_keep_exactly_what_the_rules_allow(tmp_path_factory, f
     source = corpus.Source(split="train", kind="text", paths=(folder / "train.de", folder / "train.en"))
     filters = {"min_len": min_len, "max_len": max_len, "max_ratio": max_ratio, "dedup": dedup}
     writers = [ArrayWriter(folder / f"train.{side}", np.dtype("uint16")) for side in ("src", "tgt")]
-    seen = {"heldout": set(), "src": set(), "pair": set(), "dedup": set()}
+    seen = {"heldout": set(), "src": set(), "pair": set(), "dedup": stage.SeenKeys()}
     kept, counts = by_the_rules(pairs, fuzz_tokenizer, filters)
     with mock.patch.object(stage, "CHUNK", chunk):
         try:
@@ -405,3 +405,37 @@ def test_streaming_prepares_the_same_data_without_converting_the_dataset(tmp_pat
         arrow_new = set(Path(os.environ["HF_HOME"]).rglob("*.arrow")) - arrow_before
         assert not arrow_new if streaming else arrow_new  # without streaming, datasets converts to Arrow first
     assert arrays[True] == arrays[False] and len(arrays[True]) == 12
+
+
+def test_dedup_remembers_a_pair_in_8_bytes_where_a_set_of_its_keys_took_over_80():
+    """WMT-sized corpora: dedup must remember every distinct train pair. A Python set of their
+    16-byte keys (what prepare kept) costs over 80 bytes a pair, 4 GB at 50 million; SeenKeys keeps
+    8 (the sorted arrays it merges take as much again for a moment)."""
+    import sys
+
+    from mtkit.prepare import SeenKeys
+
+    n = 200_000
+    keys = np.random.default_rng(0).integers(0, 2**63, n, dtype=np.uint64)
+    seen = SeenKeys()
+    for start in range(0, n, 10_000):
+        assert seen.first_seen(keys[start:start + 10_000]).all()
+    assert seen.nbytes == 8 * n
+    as_before = {bytes(16) + k.tobytes() for k in keys[:20_000]}  # 16-byte keys in a set, as prepare kept them
+    per_pair = (sys.getsizeof(as_before) + sum(sys.getsizeof(k) for k in as_before)) / len(as_before)
+    assert per_pair > 80 and seen.nbytes / n <= 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=300), st.integers(1, 50))
+def test_dedup_keeps_the_first_of_equal_keys_across_chunks(values, chunk):
+    from mtkit.prepare import SeenKeys
+
+    seen, reference, kept = SeenKeys(), set(), []
+    keys = np.array(values, dtype=np.uint64)
+    for start in range(0, len(keys), chunk):
+        kept += seen.first_seen(keys[start:start + chunk]).tolist()
+    for v in values:
+        kept_here = v not in reference
+        reference.add(v)
+        assert kept.pop(0) == kept_here
