@@ -280,16 +280,25 @@ def _load_hf(source: Source):
     import datasets  # heavy (pyarrow, pandas): imported only when an HF source is read
 
     stream = dict(streaming=True) if source.streaming else {}
+    saved = source.hf_dataset and ((Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
+        Path(source.hf_dataset) / "state.json").is_file())
+    # A part of a split ("train[:50%]"): load_dataset takes it, but neither a save_to_disk folder
+    # nor a stream does, so those are cut here.
+    part = _PART.fullmatch(source.hf_split or "") if saved or source.streaming else None
+    name = part["name"] if part else source.hf_split
     try:
         if source.hf_file:
             builder = HF_FILE_BUILDERS[source.hf_file.suffix]
             return datasets.load_dataset(builder, data_files=str(source.hf_file), split="train", **stream)
-        if (Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
-                Path(source.hf_dataset) / "state.json").is_file():
+        if saved:
             loaded = datasets.load_from_disk(source.hf_dataset)  # a folder from save_to_disk(): memory-mapped
-            loaded = loaded[source.hf_split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            loaded = loaded[name] if isinstance(loaded, datasets.DatasetDict) else loaded
+            loaded = _cut(loaded, part, source) if part else loaded
             return loaded.to_iterable_dataset() if source.streaming else loaded
-        return datasets.load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split, **stream)
+        loaded = datasets.load_dataset(source.hf_dataset, source.hf_config, split=name, **stream)
+        return _cut(loaded, part, source) if part else loaded
+    except MtkitError:
+        raise
     except StopIteration:  # datasets' feature inference on a file without a single example
         raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
                          hint="check the files, or data.dir and the split names") from None
@@ -298,6 +307,21 @@ def _load_hf(source: Source):
                          hint="check data.hf_dataset / data.hf_config / the split name; hub datasets "
                               "need network access (or a local copy: data.hf_dataset: path/to/folder)"
                          ) from None
+
+
+def _cut(dataset, part: re.Match, source: Source):
+    """Rows [start:end] of a Dataset (in rows or percent of its length) or of a stream (in rows:
+    its length is unknown until it is read through)."""
+    start, end = part["start"], part["end"]
+    if not hasattr(dataset, "__len__"):
+        if percent := next((b for b in (start, end) if b.endswith("%")), None):
+            raise MtkitError(f"data.{source.split}: a streamed split has no length to take {percent} of",
+                             hint=f"give rows instead (e.g. {part['name']}[:100000]), or set data.streaming: false")
+        dataset = dataset.skip(int(start)) if start else dataset
+        return dataset.take(int(end) - int(start or 0)) if end else dataset
+    n = len(dataset)
+    a, b = (None if not x else int(x[:-1]) * n // 100 if x.endswith("%") else int(x) for x in (start, end))
+    return dataset.select(range(a or 0, n if b is None else min(b, n)))
 
 
 def _field_getter(columns: list[str], field: str | None, lang: str, source: Source):

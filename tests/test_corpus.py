@@ -325,3 +325,22 @@ def test_hf_streaming_fingerprint_follows_the_content(tmp_path):
     assert fingerprint("a.jsonl") == fingerprint("b.jsonl")
     write_jsonl(tmp_path / "b.jsonl", TRANSLATION_ROWS[:2])
     assert fingerprint("a.jsonl") != fingerprint("b.jsonl")
+
+
+@pytest.mark.parametrize("where", ["folder", "saved", "folder streamed", "saved streamed"])
+def test_hf_split_slicing_for_local_and_streamed_datasets(tmp_path, where):
+    """configs/base.yaml says hf sources take `train[:50%]`: a folder of files read through
+    load_dataset did, a save_to_disk folder failed (KeyError: 'train[:2]'), and so did streaming."""
+    import datasets
+
+    write_jsonl(tmp_path / "folder" / "train.jsonl", TRANSLATION_ROWS)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"de": [s for s, _ in PAIRS], "en": [t for _, t in PAIRS]})}).save_to_disk(tmp_path / "saved")
+    kw = dict(format="hf", hf_dataset=str(tmp_path / where.split()[0]), streaming=where.endswith("streamed"))
+    assert read(tmp_path, train="train[:2]", **kw) == PAIRS[:2]
+    assert read(tmp_path, train="train[1:]", **kw) == PAIRS[1:]
+    if where == "folder streamed":  # a stream's length is unknown until it is read through (a saved one's is not)
+        message = error(tmp_path, train="train[:67%]", **kw)
+        assert "a streamed split has no length to take 67% of" in message
+    else:
+        assert read(tmp_path, train="train[:67%]", **kw) == PAIRS[:2]
