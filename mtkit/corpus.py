@@ -7,7 +7,6 @@ Every problem with the data is an MtkitError naming the file and line, never a s
 """
 
 import gzip
-import hashlib
 import itertools
 import re
 import unicodedata
@@ -280,8 +279,7 @@ def _load_hf(source: Source):
     import datasets  # heavy (pyarrow, pandas): imported only when an HF source is read
 
     stream = dict(streaming=True) if source.streaming else {}
-    saved = source.hf_dataset and ((Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
-        Path(source.hf_dataset) / "state.json").is_file())
+    saved = _saved(source)
     # A part of a split ("train[:50%]"): load_dataset takes it, but neither a save_to_disk folder
     # nor a stream does, so those are cut here.
     part = _PART.fullmatch(source.hf_split or "") if saved or source.streaming else None
@@ -307,6 +305,12 @@ def _load_hf(source: Source):
                          hint="check data.hf_dataset / data.hf_config / the split name; hub datasets "
                               "need network access (or a local copy: data.hf_dataset: path/to/folder)"
                          ) from None
+
+
+def _saved(source: Source) -> bool:
+    """Whether the source is a folder from datasets' save_to_disk (memory-mapped, of known length)."""
+    return bool(source.hf_dataset) and ((Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
+        Path(source.hf_dataset) / "state.json").is_file())
 
 
 def _cut(dataset, part: re.Match, source: Source):
@@ -364,13 +368,25 @@ def fingerprint(source: Source) -> str:
     """SHA-256 of the split's raw content, so that any change to the data is noticed."""
     if source.kind == "several":
         return sha256_json(["several", *source.tags, *(fingerprint(p) for p in source.parts)])
-    if source.kind == "hf" and source.streaming:
-        # A stream has no fingerprint of its own: hash what it yields (one more pass, memory flat).
-        digest = hashlib.sha256()
-        for src, tgt in read_pairs(source):
-            digest.update(f"{src}\t{tgt}\n".encode())
-        return sha256_json(["hf-stream", digest.hexdigest()])
+    if source.kind == "hf" and source.streaming and not _saved(source):
+        # A stream is not read through to be fingerprinted (a hub dataset would be downloaded once
+        # more for it): a file by its bytes; a hub dataset or a folder of files by the hash that
+        # datasets' builder makes of its revision and files (a local file's time and size).
+        fields = [source.src_field, source.tgt_field, source.hf_split]
+        if source.hf_file:
+            return sha256_json(["hf-file", sha256_file(source.hf_file), *fields])
+        import datasets
+
+        try:
+            builder = datasets.load_dataset_builder(source.hf_dataset, source.hf_config)
+        except Exception as e:  # no network, no such dataset: said as loading it would
+            raise MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
+                             hint="check data.hf_dataset / data.hf_config; hub datasets need network access "
+                                  "(or a local copy: data.hf_dataset: path/to/folder)") from None
+        return sha256_json(["hf-builder", builder.hash, source.hf_config, *fields])
     if source.kind == "hf":
         # datasets fingerprints every Dataset from its source files and transforms.
-        return sha256_json(["hf", _load_hf(source)._fingerprint, source.src_field, source.tgt_field])
+        # (A saved dataset read as a stream: fingerprinted as the memory-mapped table it is.)
+        return sha256_json(["hf", _load_hf(replace(source, streaming=False))._fingerprint,
+                            source.src_field, source.tgt_field])
     return sha256_json([source.kind] + [sha256_file(p) for p in source.paths] + ([list(source.lines)] if source.lines else []))

@@ -327,6 +327,36 @@ def test_hf_streaming_fingerprint_follows_the_content(tmp_path):
     assert fingerprint("a.jsonl") != fingerprint("b.jsonl")
 
 
+def test_a_streamed_source_is_fingerprinted_without_being_read(tmp_path, monkeypatch):
+    """A stream was read through once more to be fingerprinted, by the tokenizer and by prepare, on
+    every mtkit train or run: a hub dataset downloaded twice more per command. Now a file is hashed
+    as bytes, a folder or a hub dataset by the hash datasets' builder makes of it, a saved dataset by
+    its Arrow fingerprint; nothing of it is read as examples."""
+    import os
+
+    import datasets
+
+    write_jsonl(tmp_path / "train.jsonl", TRANSLATION_ROWS)
+    write_jsonl(tmp_path / "folder" / "train.jsonl", TRANSLATION_ROWS)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"de": [s for s, _ in PAIRS], "en": [t for _, t in PAIRS]})}).save_to_disk(tmp_path / "saved")
+    kinds = {"file": dict(train="train.jsonl"), "folder": dict(hf_dataset=str(tmp_path / "folder")),
+             "saved": dict(hf_dataset=str(tmp_path / "saved"))}
+
+    def fingerprint(kind):
+        return corpus.fingerprint(source_for(data(tmp_path, format="hf", streaming=True, **kinds[kind]), "train"))
+
+    def no_reading(source):
+        raise AssertionError(f"{source.describe()} was read to be fingerprinted")
+
+    monkeypatch.setattr(corpus, "_read_hf", no_reading)
+    before = {kind: fingerprint(kind) for kind in kinds}
+    assert before == {kind: fingerprint(kind) for kind in kinds}  # stable
+    write_jsonl(tmp_path / "folder" / "train.jsonl", TRANSLATION_ROWS[:2])
+    os.utime(tmp_path / "folder" / "train.jsonl", (1e9, 1e9))  # (another time than the first write's: the same second)
+    assert fingerprint("folder") != before["folder"]
+
+
 @pytest.mark.parametrize("where", ["folder", "saved", "folder streamed", "saved streamed"])
 def test_hf_split_slicing_for_local_and_streamed_datasets(tmp_path, where):
     """configs/base.yaml says hf sources take `train[:50%]`: a folder of files read through
