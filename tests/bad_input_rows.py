@@ -90,6 +90,9 @@ CONFIGS = {  # name: (config text, --set overrides, outcome)
                                Refused("give data.directions (one folder) or data.corpora (a folder each), not both")),
     "corpora and src/tgt": (DATA + "  corpora: [{dir: a, src: fr, tgt: en}]\n", [],
                             Refused("give data.src and data.tgt (one direction) or data.corpora (several), not both")),
+    "a hub dataset that cannot be reached (no network here)": (
+        "data:\n  format: hf\n  hf_dataset: someone/no-such-dataset\n  streaming: true\n  src: de\n  tgt: en\n", [],
+        Refused("cannot load HF dataset someone/no-such-dataset [train]")),
     "corpora of an HF dataset": ("data:\n  format: hf\n  corpora: [{dir: a, src: fr, tgt: en}]\n", [],
                                  Refused("data.corpora reads {split}.{lang} files: it needs data.format: text")),
     "two corpora of one direction": ("data:\n  corpora: [{dir: a, src: fr, tgt: en}, {dir: b, src: fr, tgt: en}]\n", [],
