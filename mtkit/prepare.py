@@ -6,6 +6,7 @@ test keep every line in order, because they are what models are scored on. The o
 inputs, the tokenizer and the settings: a rerun with all three unchanged does nothing.
 """
 
+import errno
 import hashlib
 import itertools
 import os
@@ -66,15 +67,21 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     # Memory: the overlap check keeps only the keys of valid/test (small) and of the train pairs
     # that match them; only dedup must remember every distinct train pair (8 bytes each: SeenKeys).
     train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": SeenKeys()}
-    splits = {}
+    splits, done = {}, {}  # done: pairs read of each split so far
     with atomic_dir(out) as tmp, progress_bar() as bar:
-        for split, source in sources.items():
-            expected = tok_info.get("pairs_seen") if split == "train" else None
-            task = bar.add_task(f"prepare {split}", total=expected)
-            copies = d.sampled_copies if split == "train" and d.subword_sampling else 0
-            splits[split] = _write_split(tmp, split, source, tok, dtype, settings, train_seen, copies,
-                                         lambda n, task=task: bar.update(task, completed=n))
-            bar.update(task, total=splits[split]["pairs_in"], completed=splits[split]["pairs_in"])
+        try:
+            for split, source in sources.items():
+                expected = tok_info.get("pairs_seen") if split == "train" else None
+                task = bar.add_task(f"prepare {split}", total=expected)
+                copies = d.sampled_copies if split == "train" and d.subword_sampling else 0
+                splits[split] = _write_split(
+                    tmp, split, source, tok, dtype, settings, train_seen, copies,
+                    lambda n, task=task, s=split: done.update({s: n}) or bar.update(task, completed=n))
+                bar.update(task, total=splits[split]["pairs_in"], completed=splits[split]["pairs_in"])
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise _disk_full(tmp, out, done.get("train", 0), tok_info.get("pairs_seen")) from None
         manifest = {
             "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "dtype": dtype.name,
             "tokenizer_fingerprint": tok.fingerprint, "src_vocab_size": tok.src_vocab_size,
@@ -85,6 +92,18 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     _print_summary(manifest)
     info(f"prepare: done in {manifest['seconds']:.1f}s -> {out}")
     return PrepareResult(out, False, manifest)
+
+
+def _disk_full(tmp: Path, out: Path, done: int, expected: int | None) -> MtkitError:
+    """A full disk during prepare: what was written by then, and about how much the whole needs
+    (what is written grows with the train pairs read; valid and test are small beside it)."""
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20
+    need = f"; it needs about {written * expected / done:,.0f} MB in all" if done and expected else ""
+    of = f"{expected:,}" if expected else "an unknown number"
+    return MtkitError(f"the disk filled while prepare wrote {out}: {written:,.1f} MB written for {done:,} train pairs "
+                      f"of {of}{need}",
+                      hint="free that much space there, or set experiment.workdir on another disk, then run again "
+                           "(nothing half-written is kept)")
 
 
 def _write_split(tmp: Path, split: str, source: corpus.Source, tok: Tokenizer, dtype, settings: dict,

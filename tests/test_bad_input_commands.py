@@ -557,3 +557,31 @@ def test_machine(tmp_path, row):
         assert "Traceback" not in err and message in err, err
         assert sum(line.startswith("error: ") for line in err.splitlines()) == (code == 2), err
         assert returncode in (None, code), err
+
+
+def test_a_disk_that_fills_during_prepare(cli, tmp_path, demo_dir, monkeypatch):
+    """The disk fills as the third chunk of train pairs is written: one error line that says how
+    much was written and about how much the whole needs; no prepared data is left behind to be
+    taken for a finished one."""
+    import errno
+
+    from mtkit import prepare as stage
+    from mtkit.data import ArrayWriter
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path, demo_dir)
+    assert cli("tokenizer", "train", config)[0] == 0
+    real, calls = ArrayWriter.add, []
+
+    def add(self, sentences):
+        calls.append(1)
+        if len(calls) == 5:  # source and target of chunk 1 and 2, then chunk 3's source
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, sentences)
+
+    monkeypatch.setattr(stage, "CHUNK", 2000)
+    monkeypatch.setattr(ArrayWriter, "add", add)
+    code, _, err = cli("prepare", config)
+    assert_refused(code, err, f"the disk filled while prepare wrote {tmp_path / 'run/data'}: ")
+    assert "MB written for 4,000 train pairs of 30,000; it needs about" in err and "free that much space" in err
+    assert not (tmp_path / "run/data").exists() and not list((tmp_path / "run").glob(".data*"))
