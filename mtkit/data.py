@@ -47,7 +47,11 @@ class TokenArray:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Each sentence's length, in the smallest unsigned type that also holds length + 1 (the
+        EOS a batch adds): 2 bytes a sentence, not 8 (50 million pairs in 16 sampled copies: 1.6 GB
+        a side, not 6.4)."""
+        lengths = np.diff(self.offsets)
+        return lengths.astype(np.min_scalar_type(int(lengths.max(initial=0)) + 1))
 
 
 class Stacked:
@@ -186,7 +190,7 @@ class TokenBucketSampler:
         # A sentence costs its longer side in the padded rectangle: source + EOS, BOS/EOS + target;
         # kept in the smallest type that holds it (2 bytes a sentence and copy, not 8).
         cost = np.maximum(np.asarray(src_lengths), np.asarray(tgt_lengths)) + 1
-        self.cost = cost.astype(np.min_scalar_type(int(cost.max(initial=0))))
+        self.cost = cost.astype(np.min_scalar_type(int(cost.max(initial=0))), copy=False)
         self.copies, self.size = copies, len(self.cost) // copies
         self.max_tokens, self.seed = max_tokens, seed
         per_batch = max(1, max_tokens // max(1, int(np.median(self.cost))))
