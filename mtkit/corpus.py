@@ -301,10 +301,13 @@ def _load_hf(source: Source):
         raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
                          hint="check the files, or data.dir and the split names") from None
     except Exception as e:  # datasets raises many types (network, missing split, bad file)
-        raise MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
-                         hint="check data.hf_dataset / data.hf_config / the split name; hub datasets "
-                              "need network access (or a local copy: data.hf_dataset: path/to/folder)"
-                         ) from None
+        raise _cannot_load(source, e) from None
+
+
+def _cannot_load(source: Source, e: Exception) -> MtkitError:
+    return MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
+                      hint="check data.hf_dataset / data.hf_config / the split name; hub datasets need network "
+                           "access (or a local copy: data.hf_dataset: path/to/folder)")
 
 
 def _saved(source: Source) -> bool:
@@ -380,9 +383,7 @@ def fingerprint(source: Source) -> str:
         try:
             builder = datasets.load_dataset_builder(source.hf_dataset, source.hf_config)
         except Exception as e:  # no network, no such dataset: said as loading it would
-            raise MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
-                             hint="check data.hf_dataset / data.hf_config; hub datasets need network access "
-                                  "(or a local copy: data.hf_dataset: path/to/folder)") from None
+            raise _cannot_load(source, e) from None
         return sha256_json(["hf-builder", builder.hash, source.hf_config, *fields])
     if source.kind == "hf":
         # datasets fingerprints every Dataset from its source files and transforms.
