@@ -9,6 +9,7 @@ Every problem with the data is an MtkitError naming the file and line, never a s
 import gzip
 import itertools
 import re
+import shutil
 import unicodedata
 import zlib
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtkit import demo
+from mtkit import demo, hf
 from mtkit.errors import MtkitError
 from mtkit.files import sha256_file, sha256_json
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from mtkit.config import DataSection
 
 SPLITS = ("train", "valid", "test")
-HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
 _SPACE = re.compile(r"\s+")
@@ -62,6 +62,7 @@ class Source:
     lines: tuple[str, str] = ()  # a part of the split, "name[start:end]": ("0", "50%") -> its first half
     parts: tuple["Source", ...] = ()  # kind "several": one Source per direction, read one after another
     tags: tuple[str, ...] = ()  # and the tag put before each one's source lines ("" for none)
+    keep: Path | None = None  # a stream: the file its first reader keeps it in for the next (keep_streams)
 
     def describe(self) -> str:
         if self.kind == "several":
@@ -108,7 +109,7 @@ def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Pa
                       encoding_errors=encoding_errors)
     common = dict(split=split, src=src, tgt=tgt, encoding_errors=encoding_errors)
     root = Path(root)
-    if format != "hf" and isinstance(spec, str) and (part := _PART.fullmatch(spec)):
+    if format != "hf" and isinstance(spec, str) and (part := hf.PART.fullmatch(spec)):
         lines = _check_part(spec, part["start"], part["end"], split)
         whole = source_for(split, part["name"], format=format, root=root, src=src, tgt=tgt, encoding_errors=encoding_errors)
         return replace(whole, lines=lines)
@@ -127,18 +128,13 @@ def source_for(split: str, spec: str | tuple[str, str], *, format: str, root: Pa
         return Source(kind="tsv", paths=(found or _existing(root / spec, split),), **common)
     # format hf: a data file (json/jsonl/parquet/csv) or a split of hf_dataset.
     fields = dict(src_field=src_field, tgt_field=tgt_field, streaming=streaming)
-    if Path(spec).suffix in HF_FILE_BUILDERS:
+    if Path(spec).suffix in hf.FILE_BUILDERS:
         return Source(kind="hf", hf_file=_existing(root / spec, split), **fields, **common)
     if not hf_dataset:
         raise MtkitError(f"data.{split} is the split name {spec!r} but data.hf_dataset is not set",
                          hint="set data.hf_dataset to a hub name or a local dataset folder, "
                               "or give a .jsonl/.parquet/.csv file as the split")
     return Source(kind="hf", hf_dataset=hf_dataset, hf_config=hf_config, hf_split=spec, **fields, **common)
-
-
-# "train[:14500]", "train[50%:]": part of a split, written as HuggingFace datasets writes it (format
-# hf leaves the name to datasets.load_dataset, which reads the same syntax).
-_PART = re.compile(r"(?P<name>.+)\[(?P<start>(?:\d+%?)?):(?P<end>(?:\d+%?)?)\]")
 
 
 def _check_part(spec: str, start: str, end: str, split: str) -> tuple[str, str]:
@@ -192,6 +188,21 @@ def directions_of(source: Source) -> dict[str, Source]:
             for p, t in zip(source.parts, source.tags)}
 
 
+def keep_streams(source: Source, workdir: Path) -> Source:
+    """`source` with each streamed split in it kept in workdir/stream by its first reader for the
+    next (hf.read), so that a command reads a stream once, however many of its stages read it."""
+    if source.kind == "several":
+        return replace(source, parts=tuple(keep_streams(p, workdir) for p in source.parts))
+    if source.kind == "hf" and source.streaming:
+        return replace(source, keep=Path(workdir) / "stream" / f"{source.split}-{fingerprint(source)[:16]}.jsonl")
+    return source
+
+
+def drop_kept_streams(workdir: Path) -> None:
+    """Prepare is done with them: the prepared data holds what the run needs."""
+    shutil.rmtree(Path(workdir) / "stream", ignore_errors=True)
+
+
 def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
     """Stream the raw (src, tgt) lines of a split, in order, unnormalized; an empty split is an error."""
     if source.kind == "several":
@@ -205,7 +216,7 @@ def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
     elif source.kind == "tsv":
         pairs = _read_tsv(source.paths[0], source.encoding_errors)
     else:
-        pairs = _read_hf(source)
+        pairs = hf.read(source)
     if source.lines:
         pairs = itertools.islice(pairs, *_line_range(source))
     empty = True
@@ -272,122 +283,10 @@ def _read_tsv(path: Path, encoding_errors: str) -> Iterator[tuple[str, str]]:
         yield fields[0], fields[1]
 
 
-def _load_hf(source: Source):
-    """A datasets.Dataset, or with data.streaming an IterableDataset: examples read as they are
-    needed, without downloading and converting the whole dataset to Arrow files first."""
-    # No memo here: datasets caches the Arrow table on disk, and a memo would hide edited files.
-    import datasets  # heavy (pyarrow, pandas): imported only when an HF source is read
-
-    stream = dict(streaming=True) if source.streaming else {}
-    saved = _saved(source)
-    # A part of a split ("train[:50%]"): load_dataset takes it, but neither a save_to_disk folder
-    # nor a stream does, so those are cut here.
-    part = _PART.fullmatch(source.hf_split or "") if saved or source.streaming else None
-    name = part["name"] if part else source.hf_split
-    try:
-        if source.hf_file:
-            builder = HF_FILE_BUILDERS[source.hf_file.suffix]
-            return datasets.load_dataset(builder, data_files=str(source.hf_file), split="train", **stream)
-        if saved:
-            loaded = datasets.load_from_disk(source.hf_dataset)  # a folder from save_to_disk(): memory-mapped
-            loaded = loaded[name] if isinstance(loaded, datasets.DatasetDict) else loaded
-            loaded = _cut(loaded, part, source) if part else loaded
-            return loaded.to_iterable_dataset() if source.streaming else loaded
-        loaded = datasets.load_dataset(source.hf_dataset, source.hf_config, split=name, **stream)
-        return _cut(loaded, part, source) if part else loaded
-    except MtkitError:
-        raise
-    except StopIteration:  # datasets' feature inference on a file without a single example
-        raise MtkitError(f"the {source.split} split is empty: {source.describe()}",
-                         hint="check the files, or data.dir and the split names") from None
-    except Exception as e:  # datasets raises many types (network, missing split, bad file)
-        raise _cannot_load(source, e) from None
-
-
-def _cannot_load(source: Source, e: Exception) -> MtkitError:
-    return MtkitError(f"cannot load {source.describe()}: {type(e).__name__}: {e}",
-                      hint="check data.hf_dataset / data.hf_config / the split name; hub datasets need network "
-                           "access (or a local copy: data.hf_dataset: path/to/folder)")
-
-
-def _saved(source: Source) -> bool:
-    """Whether the source is a folder from datasets' save_to_disk (memory-mapped, of known length)."""
-    return bool(source.hf_dataset) and ((Path(source.hf_dataset) / "dataset_dict.json").is_file() or (
-        Path(source.hf_dataset) / "state.json").is_file())
-
-
-def _cut(dataset, part: re.Match, source: Source):
-    """Rows [start:end] of a Dataset (in rows or percent of its length) or of a stream (in rows:
-    its length is unknown until it is read through)."""
-    start, end = part["start"], part["end"]
-    if not hasattr(dataset, "__len__"):
-        if percent := next((b for b in (start, end) if b.endswith("%")), None):
-            raise MtkitError(f"data.{source.split}: a streamed split has no length to take {percent} of",
-                             hint=f"give rows instead (e.g. {part['name']}[:100000]), or set data.streaming: false")
-        dataset = dataset.skip(int(start)) if start else dataset
-        return dataset.take(int(end) - int(start or 0)) if end else dataset
-    n = len(dataset)
-    a, b = (None if not x else int(x[:-1]) * n // 100 if x.endswith("%") else int(x) for x in (start, end))
-    return dataset.select(range(a or 0, n if b is None else min(b, n)))
-
-
-def _field_getter(columns: list[str], field: str | None, lang: str, source: Source):
-    """Which column holds `lang`: an explicit dotted field, else translation.<lang>, else <lang>."""
-    if field is None:
-        field = f"translation.{lang}" if "translation" in columns else lang
-    column, _, key = field.partition(".")
-    if column not in columns:
-        raise MtkitError(f"{source.describe()} has no column {column!r} (columns: {', '.join(columns)})",
-                         hint="set data.src_field / data.tgt_field, e.g. translation.de or a column name")
-
-    def get(batch: dict[str, list]) -> list[str]:
-        values = batch[column]
-        if key:
-            try:
-                values = [v[key] for v in values]
-            except (KeyError, TypeError):
-                raise MtkitError(f"{source.describe()}: column {column!r} has no field {key!r}",
-                                 hint="set data.src_field / data.tgt_field to the right dotted path") from None
-        return ["" if v is None else str(v) for v in values]
-
-    return get
-
-
-def _read_hf(source: Source) -> Iterator[tuple[str, str]]:
-    ds = _load_hf(source)
-    batches = ds.iter(batch_size=1000)
-    first = next(batches, None)
-    if first is None:
-        return
-    # A stream may not know its columns before it is read: take them from the first batch.
-    columns = ds.column_names or list(first)
-    get_src = _field_getter(columns, source.src_field, source.src, source)
-    get_tgt = _field_getter(columns, source.tgt_field, source.tgt, source)
-    for batch in itertools.chain([first], batches):
-        yield from zip(get_src(batch), get_tgt(batch))
-
-
 def fingerprint(source: Source) -> str:
     """SHA-256 of the split's raw content, so that any change to the data is noticed."""
     if source.kind == "several":
         return sha256_json(["several", *source.tags, *(fingerprint(p) for p in source.parts)])
-    if source.kind == "hf" and source.streaming and not _saved(source):
-        # A stream is not read through to be fingerprinted (a hub dataset would be downloaded once
-        # more for it): a file by its bytes; a hub dataset or a folder of files by the hash that
-        # datasets' builder makes of its revision and files (a local file's time and size).
-        fields = [source.src_field, source.tgt_field, source.hf_split]
-        if source.hf_file:
-            return sha256_json(["hf-file", sha256_file(source.hf_file), *fields])
-        import datasets
-
-        try:
-            builder = datasets.load_dataset_builder(source.hf_dataset, source.hf_config)
-        except Exception as e:  # no network, no such dataset: said as loading it would
-            raise _cannot_load(source, e) from None
-        return sha256_json(["hf-builder", builder.hash, source.hf_config, *fields])
     if source.kind == "hf":
-        # datasets fingerprints every Dataset from its source files and transforms.
-        # (A saved dataset read as a stream: fingerprinted as the memory-mapped table it is.)
-        return sha256_json(["hf", _load_hf(replace(source, streaming=False))._fingerprint,
-                            source.src_field, source.tgt_field])
+        return hf.fingerprint(source)
     return sha256_json([source.kind] + [sha256_file(p) for p in source.paths] + ([list(source.lines)] if source.lines else []))

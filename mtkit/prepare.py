@@ -21,7 +21,7 @@ from mtkit import corpus, lineage
 from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
 from mtkit.console import console, info, progress_bar, table
-from mtkit.data import ArrayWriter, TokenArray, token_dtype
+from mtkit.data import ArrayWriter, token_dtype
 from mtkit.errors import MtkitError
 from mtkit.files import atomic_dir, read_json, sha256_json, write_json
 from mtkit.tokenizer import Tokenizer
@@ -57,15 +57,17 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     fingerprint = sha256_json({"inputs": inputs, "tokenizer": tok.fingerprint, "settings": settings})
     previous = read_json(out / "manifest.json")
     if not force and previous and previous.get("fingerprint") == fingerprint:
+        corpus.drop_kept_streams(cfg.workdir)
         info(f"prepare: up to date ({out}; inputs, tokenizer and settings unchanged)")
         return PrepareResult(out, True, previous)
+    sources = {split: corpus.keep_streams(s, cfg.workdir) for split, s in sources.items()}
     if not force:
         keep_for_the_run(cfg.workdir, out, "prepared data")
 
     start = time.perf_counter()
     dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))
     # Memory: the overlap check keeps only the keys of valid/test (small) and of the train pairs
-    # that match them; only dedup must remember every distinct train pair (8 bytes each: SeenKeys).
+    # that match them; only dedup must remember every distinct train pair (7 bytes each: SeenKeys).
     train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": SeenKeys()}
     splits, done = {}, {}  # done: pairs read of each split so far
     with atomic_dir(out) as tmp, progress_bar() as bar:
@@ -89,6 +91,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
             "seconds": round(time.perf_counter() - start, 2),
         }
         write_json(tmp / "manifest.json", manifest)
+    corpus.drop_kept_streams(cfg.workdir)
     _print_summary(manifest)
     info(f"prepare: done in {manifest['seconds']:.1f}s -> {out}")
     return PrepareResult(out, False, manifest)
@@ -118,12 +121,12 @@ def _write_split(tmp: Path, split: str, source: corpus.Source, tok: Tokenizer, d
         for w in itertools.chain(*writers):
             w.close()
     if copies:
-        result["sampling"] = _sampling_stats(tmp, names, dtype)
+        result["sampling"] = _sampling_stats(tmp, names)
     for side in ("src", "tgt"):
-        lengths = TokenArray(tmp, split, side, dtype.name).lengths
-        for where, lines in [(result, slice(None)), *((result["by_direction"][name], slice(*ends))
-                                                      for name, ends in result.get("directions", {}).items())]:
-            where[side] = _token_stats(lengths[lines]) | {"unk": where["unk"][side]}
+        idx = tmp / f"{split}.{side}.idx"
+        for where, (start, end) in [(result, (0, result["kept"])),
+                                    *((result["by_direction"][name], ends) for name, ends in result.get("directions", {}).items())]:
+            where[side] = _token_stats(idx, start, end) | {"unk": where["unk"][side]}
     for where in [result, *result.get("by_direction", {}).values()]:
         del where["unk"]
     return result
@@ -154,30 +157,57 @@ def _key(*parts: str) -> bytes:
 
 
 class SeenKeys:
-    """The train pairs kept so far, for dedup, in 8 bytes each: the first 64 bits of their BLAKE2b
-    key, in sorted arrays of about doubling sizes (a Python set of the 16-byte keys took ~100 bytes
-    a pair: 5 GB at 50 million pairs). Two different pairs share 64 bits with a chance of about
-    one in 10,000 among 50 million pairs (a pair then dropped as a duplicate)."""
+    """The train pairs kept so far, for dedup, in 7 bytes each: 60 bits of their BLAKE2b key (a
+    Python set of the 16-byte keys took ~100 bytes a pair: 5 GB at 50 million pairs). The keys are
+    kept in 16 shards by their first 4 bits, so that merging a shard's sorted arrays copies a
+    sixteenth of them at most, and a key is kept as its next 56 bits. Two different pairs share 60
+    bits with a chance of about one in 1,000 among 50 million pairs (a pair then dropped as a
+    duplicate)."""
+
+    SHARDS = 16
 
     def __init__(self):
-        self.levels: list[np.ndarray] = []
+        self.shards = [_SortedLevels() for _ in range(self.SHARDS)]
 
     def first_seen(self, keys: np.ndarray) -> np.ndarray:
         """Whether each key (uint64) is new: not seen before, nor earlier in `keys`. The new ones
         are remembered."""
         new = np.zeros(len(keys), dtype=bool)
-        new[np.unique(keys, return_index=True)[1]] = True
-        for level in self.levels:
-            new &= level[np.searchsorted(level, keys).clip(max=len(level) - 1)] != keys
-        if new.any():
-            self.levels.append(np.sort(keys[new]))
-        while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
-            self.levels.append(np.sort(np.concatenate([self.levels.pop(), self.levels.pop()])))
+        shard_of = keys >> np.uint64(60)
+        # Bits 4-59 as 7 big-endian bytes, which sort as the number they are.
+        rest = (keys << np.uint64(4)).astype(">u8").view(np.uint8).reshape(-1, 8)[:, :7]
+        rest = np.ascontiguousarray(rest).view("S7").ravel()
+        for shard, levels in enumerate(self.shards):
+            where = np.flatnonzero(shard_of == shard)
+            new[where] = levels.first_seen(rest[where])
         return new
 
     @property
     def nbytes(self) -> int:
-        return sum(level.nbytes for level in self.levels)
+        return sum(level.nbytes for shard in self.shards for level in shard.levels)
+
+
+class _SortedLevels:
+    """Keys in sorted arrays of about doubling sizes: a lookup is a binary search in each, and
+    adding keys merges the smallest arrays (as a log-structured merge tree does)."""
+
+    def __init__(self):
+        self.levels: list[np.ndarray] = []
+
+    def first_seen(self, keys: np.ndarray) -> np.ndarray:
+        unique, first = np.unique(keys, return_index=True)  # sorted: the binary searches go in order
+        fresh = np.ones(len(unique), dtype=bool)
+        for level in self.levels:
+            fresh &= level[np.searchsorted(level, unique).clip(max=len(level) - 1)] != unique
+        new = np.zeros(len(keys), dtype=bool)
+        new[first[fresh]] = True
+        if fresh.any():
+            self.levels.append(unique[fresh])
+        while len(self.levels) > 1 and len(self.levels[-2]) <= 2 * len(self.levels[-1]):
+            merged = np.concatenate([self.levels.pop(), self.levels.pop()])
+            merged.sort()  # in place: the merge costs one copy of the two arrays, not two
+            self.levels.append(merged)
+        return new
 
 
 def _heldout_keys(sources: dict[str, corpus.Source]) -> set[bytes]:
@@ -293,12 +323,12 @@ def _add_sampled(writers: list[list[ArrayWriter]], tok: Tokenizer, srcs: list[st
             writer.add([ids if len(ids) <= filters["max_len"] else p for ids, p in zip(sampled, plain)])
 
 
-def _sampling_stats(folder: Path, names: list[str], dtype) -> dict:
+def _sampling_stats(folder: Path, names: list[str]) -> dict:
     """How much longer the sampled copies are than the deterministic cut, per side."""
     stats = {"copies": len(names) - 1}
     for side in ("src", "tgt"):
-        plain = int(TokenArray(folder, names[0], side, dtype.name).lengths.sum())
-        sampled = sum(int(TokenArray(folder, name, side, dtype.name).lengths.sum()) for name in names[1:])
+        plain = int(_offsets(folder / f"{names[0]}.{side}.idx", -1)[0])
+        sampled = sum(int(_offsets(folder / f"{name}.{side}.idx", -1)[0]) for name in names[1:])
         stats[f"{side}_tokens_per_copy"] = round(sampled / (len(names) - 1))
         stats[f"{side}_longer"] = round(sampled / (len(names) - 1) / max(1, plain), 3)
     return stats
@@ -318,10 +348,24 @@ def _keep(n_src: int, n_tgt: int, filters: dict, counts: Counter) -> bool:
     return False
 
 
-def _token_stats(lengths) -> dict:
-    return {"sentences": len(lengths), "tokens": int(lengths.sum()),
-            "mean_len": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
-            "max_len": int(lengths.max()) if len(lengths) else 0}
+def _token_stats(idx: Path, start: int, end: int) -> dict:
+    """Sentences start..end of a written .idx file: their count, tokens, mean and longest length.
+    Read a million offsets at a time: the lengths of a whole split in memory would grow prepare's
+    peak with the corpus (and so would the pages of a memory map of its offsets)."""
+    longest = 0
+    for first in range(start, end, 1 << 20):
+        longest = max(longest, int(np.diff(_offsets(idx, first, min(end, first + (1 << 20)) + 1)).max()))
+    tokens = int(_offsets(idx, end)[0] - _offsets(idx, start)[0])
+    n = end - start
+    return {"sentences": n, "tokens": tokens, "mean_len": round(tokens / n, 2) if n else 0.0, "max_len": longest}
+
+
+def _offsets(idx: Path, start: int, end: int | None = None) -> np.ndarray:
+    """Offsets start..end (end excluded; None: the one at start; -1: the last) of an .idx file."""
+    count = 1 if end is None else end - start
+    with open(idx, "rb") as f:
+        f.seek(start * 8, os.SEEK_SET if start >= 0 else os.SEEK_END)
+        return np.fromfile(f, dtype=np.int64, count=count)
 
 
 def _print_summary(manifest: dict) -> None:

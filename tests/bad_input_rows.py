@@ -4,6 +4,7 @@ to translate, checkpoints and workdirs, each with its verdict (tests/helpers.py:
 """
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -173,6 +174,12 @@ CORPUS_REFUSED = {  # name: (how to spoil GOOD, --set overrides, message)
                        "damaged gzip data"),
     "plain and .gz both present": (lambda d: (d / "train.de.gz").write_bytes(gzip.compress(b"x\n")), [],
                                    "mtkit will not guess which one to read"),
+    "a streamed corpus whose row lacks one side": (lambda d: [(d / f"{split}.jsonl").write_text("".join(
+        json.dumps({"translation": {"de": src} | ({} if split == "train" and i == 30 else {"en": tgt})}) + "\n"
+        for i, (src, tgt) in enumerate(zip(*GOOD)))) for split in ("train", "valid", "test")],
+        ["data.format=hf", "data.streaming=true", "data.train=train.jsonl", "data.valid=valid.jsonl",
+         "data.test=test.jsonl"],
+        "train.jsonl, row 31: column 'translation' has no field 'en', which the rows before it have"),
     "a TSV line without one tab": (lambda d: (d / "train.tsv").write_text("a\tb\nno tab\n"), ["data.format=tsv"],
                                    "train.tsv:2: expected exactly one tab"),
     "a vocabulary the corpus cannot fill": (lambda d: None, ["tokenizer.vocab_size=5000"],

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkit import corpus
+from mtkit import corpus, hf
 from mtkit.config import DataSection
 from mtkit.errors import MtkitError
 
@@ -199,6 +199,23 @@ def test_hf_jsonl_file_with_translation_field(tmp_path):
     assert read(tmp_path, format="hf", train="train.jsonl") == PAIRS
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_hf_row_without_one_side_is_named_by_its_number(tmp_path, streaming):
+    """Rows 1-2,500 where row 1,501 lacks its English side: the error says which row (it said only
+    that the column had no such field, and asked for another data.tgt_field, though 1,500 rows had
+    it); a row whose side is null is an empty side, which prepare counts as it does empty lines."""
+    rows = [{"translation": {"de": f"satz {i}", "en": f"sentence {i}"}} for i in range(2500)]
+    write_jsonl(tmp_path / "train.jsonl", rows[:1500] + [{"translation": {"de": "nur deutsch"}}] + rows[1501:])
+    message = error(tmp_path, format="hf", train="train.jsonl", streaming=streaming)
+    assert "train.jsonl, row 1,501: column 'translation' has no field 'en', which the rows before it have" in message
+    assert "'nur deutsch'" in message
+    write_jsonl(tmp_path / "train.jsonl", [{"translation": {"de": "satz", "en": None}}] + rows)
+    assert read(tmp_path, format="hf", train="train.jsonl", streaming=streaming)[:2] == [("satz", ""), ("satz 0", "sentence 0")]
+    write_jsonl(tmp_path / "train.jsonl", [{"translation": {"de": "nur deutsch"}}] + rows)
+    assert "train.jsonl: column 'translation' has no field 'en'" in error(tmp_path, format="hf", train="train.jsonl",
+                                                                         streaming=streaming)
+
+
 def test_hf_local_dataset_folder_through_load_dataset(tmp_path):
     folder = tmp_path / "my_dataset"
     write_jsonl(folder / "train.jsonl", TRANSLATION_ROWS)
@@ -349,7 +366,7 @@ def test_a_streamed_source_is_fingerprinted_without_being_read(tmp_path, monkeyp
     def no_reading(source):
         raise AssertionError(f"{source.describe()} was read to be fingerprinted")
 
-    monkeypatch.setattr(corpus, "_read_hf", no_reading)
+    monkeypatch.setattr(hf, "_read", no_reading)
     before = {kind: fingerprint(kind) for kind in kinds}
     assert before == {kind: fingerprint(kind) for kind in kinds}  # stable
     write_jsonl(tmp_path / "folder" / "train.jsonl", TRANSLATION_ROWS[:2])

@@ -407,23 +407,89 @@ def test_streaming_prepares_the_same_data_without_converting_the_dataset(tmp_pat
     assert arrays[True] == arrays[False] and len(arrays[True]) == 12
 
 
-def test_dedup_remembers_a_pair_in_8_bytes_where_a_set_of_its_keys_took_over_80():
+def test_a_stream_is_read_once_by_the_tokenizer_and_prepare_together(tmp_path, monkeypatch):
+    """A streamed hub dataset is downloaded as it is read: the tokenizer reads train, prepare reads
+    it again, and valid and test twice (the overlap check, then the arrays). Each split's stream is
+    now read once, by its first reader, which keeps a copy in the workdir for the next; prepare
+    deletes the copies. The prepared data is what reading every stream each time gave."""
+    import json
+
+    from mtkit import hf
+
+    corpus_dir = tmp_path / "corpus"
+    for split, pairs in (("train", FILLER), ("validation", VALID), ("test", TEST)):
+        (corpus_dir / split).mkdir(parents=True)
+        (corpus_dir / split / "part.jsonl").write_text(
+            "".join(json.dumps({"translation": {"de": s, "en": t}}) + "\n" for s, t in pairs))
+    reads = Counter()
+    read = hf._read
+
+    def counted(source):
+        reads[source.split] += 1
+        yield from read(source)
+
+    monkeypatch.setattr(hf, "_read", counted)
+    arrays = {}
+    for name, overrides in (("kept", []), ("read each time", [])):
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, data={
+            "format": "hf", "dir": str(corpus_dir), "src": "de", "tgt": "en", "valid": "validation",
+            "hf_dataset": str(corpus_dir), "streaming": True}, tokenizer={"vocab_size": 120})
+        if name == "read each time":  # as before: no copies kept
+            monkeypatch.setattr(corpus, "keep_streams", lambda source, workdir: source)
+        reads.clear()
+        cfg, result = run_stages(config, overrides)
+        arrays[name] = {p.name: p.read_bytes() for p in result.folder.iterdir() if p.suffix in (".bin", ".idx")}
+        if name == "kept":
+            assert reads == {"train": 1, "valid": 1, "test": 1}
+            assert not (cfg.workdir / "stream").exists()
+        else:
+            assert reads == {"train": 2, "valid": 2, "test": 2}
+    assert arrays["kept"] == arrays["read each time"] and len(arrays["kept"]) == 12
+
+
+def test_a_stream_left_half_read_is_never_taken_for_a_whole_one(tmp_path):
+    """A reader that stops early (an error, a ctrl-C) leaves no copy; one read to its end does."""
+    from mtkit import hf
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(f'{{"de": "satz {i}", "en": "sentence {i}"}}\n' for i in range(2500)))
+    source = corpus.Source(split="train", kind="hf", hf_file=rows, src="de", tgt="en", streaming=True,
+                           keep=tmp_path / "stream" / "train.jsonl")
+    pairs = hf.read(source)
+    assert [next(pairs) for _ in range(1200)][-1] == ("satz 1199", "sentence 1199")
+    pairs.close()
+    assert not (tmp_path / "stream").exists()
+    whole = list(hf.read(source))
+    assert len(whole) == 2500 and source.keep.is_file()
+    rows.unlink()  # read from the copy now
+    assert list(hf.read(source)) == whole
+
+
+def test_dedup_remembers_a_pair_in_7_bytes_where_a_set_of_its_keys_took_over_80():
     """WMT-sized corpora: dedup must remember every distinct train pair. A Python set of their
     16-byte keys (what prepare kept) costs over 80 bytes a pair, 4 GB at 50 million; SeenKeys keeps
-    8 (the sorted arrays it merges take as much again for a moment)."""
+    7, and merging its sorted arrays never copies them all at once."""
     import sys
+    import tracemalloc
 
     from mtkit.prepare import SeenKeys
 
-    n = 200_000
-    keys = np.random.default_rng(0).integers(0, 2**63, n, dtype=np.uint64)
+    n = 160_000  # 16 chunks: the last one merges every array
+    keys = np.random.default_rng(0).integers(0, 2**64, n, dtype=np.uint64)
     seen = SeenKeys()
+    tracemalloc.start()
     for start in range(0, n, 10_000):
         assert seen.first_seen(keys[start:start + 10_000]).all()
-    assert seen.nbytes == 8 * n
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen.nbytes == 7 * n
+    # The merges copy a shard's arrays, not all of them: the peak is the keys and little more
+    # (merging everything in one array peaked at 1.7 times the keys).
+    assert peak < 1.25 * 7 * n
     as_before = {bytes(16) + k.tobytes() for k in keys[:20_000]}  # 16-byte keys in a set, as prepare kept them
     per_pair = (sys.getsizeof(as_before) + sum(sys.getsizeof(k) for k in as_before)) / len(as_before)
-    assert per_pair > 80 and seen.nbytes / n <= 8
+    assert per_pair > 80 and seen.nbytes / n <= 7
 
 
 @settings(max_examples=60, deadline=None)
@@ -432,10 +498,27 @@ def test_dedup_keeps_the_first_of_equal_keys_across_chunks(values, chunk):
     from mtkit.prepare import SeenKeys
 
     seen, reference, kept = SeenKeys(), set(), []
-    keys = np.array(values, dtype=np.uint64)
+    # Spread over the 64 bits, so that keys fall in every shard.
+    keys = np.array(values, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     for start in range(0, len(keys), chunk):
         kept += seen.first_seen(keys[start:start + chunk]).tolist()
     for v in values:
         kept_here = v not in reference
         reference.add(v)
         assert kept.pop(0) == kept_here
+
+
+def test_token_statistics_are_read_a_million_sentences_at_a_time(tmp_path):
+    """A split's statistics come from its .idx file in slices (the lengths of 50 million pairs at
+    once grew prepare's peak with the corpus): the same figures as from all the lengths at once,
+    for the split and for any run of its sentences (a direction's)."""
+    from mtkit.prepare import _token_stats
+
+    lengths = np.random.default_rng(1).integers(0, 90, 2_500_000)
+    lengths[1_048_576] = 250  # the longest, first of a slice
+    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp_path / "train.src.idx")
+    for start, end in ((0, len(lengths)), (5, 1_048_576), (1_048_576, 1_048_577), (7, 7)):
+        part = lengths[start:end]
+        assert _token_stats(tmp_path / "train.src.idx", start, end) == {
+            "sentences": len(part), "tokens": int(part.sum()),
+            "mean_len": round(float(part.mean()), 2) if len(part) else 0.0, "max_len": int(part.max(initial=0))}
