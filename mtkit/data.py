@@ -93,12 +93,15 @@ class ArrayWriter:
         np.zeros(1, dtype=np.int64).tofile(self.idx)
 
     def add(self, sentences: list[list[int]]) -> None:
-        if not sentences:
-            return
         lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
-        flat = np.fromiter((t for s in sentences for t in s), dtype=self.dtype, count=int(lengths.sum()))
-        flat.tofile(self.bin)
-        (self.total + np.cumsum(lengths)).tofile(self.idx)
+        self.add_flat(np.fromiter((t for s in sentences for t in s), dtype=self.dtype, count=int(lengths.sum())), lengths)
+
+    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Sentences given as their ids one after another and their lengths."""
+        if not len(lengths):
+            return
+        flat.astype(self.dtype, copy=False).tofile(self.bin)
+        (self.total + np.cumsum(lengths, dtype=np.int64)).tofile(self.idx)
         self.total += int(lengths.sum())
 
     def close(self) -> None:

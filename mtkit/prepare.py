@@ -7,7 +7,6 @@ inputs, the tokenizer and the settings: a rerun with all three unchanged does no
 """
 
 import errno
-import hashlib
 import itertools
 import os
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkit import corpus, lineage
+from mtkit import chunks, corpus, lineage
 from mtkit.bookkeeping import keep_for_the_run
 from mtkit.config import Config
 from mtkit.console import console, info, progress_bar, table
@@ -74,11 +73,13 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         try:
             for split, source in sources.items():
                 expected = tok_info.get("pairs_seen") if split == "train" else None
-                task = bar.add_task(f"prepare {split}", total=expected)
+                workers = chunks.workers_for(expected, chunks.cores())
+                task = bar.add_task(f"prepare {split}" + (f" ({workers} processes)" if workers else ""), total=expected)
                 copies = d.sampled_copies if split == "train" and d.subword_sampling else 0
                 splits[split] = _write_split(
                     tmp, split, source, tok, dtype, settings, train_seen, copies,
-                    lambda n, task=task, s=split: done.update({s: n}) or bar.update(task, completed=n))
+                    lambda n, task=task, s=split: done.update({s: n}) or bar.update(task, completed=n),
+                    (cfg.tokenizer_dir, workers))
                 bar.update(task, total=splits[split]["pairs_in"], completed=splits[split]["pairs_in"])
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -110,13 +111,13 @@ def _disk_full(tmp: Path, out: Path, done: int, expected: int | None) -> MtkitEr
 
 
 def _write_split(tmp: Path, split: str, source: corpus.Source, tok: Tokenizer, dtype, settings: dict,
-                 train_seen: dict, copies: int, report) -> dict:
+                 train_seen: dict, copies: int, report, pool: tuple[Path, int]) -> dict:
     """One split into its token arrays (and `copies` subword-sampled copies, train.s<k>), with the
     counts and token statistics the manifest records of it."""
     names = [split] + [f"train.s{k}" for k in range(copies)]
     writers = [[ArrayWriter(tmp / f"{name}.{side}", dtype) for side in ("src", "tgt")] for name in names]
     try:
-        result = _prepare_split(source, tok, writers, settings, train_seen, report)
+        result = _prepare_split(source, tok, writers, settings, train_seen, report, pool)
     finally:
         for w in itertools.chain(*writers):
             w.close()
@@ -150,10 +151,6 @@ def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -
     if changed:
         raise MtkitError(f"the tokenizer in {cfg.tokenizer_dir} does not match this config: {'; '.join(changed)}",
                          hint="retrain it first: mtkit tokenizer train CONFIG (or use mtkit run CONFIG)")
-
-
-def _key(*parts: str) -> bytes:
-    return hashlib.blake2b("\t".join(parts).encode(), digest_size=16).digest()
 
 
 class SeenKeys:
@@ -216,20 +213,20 @@ def _heldout_keys(sources: dict[str, corpus.Source]) -> set[bytes]:
     for split in ("valid", "test"):
         for src, tgt in corpus.read_pairs(sources[split]):
             src, tgt = corpus.normalize(src), corpus.normalize(tgt)
-            keys.update((_key(src), _key(src, tgt)))
+            keys.update((chunks.key(src), chunks.key(src, tgt)))
     return keys
 
 
 def _prepare_split(source: corpus.Source, tok: Tokenizer, writers: list[list[ArrayWriter]], filters: dict,
-                   train_seen: dict, report) -> dict:
-    """Normalize, (for train) filter, encode and write one split; returns its counts."""
+                   train_seen: dict, report, pool: tuple[Path | None, int] = (None, 0)) -> dict:
+    """Normalize, (for train) filter, encode and write one split; returns its counts. pool: the
+    tokenizer's folder and how many worker processes encode (0: this process)."""
     is_train = source.split == "train"
-    threads = os.cpu_count() or 1
     counts: Counter = Counter()
     ends, by_direction = [], {}  # several directions: where each one's kept pairs end, and its counts
     for name, part in corpus.directions_of(source).items():
         before = counts.copy()
-        _prepare_part(corpus.read_pairs(part), is_train, tok, writers, filters, train_seen, counts, threads, report)
+        _prepare_part(corpus.read_pairs(part), is_train, tok, writers, filters, train_seen, counts, pool, report)
         ends.append(counts["kept"])
         by_direction[name] = _summary(counts - before, is_train)
     if counts["kept"] == 0:
@@ -257,52 +254,60 @@ def _summary(counts: Counter, is_train: bool) -> dict:
 
 
 def _prepare_part(pairs, is_train: bool, tok: Tokenizer, writers: list[list[ArrayWriter]], filters: dict,
-                  train_seen: dict, counts: Counter, threads: int, report) -> None:
-    """One direction's pairs (or a single pair's): normalized, filtered, encoded, written."""
-    while chunk := list(itertools.islice(pairs, CHUNK)):
-        srcs, tgts, keys = [], [], []
-        for src, tgt in chunk:
-            src, tgt = corpus.normalize(src), corpus.normalize(tgt)
-            if is_train:
-                if not src or not tgt:
-                    counts["empty"] += 1
-                    continue
-                # Overlap is measured against train as read (before the length filters).
-                src_key, pair = _key(src), _key(src, tgt)
-                if src_key in train_seen["heldout"]:
-                    train_seen["src"].add(src_key)
-                if pair in train_seen["heldout"]:
-                    train_seen["pair"].add(pair)
-                keys.append(pair[:8])
-            elif not src or not tgt:
-                counts["empty_lines"] += 1
-            else:
-                counts["in_train_src"] += _key(src) in train_seen["src"]
-                counts["in_train_pair"] += _key(src, tgt) in train_seen["pair"]
-            srcs.append(src)
-            tgts.append(tgt)
-        if is_train and filters["dedup"]:  # the first of identical pairs, in this chunk or before it
-            new = train_seen["dedup"].first_seen(np.frombuffer(b"".join(keys), dtype=np.uint64))
-            counts["duplicate"] += len(srcs) - int(new.sum())
-            srcs, tgts = [s for s, n in zip(srcs, new) if n], [t for t, n in zip(tgts, new) if n]
-        src_ids, tgt_ids = tok.encode_src(srcs, threads), tok.encode_tgt(tgts, threads)
+                  train_seen: dict, counts: Counter, pool: tuple[Path | None, int], report) -> None:
+    """One direction's pairs (or a single pair's): normalized and encoded (chunks.py: in `pool`'s
+    worker processes, if any), then filtered and written in order."""
+    batches = iter(lambda: list(itertools.islice(pairs, CHUNK)), [])
+    for chunk in chunks.encoded(batches, tok, *pool, with_lines=len(writers) > 1):
+        keep = np.ones(chunk.n, dtype=bool)
         if is_train:
-            kept = [i for i in range(len(srcs)) if _keep(len(src_ids[i]), len(tgt_ids[i]), filters, counts)]
-            src_ids, tgt_ids = [src_ids[i] for i in kept], [tgt_ids[i] for i in kept]
-        else:  # kept whole; translation truncates what exceeds the model's positions
-            counts["longer_than_max_len"] += sum(len(ids) > filters["max_len"] for ids in src_ids)
+            keep &= ~chunk.empty
+            counts["empty"] += int(chunk.empty.sum())
+            # Overlap is measured against train as read (before dedup and the length filters).
+            train_seen["src"].update(src for src, _ in chunk.keys if src in train_seen["heldout"])
+            train_seen["pair"].update(pair for _, pair in chunk.keys if pair in train_seen["heldout"])
+            if filters["dedup"]:  # the first of identical pairs, in this chunk or before it
+                new = train_seen["dedup"].first_seen(np.frombuffer(b"".join(p[:8] for _, p in chunk.keys), np.uint64))
+                counts["duplicate"] += len(new) - int(new.sum())
+                keep[keep] = new
+            keep &= _within_lengths(chunk.src_lengths, chunk.tgt_lengths, keep, filters, counts)
+        else:  # kept whole, empty lines too; translation truncates what exceeds the model's positions
+            counts["empty_lines"] += int(chunk.empty.sum())
+            counts["in_train_src"] += sum(src in train_seen["src"] for src, _ in chunk.keys)
+            counts["in_train_pair"] += sum(pair in train_seen["pair"] for _, pair in chunk.keys)
+            counts["longer_than_max_len"] += int((chunk.src_lengths > filters["max_len"]).sum())
         # Unknown tokens are counted here, not by reading the arrays back: a memory map of a
         # large output would count against this process's RSS.
-        counts["unk_src"] += sum(ids.count(tok.unk_id) for ids in src_ids)
-        counts["unk_tgt"] += sum(ids.count(tok.unk_id) for ids in tgt_ids)
-        writers[0][0].add(src_ids)
-        writers[0][1].add(tgt_ids)
+        counts["unk_src"] += int(chunk.src_unk[keep].sum())
+        counts["unk_tgt"] += int(chunk.tgt_unk[keep].sum())
+        writers[0][0].add_flat(chunk.src[np.repeat(keep, chunk.src_lengths)], chunk.src_lengths[keep])
+        writers[0][1].add_flat(chunk.tgt[np.repeat(keep, chunk.tgt_lengths)], chunk.tgt_lengths[keep])
         if len(writers) > 1:
-            _add_sampled(writers[1:], tok, [srcs[i] for i in kept], [tgts[i] for i in kept], src_ids, tgt_ids,
+            _add_sampled(writers[1:], tok, *([line for line, k in zip(side, keep) if k] for side in chunk.lines),
+                         *(_sentences(flat, lengths, keep) for flat, lengths in
+                           ((chunk.src, chunk.src_lengths), (chunk.tgt, chunk.tgt_lengths))),
                          filters, counts["pairs_in"])
-        counts["pairs_in"] += len(chunk)
-        counts["kept"] += len(src_ids)
+        counts["pairs_in"] += chunk.n
+        counts["kept"] += int(keep.sum())
         report(counts["pairs_in"])
+
+
+def _within_lengths(src: np.ndarray, tgt: np.ndarray, keep: np.ndarray, filters: dict, counts: Counter) -> np.ndarray:
+    """Which pairs pass the length filters; those of `keep` that fail are counted by their first
+    failed rule (too_short, too_long, ratio)."""
+    shorter, longer = np.minimum(src, tgt), np.maximum(src, tgt)
+    failed = np.zeros(len(src), dtype=bool)
+    for reason, rule in (("too_short", shorter < filters["min_len"]), ("too_long", longer > filters["max_len"]),
+                         ("ratio", longer > filters["max_ratio"] * shorter)):
+        counts[reason] += int((rule & keep & ~failed).sum())
+        failed |= rule
+    return ~failed
+
+
+def _sentences(flat: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> list[list[int]]:
+    """The kept sentences as lists of ids."""
+    ends = np.cumsum(lengths)
+    return [flat[end - n:end].tolist() for end, n, k in zip(ends, lengths, keep) if k]
 
 
 def _add_sampled(writers: list[list[ArrayWriter]], tok: Tokenizer, srcs: list[str], tgts: list[str],
@@ -318,7 +323,7 @@ def _add_sampled(writers: list[list[ArrayWriter]], tok: Tokenizer, srcs: list[st
             if sides not in ("both", side):
                 writer.add(plain)
                 continue
-            seed = int.from_bytes(_key(str(filters["seed"]), str(k), str(start), side)[:4], "little") >> 1
+            seed = int.from_bytes(chunks.key(str(filters["seed"]), str(k), str(start), side)[:4], "little") >> 1
             sampled = encode(lines, sampling=filters["subword_sampling"], seed=seed)
             writer.add([ids if len(ids) <= filters["max_len"] else p for ids, p in zip(sampled, plain)])
 
@@ -332,20 +337,6 @@ def _sampling_stats(folder: Path, names: list[str]) -> dict:
         stats[f"{side}_tokens_per_copy"] = round(sampled / (len(names) - 1))
         stats[f"{side}_longer"] = round(sampled / (len(names) - 1) / max(1, plain), 3)
     return stats
-
-
-def _keep(n_src: int, n_tgt: int, filters: dict, counts: Counter) -> bool:
-    shorter, longer = min(n_src, n_tgt), max(n_src, n_tgt)
-    if shorter < filters["min_len"]:
-        reason = "too_short"
-    elif longer > filters["max_len"]:
-        reason = "too_long"
-    elif longer > filters["max_ratio"] * shorter:
-        reason = "ratio"
-    else:
-        return True
-    counts[reason] += 1
-    return False
 
 
 def _token_stats(idx: Path, start: int, end: int) -> dict:

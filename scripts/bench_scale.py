@@ -11,7 +11,8 @@ reused, so that runs before and after a change read the same text. Each stage ru
 of its own, so that its peak RSS is its own: the tokenizer (`tokenizer.sample_pairs`, default
 1,000,000, bounds what it reads), prepare (normalize, filter, dedup, encode, write), and one epoch
 of the training batcher over the prepared train split (the sampler's batches, each made into
-padded tensors). Prints a table, then as its last line one JSON object.
+padded tensors); with --prepare-workers, prepare again with each number of worker processes
+(chunks.py; 0: all in one process). Prints a table, then as its last line one JSON object.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,23 +70,56 @@ def make_corpus(folder: Path, pairs: int, seed: int = 7) -> Path:
     return out
 
 
+class ChildrenRSS(threading.Thread):
+    """The peak of this process's children's RSS together, sampled from /proc every 0.2 s (Linux).
+    (ru_maxrss of the children would count each one's moment as a fork of this process.)"""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_kb = 0
+
+    def run(self) -> None:
+        me = str(os.getpid())
+        while True:
+            total = 0
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                if fields.get("PPid", "").strip() == me and "VmRSS" in fields:
+                    total += int(fields["VmRSS"].split()[0])
+            self.peak_kb = max(self.peak_kb, total)
+            time.sleep(0.2)
+
+
 def stage(name: str, corpus: Path, workdir: Path, vocab: int) -> dict:
     """One stage, in this process: its seconds and figures (the caller reads the peak RSS)."""
     from mtkit.config import load_config
 
     cfg = load_config(REPO / "configs/base.yaml", [f"data.dir={corpus}", "data.src=en", "data.tgt=vs",
                                                    f"experiment.workdir={workdir}", f"tokenizer.vocab_size={vocab}"])
+    children = ChildrenRSS()
+    if Path("/proc").is_dir():
+        children.start()
     start = time.perf_counter()
     if name == "tokenizer":
         from mtkit.train_tokenizer import train_tokenizer
 
         train_tokenizer(cfg)
         figures = {"sample_pairs": cfg.tokenizer.sample_pairs}
-    elif name == "prepare":
+    elif name.startswith("prepare"):
+        from mtkit import chunks
         from mtkit.prepare import prepare
 
-        train = prepare(cfg).manifest["splits"]["train"]
-        figures = {"pairs_in": train["pairs_in"], "kept": train["kept"]}
+        if name != "prepare":  # "prepare:N": N worker processes, whatever prepare would choose
+            workers = int(name.split(":")[1])
+            chunks.workers_for = lambda pairs, cores: workers if pairs else 0
+        train = prepare(cfg, force=True).manifest["splits"]["train"]
+        figures = {"pairs_in": train["pairs_in"], "kept": train["kept"],
+                   "workers": chunks.workers_for(train["pairs_in"], chunks.cores()),
+                   "workers_peak_rss_mb": round(children.peak_kb / 1024)}
     else:
         from mtkit.data import TokenBucketSampler, make_batch, train_arrays
         from mtkit.files import read_json
@@ -118,6 +153,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--corpus-dir", type=Path, default=Path(tempfile.gettempdir()) / "mtkit-scale")
     ap.add_argument("--vocab", type=int, default=16000)
+    ap.add_argument("--prepare-workers", type=int, nargs="*", default=[],
+                    help="also time prepare with these numbers of worker processes (0: in one process)")
     args = ap.parse_args()
     from mtkit.console import console, table
     from mtkit.devices import cpu_description
@@ -129,15 +166,16 @@ def main() -> None:
         made = time.perf_counter() - start
         with tempfile.TemporaryDirectory(prefix="mtkit-bench-scale-") as tmp:
             stages = {name: run_stage(name, corpus, Path(tmp) / "run", args.vocab)
-                      for name in ("tokenizer", "prepare", "batching")}
+                      for name in ("tokenizer", "prepare", "batching", *(f"prepare:{n}" for n in args.prepare_workers))}
         words = sum(len(line.split()) for line in open(corpus / "valid.en", encoding="utf-8")) / 1000
         results.append({"pairs": n, "corpus_seconds": round(made, 1), "words_per_line_en": round(words, 1), **stages})
     t = table("tokenizer, prepare and one epoch of batching", ["pairs", "stage", "seconds", "peak RSS MB", "notes"])
     for r in results:
-        for name in ("tokenizer", "prepare", "batching"):
+        for name in (n for n in r if n in ("tokenizer", "batching") or n.startswith("prepare")):
             s = r[name]
-            notes = {"tokenizer": f"sample of {s.get('sample_pairs', 0):,}", "prepare": f"{s.get('kept', 0):,} kept",
-                     "batching": f"{s.get('batches', 0):,} batches"}[name]
+            notes = (f"sample of {s.get('sample_pairs', 0):,}" if name == "tokenizer" else
+                     f"{s.get('batches', 0):,} batches" if name == "batching" else
+                     f"{s['kept']:,} kept, {s['workers']} workers, {s['workers_peak_rss_mb']:,} MB together")
             t.add_row(f"{r['pairs']:,}", name, f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:,}", notes)
     console.print(t)
     print(json.dumps({"cpu": cpu_description(), "cores": os.cpu_count(), "vocab": args.vocab, "runs": results}))

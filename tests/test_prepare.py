@@ -466,6 +466,33 @@ def test_a_stream_left_half_read_is_never_taken_for_a_whole_one(tmp_path):
     assert list(hf.read(source)) == whole
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_worker_processes_prepare_exactly_what_one_process_does(crafted, monkeypatch, sampled):
+    """Large train splits are normalized and encoded by one worker process a core (chunks.py), in
+    chunks given back in order: the arrays, counts and overlap figures are those of one process,
+    with every filter at work (TRAIN) across chunks of 7 pairs, and subword-sampled copies."""
+    from mtkit import chunks
+    from mtkit import prepare as stage
+
+    monkeypatch.setattr(stage, "CHUNK", 7)
+    overrides = ["data.subword_sampling=0.1", "data.sampled_copies=2"] if sampled else []
+    made = {}
+    for workers in (0, 2):
+        monkeypatch.setattr(chunks, "workers_for", lambda pairs, cores, n=workers: n if pairs else 0)
+        cfg, _ = run_stages(crafted, overrides)
+        result = prepare(cfg, force=True)
+        made[workers] = ({p.name: p.read_bytes() for p in result.folder.iterdir() if p.suffix in (".bin", ".idx")},
+                         {k: v for k, v in result.manifest.items() if k != "seconds"})
+    assert made[0] == made[2] and len(made[0][0]) == 12 + 8 * sampled
+
+
+def test_how_many_processes_encode_a_split():
+    from mtkit.chunks import POOL_FROM, workers_for
+
+    assert [workers_for(pairs, cores) for pairs in (None, 0, POOL_FROM - 1, POOL_FROM, 50_000_000)
+            for cores in (1, 2, 16)] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 16, 0, 2, 16]
+
+
 def test_dedup_remembers_a_pair_in_7_bytes_where_a_set_of_its_keys_took_over_80():
     """WMT-sized corpora: dedup must remember every distinct train pair. A Python set of their
     16-byte keys (what prepare kept) costs over 80 bytes a pair, 4 GB at 50 million; SeenKeys keeps
