@@ -66,7 +66,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
     start = time.perf_counter()
     dtype = token_dtype(max(tok.src_vocab_size, tok.tgt_vocab_size))
     # Memory: the overlap check keeps only the keys of valid/test (small) and of the train pairs
-    # that match them; only dedup must remember every distinct train pair (7 bytes each: SeenKeys).
+    # that match them; only dedup must remember every distinct train pair (6 bytes each: SeenKeys).
     train_seen = {"heldout": _heldout_keys(sources), "src": set(), "pair": set(), "dedup": SeenKeys()}
     splits, done = {}, {}  # done: pairs read of each split so far
     with atomic_dir(out) as tmp, progress_bar() as bar:
@@ -154,12 +154,12 @@ def _check_tokenizer_is_current(cfg: Config, trained: dict, train_sha256: str) -
 
 
 class SeenKeys:
-    """The train pairs kept so far, for dedup, in 7 bytes each: 60 bits of their BLAKE2b key (a
+    """The train pairs kept so far, for dedup, in 6 bytes each: 52 bits of their BLAKE2b key (a
     Python set of the 16-byte keys took ~100 bytes a pair: 5 GB at 50 million pairs). The keys are
     kept in 16 shards by their first 4 bits, so that merging a shard's sorted arrays copies a
-    sixteenth of them at most, and a key is kept as its next 56 bits. Two different pairs share 60
-    bits with a chance of about one in 1,000 among 50 million pairs (a pair then dropped as a
-    duplicate)."""
+    sixteenth of them at most, and a key is kept as its next 48 bits. Two different pairs share 52
+    bits with a chance of about one in four among 50 million pairs (one in 360 among 5 million): a
+    pair then dropped as a duplicate."""
 
     SHARDS = 16
 
@@ -171,9 +171,9 @@ class SeenKeys:
         are remembered."""
         new = np.zeros(len(keys), dtype=bool)
         shard_of = keys >> np.uint64(60)
-        # Bits 4-59 as 7 big-endian bytes, which sort as the number they are.
-        rest = (keys << np.uint64(4)).astype(">u8").view(np.uint8).reshape(-1, 8)[:, :7]
-        rest = np.ascontiguousarray(rest).view("S7").ravel()
+        # Bits 4-51 as 6 big-endian bytes, which sort as the number they are.
+        rest = (keys << np.uint64(4)).astype(">u8").view(np.uint8).reshape(-1, 8)[:, :6]
+        rest = np.ascontiguousarray(rest).view("S6").ravel()
         for shard, levels in enumerate(self.shards):
             where = np.flatnonzero(shard_of == shard)
             new[where] = levels.first_seen(rest[where])

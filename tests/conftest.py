@@ -7,8 +7,11 @@ import os
 import tempfile
 
 # datasets reads its cache location at import: keep test caches out of the user's home, and never
-# wait on the network (hub look-ups must fail fast here; local files need no network).
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mtkit-hf-"))
+# wait on the network (hub look-ups must fail fast here; local files need no network). One cache a
+# test process: xdist's workers inherit the first process's, and a test that looks for the Arrow
+# files datasets wrote must not see another worker's.
+if os.environ.get("HF_HOME", "") == os.environ.get("MTKIT_TESTS_HF_HOME", ""):
+    os.environ["HF_HOME"] = os.environ["MTKIT_TESTS_HF_HOME"] = tempfile.mkdtemp(prefix="mtkit-hf-")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite runs two tests at a time (`-n 2` in pyproject.toml, one per core of the CI machine):

@@ -493,10 +493,10 @@ def test_how_many_processes_encode_a_split():
             for cores in (1, 2, 16)] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 16, 0, 2, 16]
 
 
-def test_dedup_remembers_a_pair_in_7_bytes_where_a_set_of_its_keys_took_over_80():
+def test_dedup_remembers_a_pair_in_6_bytes_where_a_set_of_its_keys_took_over_80():
     """WMT-sized corpora: dedup must remember every distinct train pair. A Python set of their
     16-byte keys (what prepare kept) costs over 80 bytes a pair, 4 GB at 50 million; SeenKeys keeps
-    7, and merging its sorted arrays never copies them all at once."""
+    6, and merging its sorted arrays never copies them all at once."""
     import sys
     import tracemalloc
 
@@ -510,13 +510,13 @@ def test_dedup_remembers_a_pair_in_7_bytes_where_a_set_of_its_keys_took_over_80(
         assert seen.first_seen(keys[start:start + 10_000]).all()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert seen.nbytes == 7 * n
+    assert seen.nbytes == 6 * n
     # The merges copy a shard's arrays, not all of them: the peak is the keys and little more
     # (merging everything in one array peaked at 1.7 times the keys).
-    assert peak < 1.25 * 7 * n
+    assert peak < 1.25 * 6 * n
     as_before = {bytes(16) + k.tobytes() for k in keys[:20_000]}  # 16-byte keys in a set, as prepare kept them
     per_pair = (sys.getsizeof(as_before) + sum(sys.getsizeof(k) for k in as_before)) / len(as_before)
-    assert per_pair > 80 and seen.nbytes / n <= 7
+    assert per_pair > 80 and seen.nbytes / n <= 6
 
 
 @settings(max_examples=60, deadline=None)
