@@ -571,16 +571,16 @@ def test_a_disk_that_fills_during_prepare(cli, tmp_path, demo_dir, monkeypatch):
 
     config = tiny_config(tmp_path, demo_dir)
     assert cli("tokenizer", "train", config)[0] == 0
-    real, calls = ArrayWriter.add, []
+    real, calls = ArrayWriter.add_flat, []
 
-    def add(self, sentences):
+    def add_flat(self, flat, lengths):
         calls.append(1)
         if len(calls) == 5:  # source and target of chunk 1 and 2, then chunk 3's source
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, sentences)
+        return real(self, flat, lengths)
 
     monkeypatch.setattr(stage, "CHUNK", 2000)
-    monkeypatch.setattr(ArrayWriter, "add", add)
+    monkeypatch.setattr(ArrayWriter, "add_flat", add_flat)
     code, _, err = cli("prepare", config)
     assert_refused(code, err, f"the disk filled while prepare wrote {tmp_path / 'run/data'}: ")
     assert "MB written for 4,000 train pairs of 30,000; it needs about" in err and "free that much space" in err
