@@ -147,7 +147,11 @@ def run_stage(name: str, corpus: Path, workdir: Path, vocab: int) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--stage":
         figures = stage(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
-        figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        figures["peak_rss_mb"] = round(me.ru_maxrss / 1024)
+        # CPU seconds: what more cores would shorten (the workers') and what they would not (this process's)
+        figures["cpu_seconds"] = round(me.ru_utime + me.ru_stime, 1)
+        figures["workers_cpu_seconds"] = round(workers.ru_utime + workers.ru_stime, 1)
         return print(json.dumps(figures))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, nargs="+", default=[1_000_000, 5_000_000])
