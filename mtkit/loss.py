@@ -24,7 +24,8 @@ made: 4,096-token training steps ran 20% faster on an Intel Xeon with AMX (docs/
 import torch
 import torch.nn.functional as F
 
-from mtkit.model import compiles_per_shape, rounded_rows
+from mtkit.fast import rounded_rows
+from mtkit.model import compiles_per_shape
 
 CHUNK = 512  # tokens at a time: of 256, 512 and 1,024, the fastest at 4,096-token steps
 
@@ -57,8 +58,8 @@ class ProjectedCrossEntropy(torch.autograd.Function):
         device = states.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
         n = states.size(0)
-        # Zero rows (padding tokens) up to model.rounded_rows, so that compiled kernels for these
-        # products come back from step to step, as in model.linear.
+        # Zero rows (padding tokens) up to fast.rounded_rows, so that compiled kernels for these
+        # products come back from step to step, as in fast.linear.
         rows = rounded_rows(n) if compiles_per_shape(states) else n
         x = F.pad(states.to(low), (0, 0, 0, rows - n)) if rows > n else states.to(low)
         target = F.pad(target, (0, rows - n), value=pad_id)

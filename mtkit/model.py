@@ -19,7 +19,6 @@ last vectors into a distribution over the next token.
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,64 +45,6 @@ class ModelConfig:
     share_src_tgt: bool = False       # source embedding too (needs one joint vocabulary)
     pad_id: int = 0
     logits_bias: bool = False         # a learned bias added to the output logits (Marian's final_logits_bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dropout: while training, zero each activation with probability p and scale the others by
-# 1/(1-p), so the expected value is unchanged; at inference do nothing.
-
-class NumpyDropout(nn.Module):
-    """nn.Dropout, with a cheaper random mask on a CPU, where drawing random numbers is the cost (F.dropout
-    of a 3,700 x 1,024 bf16 activation: 20 ms forward + backward, a fifth of a step). 16 random bits per
-    element (p within 1/65536) from numpy's PCG64, twice as fast as torch's generator, which seeds it
-    (torch.manual_seed still decides every mask); made in x's precision, scaled once, as F.dropout's."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        bits = np.random.PCG64(torch.randint(2**63 - 1, ()).item()).random_raw((n + 3) // 4)  # 4 x 16 bits each
-        keep = torch.from_numpy(bits).view(torch.int16)[:n].ge(min(round(self.p * 65536), 65535) - 32768).view(x.shape)
-        return x * keep.view(torch.uint8).to(x.dtype).mul_(1.0 / (1.0 - self.p))  # bytes convert 6x as fast as bools
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear layers: y = x W^T + b over the last dimension, every other dimension folded into rows.
-
-def rounded_rows(rows: int) -> int:
-    """`rows` rounded up to one of 8 values per doubling (1,017 -> 1,024, 99 -> 104, 7 -> 7)."""
-    step = 1 << max(0, rows.bit_length() - 4)
-    return -(-rows // step) * step
-
-
-def compiles_per_shape(x: Tensor) -> bool:
-    """On a CPU in bf16/fp16, oneDNN runs the products of x: it compiles a kernel for every matrix
-    shape it meets (~2 ms on an Intel Xeon with AMX, more than the product itself), keeps the last few."""
-    return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16))
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear; in training where kernels are compiled per shape, with zero rows added up to
-    rounded_rows and dropped after: a batch's B*L rows are a new number nearly every step, rounded the
-    same few come back (a fifth of a 1,024-token step went to compiling). Decoding gained nothing."""
-    rows = x.numel() // x.size(-1)
-    padded = rounded_rows(rows)
-    if not compiles_per_shape(x) or not torch.is_grad_enabled() or padded == rows:
-        return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.size(-1))
-    flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.size(1))])
-    return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
-
-
-class RoundedLinear(nn.Linear):  # nn.Linear, through linear()
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +86,7 @@ class Embedding(nn.Module):
             self.register_buffer("table", sinusoidal_positions(cfg.max_positions, cfg.d_model,
                                                                halves=cfg.positions == "sinusoidal-halves"),
                                  persistent=False)
-        self.dropout = NumpyDropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         """ids (B, L) -> (B, L, D). `start` is the position of ids[:, 0] (the cache length when
@@ -203,14 +144,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | None, causal: bool
     return F.dropout(probs, dropout, training=dropout > 0) @ v
 
 
+def compiles_per_shape(x: Tensor) -> bool:
+    """On a CPU in bf16/fp16, oneDNN runs the products of x: it compiles a kernel for every matrix
+    shape it meets (~2 ms on an Intel Xeon with AMX, more than the product itself), keeps the last few."""
+    return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16))
+
+
 class SelfAttention(nn.Module):
     """Queries, keys and values all come from the same sequence; one fused Q/K/V projection."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
-        self.qkv = RoundedLinear(cfg.d_model, 3 * cfg.d_model)
-        self.out = RoundedLinear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: Tensor, *, keep: Tensor | None = None, causal: bool = False,
                 past: tuple[Tensor, Tensor] | None = None, weights: list | None = None
@@ -244,9 +191,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
-        self.q = RoundedLinear(cfg.d_model, cfg.d_model)
-        self.kv = RoundedLinear(cfg.d_model, 2 * cfg.d_model)
-        self.out = RoundedLinear(cfg.d_model, cfg.d_model)
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory (B, S, D) -> keys and values (B, H, S, E): computed once per sentence."""
@@ -281,10 +228,10 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.inner = RoundedLinear(cfg.d_model, cfg.ff_dim)
-        self.outer = RoundedLinear(cfg.ff_dim, cfg.d_model)
+        self.inner = nn.Linear(cfg.d_model, cfg.ff_dim)
+        self.outer = nn.Linear(cfg.ff_dim, cfg.d_model)
         self.activation = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[cfg.activation]
-        self.dropout = NumpyDropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.outer(self.dropout(self.activation(self.inner(x))))
@@ -300,7 +247,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = NumpyDropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.pre = cfg.norm == "pre"
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -398,7 +345,7 @@ class Transformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         final_norm = nn.LayerNorm if cfg.norm == "pre" else nn.Identity
         self.enc_norm, self.dec_norm = final_norm(cfg.d_model), final_norm(cfg.d_model)
-        self.generator = None if cfg.tie_embeddings else RoundedLinear(cfg.d_model, cfg.tgt_vocab, bias=False)
+        self.generator = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
         self.logits_bias = nn.Parameter(torch.zeros(cfg.tgt_vocab)) if cfg.logits_bias else None
         for name, p in self.named_parameters():
             # Xavier for every projection matrix (fairseq, the Annotated Transformer); embeddings
@@ -457,7 +404,7 @@ class Transformer(nn.Module):
 
     def project(self, y: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits."""
-        return linear(y, *self.output_layer())
+        return F.linear(y, *self.output_layer())
 
     def forward(self, src: Tensor, tgt_in: Tensor, project: bool = True) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) = BOS + target -> logits (B, T, V) (or states: decode)."""

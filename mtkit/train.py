@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mtkit import checkpoint, corpus, devices, distributed, lineage
+from mtkit import checkpoint, corpus, devices, distributed, fast, lineage
 from mtkit.bookkeeping import (RunState, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
                                stop_reason, workdir_lock)
 from mtkit.config import Config
@@ -136,7 +136,7 @@ class Trainer:
         random.seed(cfg.experiment.seed)
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
-        self.model = self.world.place(Transformer(self.model_config))
+        self.model = self.world.place(fast.apply(Transformer(self.model_config)))  # (fast.py: same model, faster)
         lineage.freeze(self.model, t.freeze)
         self.net = self.world.parallel(self.model)
         # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.

@@ -25,6 +25,7 @@ SHIPPED = ["configs/demo.yaml", "configs/multi30k_de_en.yaml", "configs/multi30k
 
 ONE = """
 import json, resource, sys, torch
+from mtkit import fast
 from mtkit.config import load_config
 from mtkit.devices import autocast
 from mtkit.loss import translation_loss
@@ -32,8 +33,8 @@ from mtkit.model import ModelConfig, Transformer
 
 cfg, precision, length = load_config(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 vocab = cfg.tokenizer.vocab_size
-model = Transformer(ModelConfig(**cfg.model.model_dump(), src_vocab=vocab, tgt_vocab=vocab,
-                                share_src_tgt=cfg.model.tie_embeddings))
+model = fast.apply(Transformer(ModelConfig(**cfg.model.model_dump(), src_vocab=vocab, tgt_vocab=vocab,
+                                          share_src_tgt=cfg.model.tie_embeddings)))  # as the trainer does
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 rows = max(1, cfg.train.max_tokens // length)
 src, tgt = (torch.randint(4, vocab, (rows, length)) for _ in range(2))

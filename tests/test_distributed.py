@@ -70,9 +70,9 @@ def torchrun(*args, cwd: Path | None = None, timeout: int = 600, script: Path | 
 # so that two processes' random states part ways (mtkit's CPU dropout draws one number a call).
 GPU_DROPOUT = """import runpy, sys
 import torch.nn.functional as F
-from mtkit import model
+from mtkit import fast
 
-model.NumpyDropout.forward = lambda self, x: F.dropout(x, self.p, training=self.training)
+fast.NumpyDropout.forward = lambda self, x: F.dropout(x, self.p, training=self.training)
 runpy.run_module("mtkit", run_name="__main__", alter_sys=True)
 """
 

@@ -141,7 +141,7 @@ def test_beams_share_the_memory_without_copying_it():
 
 
 def test_dropout_drops_p_and_keeps_the_expected_value():
-    from mtkit.model import NumpyDropout
+    from mtkit.fast import NumpyDropout
     drop = NumpyDropout(0.3).train()
     x = torch.ones(1001, 999, requires_grad=True)  # an odd number of elements
     torch.manual_seed(1)
@@ -166,7 +166,7 @@ def test_dropout_makes_its_bf16_mask_once():
     It is converted from bytes: torch converted bools to bf16 at a sixth of the speed."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mtkit.model import NumpyDropout
+    from mtkit.fast import NumpyDropout
     drop = NumpyDropout(0.3).train()
     x = torch.ones(101, 99, dtype=torch.bfloat16, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -179,7 +179,7 @@ def test_dropout_makes_its_bf16_mask_once():
     assert set(y.unique().tolist()) == {0.0, torch.tensor(1 / 0.7, dtype=torch.bfloat16).item()}
 
 def test_rounded_rows_adds_at_most_an_eighth_and_makes_eight_shapes_per_doubling():
-    from mtkit.model import rounded_rows
+    from mtkit.fast import rounded_rows
     assert [rounded_rows(n) for n in (1, 7, 15, 16, 17, 99, 1017, 1024, 1025)] == [1, 7, 15, 16, 18, 104, 1024, 1024, 1152]
     for n in range(1, 20_000):
         r = rounded_rows(n)
@@ -200,7 +200,7 @@ def products_seen(fn) -> set[tuple[int, ...]]:
 def test_training_products_in_bf16_see_rounded_rows_and_give_the_plain_results():
     """Zero rows are added (so oneDNN meets a few shapes, not a new one per batch) and dropped:
     the outputs and gradients are those of F.linear, and decoding (no gradient) is left alone."""
-    from mtkit.model import RoundedLinear
+    from mtkit.fast import RoundedLinear
     torch.manual_seed(0)
     layer = RoundedLinear(16, 24)
     x = torch.randn(3, 339, 16, requires_grad=True)  # 1,017 rows
@@ -282,3 +282,31 @@ def test_the_logits_bias_is_added_to_every_position_and_learned():
     after = model(src, tgt)
     assert torch.allclose(after - before, F.one_hot(torch.tensor(5), 37).float() * 3.0, atol=1e-5)
     assert model.decoder[0].feed_forward.activation is F.silu
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_the_trainers_fast_model_is_the_textbook_model(kw):
+    """fast.apply swaps model.py's nn.Dropout and nn.Linear for their cheaper subclasses in place:
+    the same parameters and checkpoint keys; without dropout, the same logits (translating: exactly;
+    a training step in bf16, where rows are padded: within bf16's rounding) and gradients."""
+    import copy
+
+    from mtkit import fast
+
+    plain = tiny(dropout=0.0, attention_dropout=0.0, **kw)
+    quick = fast.apply(copy.deepcopy(plain))
+    assert list(plain.state_dict()) == list(quick.state_dict())
+    swapped = {type(m).__name__ for m in quick.modules()} - {type(m).__name__ for m in plain.modules()}
+    assert swapped == {"NumpyDropout", "RoundedLinear"}
+    assert not any(type(m) in (torch.nn.Dropout, torch.nn.Linear) for m in quick.modules())
+    src, tgt = batch()
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(src, tgt), quick.eval()(src, tgt))
+    plain.train(), quick.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = [model(src, tgt) for model in (plain, quick)]
+    for model, out in zip((plain, quick), outputs):
+        out.float().square().mean().backward()
+    assert torch.allclose(outputs[0].float(), outputs[1].float(), atol=3e-2, rtol=3e-2)
+    for (name, a), b in zip(plain.named_parameters(), quick.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-2, rtol=5e-2), name
