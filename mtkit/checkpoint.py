@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mtkit import fast
 from mtkit.config import Config
 from mtkit.errors import MtkitError
 from mtkit.files import output_file
@@ -64,7 +65,7 @@ class Checkpoint:
 
     def build_model(self) -> Transformer:
         """The model the checkpoint describes, with its (translation) weights, in eval mode."""
-        model = Transformer(ModelConfig(**self.model_config))
+        model = fast.apply(Transformer(ModelConfig(**self.model_config)))  # (fast.py: the same model, faster)
         model.load_state_dict(self.weights)
         return model.eval()
 

@@ -24,8 +24,7 @@ made: 4,096-token training steps ran 20% faster on an Intel Xeon with AMX (docs/
 import torch
 import torch.nn.functional as F
 
-from mtkit.fast import rounded_rows
-from mtkit.model import compiles_per_shape
+from mtkit.fast import compiles_per_shape, rounded_rows
 
 CHUNK = 512  # tokens at a time: of 256, 512 and 1,024, the fastest at 4,096-token steps
 

@@ -144,14 +144,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | None, causal: bool
     return F.dropout(probs, dropout, training=dropout > 0) @ v
 
 
-def compiles_per_shape(x: Tensor) -> bool:
-    """On a CPU in bf16/fp16, oneDNN runs the products of x: it compiles a kernel for every matrix
-    shape it meets (~2 ms on an Intel Xeon with AMX, more than the product itself), keeps the last few."""
-    return x.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16))
-
-
 class SelfAttention(nn.Module):
     """Queries, keys and values all come from the same sequence; one fused Q/K/V projection."""
+
+    attend = staticmethod(attend)  # the formula above (fast.py decodes with a variant of it)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -175,13 +171,7 @@ class SelfAttention(nn.Module):
                 keep = torch.ones(lq, lk, dtype=torch.bool, device=x.device).tril(lk - lq)
             causal = False
         dropout = self.dropout if self.training else 0.0
-        if past is not None and compiles_per_shape(x):
-            # Decoding meets a new key length every step, so in bf16 a new kernel to compile every
-            # step; in fp32 nothing is compiled, and products this small run as fast (greedy +11%).
-            with torch.autocast(x.device.type, enabled=False):
-                y = attend(q.float(), k.float(), v.float(), keep=keep, causal=causal, dropout=dropout, weights=weights)
-        else:
-            y = attend(q, k, v, keep=keep, causal=causal, dropout=dropout, weights=weights)
+        y = self.attend(q, k, v, keep=keep, causal=causal, dropout=dropout, weights=weights)
         return self.out(merge_heads(y)), (k, v)
 
 

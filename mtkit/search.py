@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtkit.data import length_batches, pad_rows
-from mtkit.model import DecoderCache, Transformer, compiles_per_shape
+from mtkit.fast import compiles_per_shape
+from mtkit.model import DecoderCache, Transformer
 
 
 def max_lengths(src_lengths: Tensor, a: float, b: int, cap: int) -> Tensor:

@@ -79,10 +79,15 @@ def test_incremental_decoding_equals_full_forward(kw):
     assert torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
 
 
-def test_bf16_decoding_attends_over_its_growing_cache_in_fp32():
-    """On a CPU in bf16 the cached self-attention runs in fp32 (a bf16 product would compile a
-    kernel for every new key length) and still equals the full forward pass, within bf16's rounding."""
-    model = tiny()
+@pytest.mark.parametrize("seam", [True, False])
+def test_bf16_decoding_attends_over_its_growing_cache_in_fp32(seam):
+    """On a CPU in bf16 the model that fast.apply made (every one built from a checkpoint) runs
+    the cached self-attention in fp32 (a bf16 product would compile a kernel for every new key
+    length) and still equals the full forward pass, within bf16's rounding; the textbook model
+    attends in bf16 throughout."""
+    from mtkit import fast
+
+    model = fast.apply(tiny()) if seam else tiny()
     src, tgt = batch(t=9)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         memory = model.encode(src)
@@ -93,7 +98,7 @@ def test_bf16_decoding_attends_over_its_growing_cache_in_fp32():
             steps.append(logits.float())
     layers = len(model.decoder)
     assert [w.dtype for w in looked[:layers]] == [torch.bfloat16] * layers  # the first step: no cache yet
-    assert {w.dtype for w in looked[layers:]} == {torch.float32}
+    assert {w.dtype for w in looked[layers:]} == {torch.float32 if seam else torch.bfloat16}
     assert cache.self_kv[0][0].dtype == torch.bfloat16  # the cache itself stays bf16 (half the copying)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.1, rtol=0.05)
 
@@ -286,19 +291,20 @@ def test_the_logits_bias_is_added_to_every_position_and_learned():
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_the_trainers_fast_model_is_the_textbook_model(kw):
-    """fast.apply swaps model.py's nn.Dropout and nn.Linear for their cheaper subclasses in place:
+    """fast.apply swaps model.py's nn.Dropout, nn.Linear and SelfAttention for their cheaper subclasses in place:
     the same parameters and checkpoint keys; without dropout, the same logits (translating: exactly;
     a training step in bf16, where rows are padded: within bf16's rounding) and gradients."""
     import copy
 
     from mtkit import fast
+    from mtkit.model import SelfAttention
 
     plain = tiny(dropout=0.0, attention_dropout=0.0, **kw)
     quick = fast.apply(copy.deepcopy(plain))
     assert list(plain.state_dict()) == list(quick.state_dict())
     swapped = {type(m).__name__ for m in quick.modules()} - {type(m).__name__ for m in plain.modules()}
-    assert swapped == {"NumpyDropout", "RoundedLinear"}
-    assert not any(type(m) in (torch.nn.Dropout, torch.nn.Linear) for m in quick.modules())
+    assert swapped == {"NumpyDropout", "RoundedLinear", "CachedInFp32"}
+    assert not any(type(m) in (torch.nn.Dropout, torch.nn.Linear, SelfAttention) for m in quick.modules())
     src, tgt = batch()
     with torch.no_grad():
         assert torch.equal(plain.eval()(src, tgt), quick.eval()(src, tgt))
