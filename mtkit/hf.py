@@ -59,7 +59,7 @@ def _keeping(pairs: Iterator[tuple[str, str]], path: Path) -> Iterator[tuple[str
     finally:
         part.unlink(missing_ok=True)
         for folder in reversed(made):  # a reader stopped before the end leaves nothing behind
-            if not any(folder.iterdir()):
+            if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 
 

@@ -466,6 +466,32 @@ def test_a_stream_left_half_read_is_never_taken_for_a_whole_one(tmp_path):
     assert list(hf.read(source)) == whole
 
 
+def test_a_disk_that_fills_while_a_stream_is_kept_says_so_and_keeps_nothing(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    from mtkit import hf
+
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(f'{{"de": "satz {i}", "en": "sentence {i}"}}\n' for i in range(50)))
+    source = corpus.Source(split="train", kind="hf", hf_file=rows, src="de", tgt="en", streaming=True,
+                           keep=tmp_path / "run" / "stream" / "train.jsonl")
+    written = []
+
+    def dumps(pair, **kw):
+        written.append(pair)
+        if len(written) == 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return json.dumps(pair, **kw)
+
+    monkeypatch.setattr(hf.json, "dumps", dumps)
+    with pytest.raises(MtkitError) as info:
+        list(hf.read(source))
+    assert info.value.message.startswith(f"the disk filled while keeping a copy of the stream in {source.keep}.part")
+    assert "set experiment.workdir on another disk" in info.value.hint
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("sampled", [False, True])
 def test_worker_processes_prepare_exactly_what_one_process_does(crafted, monkeypatch, sampled):
     """Large train splits are normalized and encoded by one worker process a core (chunks.py), in
