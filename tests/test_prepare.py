@@ -469,6 +469,7 @@ def test_a_stream_left_half_read_is_never_taken_for_a_whole_one(tmp_path):
 def test_a_disk_that_fills_while_a_stream_is_kept_says_so_and_keeps_nothing(tmp_path, monkeypatch):
     import errno
     import json
+    from types import SimpleNamespace
 
     from mtkit import hf
 
@@ -484,7 +485,8 @@ def test_a_disk_that_fills_while_a_stream_is_kept_says_so_and_keeps_nothing(tmp_
             raise OSError(errno.ENOSPC, "No space left on device")
         return json.dumps(pair, **kw)
 
-    monkeypatch.setattr(hf.json, "dumps", dumps)
+    # hf's json only (datasets writes JSON too, as it loads the file into a fresh cache)
+    monkeypatch.setattr(hf, "json", SimpleNamespace(dumps=dumps, loads=json.loads))
     with pytest.raises(MtkitError) as info:
         list(hf.read(source))
     assert info.value.message.startswith(f"the disk filled while keeping a copy of the stream in {source.keep}.part")
