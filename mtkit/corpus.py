@@ -188,13 +188,15 @@ def directions_of(source: Source) -> dict[str, Source]:
             for p, t in zip(source.parts, source.tags)}
 
 
-def keep_streams(source: Source, workdir: Path) -> Source:
+def keep_streams(source: Source, workdir: Path, sha256: str) -> Source:
     """`source` with each streamed split in it kept in workdir/stream by its first reader for the
-    next (hf.read), so that a command reads a stream once, however many of its stages read it."""
+    next (hf.read), so that a command reads a stream once, however many of its stages read it.
+    sha256: the source's fingerprint, which the caller has (the copy's name changes with it)."""
     if source.kind == "several":
-        return replace(source, parts=tuple(keep_streams(p, workdir) for p in source.parts))
+        return replace(source, parts=tuple(keep_streams(p, workdir, sha256) for p in source.parts))
     if source.kind == "hf" and source.streaming:
-        return replace(source, keep=Path(workdir) / "stream" / f"{source.split}-{fingerprint(source)[:16]}.jsonl")
+        name = sha256_json([sha256, source.describe()])[:16]
+        return replace(source, keep=Path(workdir) / "stream" / f"{source.split}-{name}.jsonl")
     return source
 
 

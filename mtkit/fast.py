@@ -1,5 +1,5 @@
-"""Speed the model's text does not show: what the trainer puts into the textbook model (model.py)
-so that a training step on a CPU costs less, with the same arithmetic.
+"""Speed the model's text does not show: what training and translation put into the textbook model
+(model.py) so that a step on a CPU costs less, with the same arithmetic.
 
 `apply(model)` swaps, in place, every nn.Dropout for NumpyDropout (a cheaper random mask), every
 nn.Linear for RoundedLinear (rows padded to shapes that recur, for oneDNN's kernel cache), and

@@ -59,7 +59,7 @@ def prepare(cfg: Config, force: bool = False) -> PrepareResult:
         corpus.drop_kept_streams(cfg.workdir)
         info(f"prepare: up to date ({out}; inputs, tokenizer and settings unchanged)")
         return PrepareResult(out, True, previous)
-    sources = {split: corpus.keep_streams(s, cfg.workdir) for split, s in sources.items()}
+    sources = {split: corpus.keep_streams(s, cfg.workdir, inputs[split]["sha256"]) for split, s in sources.items()}
     if not force:
         keep_for_the_run(cfg.workdir, out, "prepared data")
 

@@ -56,8 +56,8 @@ def train_tokenizer(cfg: Config, force: bool = False) -> TokenizerResult:
 
     start = time.perf_counter()
     # A stream is kept on disk as it is read, for prepare (which deletes it).
-    src_lines, tgt_lines, n_pairs = _sample(corpus.keep_streams(source, cfg.workdir), cfg.tokenizer.sample_pairs,
-                                            cfg.experiment.seed)
+    kept = corpus.keep_streams(source, cfg.workdir, train_sha256)
+    src_lines, tgt_lines, n_pairs = _sample(kept, cfg.tokenizer.sample_pairs, cfg.experiment.seed)
     t = cfg.tokenizer
     options = dict(model_type=t.type, vocab_size=t.vocab_size, character_coverage=t.character_coverage,
                    byte_fallback=t.byte_fallback, threads=t.threads)

@@ -436,7 +436,7 @@ def test_a_stream_is_read_once_by_the_tokenizer_and_prepare_together(tmp_path, m
             "format": "hf", "dir": str(corpus_dir), "src": "de", "tgt": "en", "valid": "validation",
             "hf_dataset": str(corpus_dir), "streaming": True}, tokenizer={"vocab_size": 120})
         if name == "read each time":  # as before: no copies kept
-            monkeypatch.setattr(corpus, "keep_streams", lambda source, workdir: source)
+            monkeypatch.setattr(corpus, "keep_streams", lambda source, workdir, sha256: source)
         reads.clear()
         cfg, result = run_stages(config, overrides)
         arrays[name] = {p.name: p.read_bytes() for p in result.folder.iterdir() if p.suffix in (".bin", ".idx")}
