@@ -63,9 +63,11 @@ class Checkpoint:
         trained weights."""
         return self.ema if self.ema is not None else self.model
 
-    def build_model(self) -> Transformer:
-        """The model the checkpoint describes, with its (translation) weights, in eval mode."""
-        model = fast.apply(Transformer(ModelConfig(**self.model_config)))  # (fast.py: the same model, faster)
+    def build_model(self, faster: bool = True) -> Transformer:
+        """The model the checkpoint describes, with its (translation) weights, in eval mode; faster=False:
+        model.py's as written, without fast.py's swaps (the same translations, slower)."""
+        model = Transformer(ModelConfig(**self.model_config))
+        model = fast.apply(model) if faster else model
         model.load_state_dict(self.weights)
         return model.eval()
 

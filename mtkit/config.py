@@ -237,8 +237,9 @@ class TrainSection(Section):
     ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     max_nonfinite: PositiveInt = 10
     tensorboard: bool = False
-    # Start from a trained model (a checkpoint, or a workdir: its best.pt): its tokenizer, shape and
-    # weights; the optimizer, schedule and progress start fresh (mtkit/lineage.py).
+    fast: bool = True  # false: the textbook model and loss alone, without fast.py's speed (the same model)
+    # Start from a trained model (a checkpoint or a workdir: its best.pt): its tokenizer, shape and
+    # weights; optimizer, schedule and progress start fresh (lineage.py).
     init: Path | None = None
     freeze: tuple[Literal["embeddings", "encoder", "decoder"], ...] = ()  # parts of it kept as they are
 
@@ -266,9 +267,7 @@ class DecodeSection(Section):
     @model_validator(mode="after")
     def _check(self) -> "DecodeSection":
         if self.n_best > self.beam_size:
-            raise ValueError(
-                f"decode.n_best ({self.n_best}) cannot exceed decode.beam_size ({self.beam_size})"
-            )
+            raise ValueError(f"decode.n_best ({self.n_best}) cannot exceed decode.beam_size ({self.beam_size})")
         return self
 
 

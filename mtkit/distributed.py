@@ -1,4 +1,4 @@
-"""Where the work runs: devices, precisions, processes, the CPU kernel caches and freed memory.
+"""Where the work runs: devices, precisions and processes.
 
 Several processes with PyTorch's own engine: `torchrun` starts one process per device
 (`torchrun --nproc_per_node 2 -m mtkit train CONFIG`), each holds a copy of the model, and
@@ -11,7 +11,6 @@ Which device each process takes, and in what precision, is devices.py's.
 """
 
 import contextlib
-import ctypes
 import datetime
 import inspect
 import os
@@ -164,33 +163,3 @@ def _fail_together() -> None:
     waiting = threading.Thread(target=wait, daemon=True)
     waiting.start()
     waiting.join(timeout=5)  # another process gone, or waiting elsewhere: end all the same
-
-
-def limit_kernel_caches() -> None:
-    """oneDNN, which runs the bf16 matrix products on this CPU, compiles a kernel for each matrix
-    shape and caches up to 1,024 of them (and PyTorch's ideep layer caches as many again).
-    Decoding meets a new shape at nearly every step, as the prefix grows and the batch shrinks, so
-    a translate process grew to 1.4 GB. 32 of each keep beam search on test_2016 under 0.6 GB at
-    the same speed (measured). Training meets a new shape with nearly every batch: uncapped, a
-    45-minute Multi30k `mtkit run` peaked at 4.7 GB; capped, bench_train peaks 22% lower at the
-    same speed (docs/results.md).
-    Both are read at the first bf16 product, so this only acts if none has run yet in this
-    process; the user's own settings win."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
-    os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
-
-
-def keep_freed_memory() -> bool:
-    """Let the memory a training or decoding step frees serve the next step. glibc's malloc maps
-    large blocks fresh from the kernel and hands the top of its heap back as soon as a few tens of
-    MB are free there, so a step's large tensors (the feed-forward activations, a loss chunk's 16 MB
-    of log-probabilities) fault their pages in, zeroed, again at every step. Here blocks up to 32 MB
-    come from the heap, and up to 1 GB of it is kept: on an Intel Xeon with AMX, 1,024-token steps
-    +4-7%, beam search +7-13%, peak RSS +10-20 MB (docs/performance.md). Only glibc on Linux; the
-    user's own MALLOC_ settings win. Returns whether it acted."""
-    if sys.platform != "linux" or any(name.startswith("MALLOC_") for name in os.environ):
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library this process runs on
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # Both: setting either one stops glibc moving its mmap threshold up from 128 KB.
-    return bool(mallopt and mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30))

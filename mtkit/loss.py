@@ -104,18 +104,25 @@ def summed_nll(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def translation_loss(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, *,
-                     pad_id: int, smoothing: float, rdrop: float = 0.0
+                     pad_id: int, smoothing: float, rdrop: float = 0.0, chunked: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """states (B, T, D), the output layer (model.Transformer.output_layer), target (B, T) -> (the
     loss to minimize, its label-smoothed cross-entropy and the plain one, to report), all sums over
-    the target tokens, in fp32.
+    the target tokens, in fp32. chunked=False (train.fast: false): PyTorch's F.cross_entropy on all
+    the logits at once, the reference that ProjectedCrossEntropy equals.
     With rdrop > 0 the batch went through the model twice, stacked (so each copy had its own dropout
     masks): the loss is the mean of the two cross-entropies plus rdrop / 4 times the two outputs'
     symmetric KL divergence; R-Drop (Liang et al. 2021) with the paper's alpha, halved so that the
     cross-entropy part keeps the scale of one pass. The divergence needs all the logits at once."""
     copies = 2 if rdrop > 0 else 1
-    ce, nll = ProjectedCrossEntropy.apply(states.flatten(0, 1), weight, bias, target.repeat(copies, 1).flatten(),
-                                          pad_id, smoothing)
+    targets = target.repeat(copies, 1).flatten()
+    if chunked:
+        ce, nll = ProjectedCrossEntropy.apply(states.flatten(0, 1), weight, bias, targets, pad_id, smoothing)
+    else:
+        logits = F.linear(states, weight, bias).flatten(0, 1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ce = F.cross_entropy(logits, targets, ignore_index=pad_id, label_smoothing=smoothing, reduction="sum")
+        nll = F.cross_entropy(logits.detach(), targets, ignore_index=pad_id, reduction="sum")
     ce, nll = ce / copies, nll / copies
     if not rdrop:
         return ce, ce, nll

@@ -122,15 +122,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | None, causal: bool
     keep: bool, broadcastable to (B, H, Lq, Lk), True = this key may be attended to (SDPA's
     polarity; Transformer._keep converts the padding mask to it in one place).
     weights: when a list is given, the attention probabilities (B, H, Lq, Lk) are appended to it
-    (visualization).
+    (visualization). This is the formula, as written; PyTorch's fused kernel for it
+    (F.scaled_dot_product_attention) gives the same numbers, and fast.py uses it where it is faster.
     """
-    if weights is None and q.device.type != "cpu":
-        # On a GPU, PyTorch's fused kernels (flash/memory-efficient attention) are the fast way.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal)
-    # The formula written out: it can hand back the weights, and on a CPU it is the faster way
-    # at translation's sentence lengths. SDPA's CPU kernel is tuned for long sequences; measured
-    # at Multi30k's shapes in bf16, forward + backward took 4-6 ms written out against 17-32 ms
-    # (a quarter of a training step went there), and beam search spent half its time in it.
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Lq, Lk)
     if causal:
         lq, lk = scores.shape[-2:]
@@ -147,7 +141,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, keep: Tensor | None, causal: bool
 class SelfAttention(nn.Module):
     """Queries, keys and values all come from the same sequence; one fused Q/K/V projection."""
 
-    attend = staticmethod(attend)  # the formula above (fast.py decodes with a variant of it)
+    attend = staticmethod(attend)  # the formula above (fast.py swaps in faster ways to the same numbers)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -178,6 +172,8 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """The decoder's queries look at the encoder's memory: where source meets target."""
 
+    attend = staticmethod(attend)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.attention_dropout
@@ -192,23 +188,15 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], *, keep: Tensor,
                 weights: list | None = None) -> Tensor:
-        """x (N, T, D), kv (B, H, S, E) -> (N, T, D). Usually N = B. Beam search has N = B*K
-        rows, the K beams of each sentence one after another; they all look at the same memory,
-        so instead of copying it K times their queries are folded into one row of K*T queries."""
+        """x (N, T, D), kv (B, H, S, E) and keep (B, 1, 1, S) -> (N, T, D). Usually N = B. Beam
+        search has N = B*K rows, the K beams of each sentence one after another: each beam looks at
+        its sentence's memory (fast.py spares the K copies)."""
         q = split_heads(self.q(x), self.heads)  # (N, T, D) -> (N, H, T, E)
-        n, h, t, e = q.shape
-        b = kv[0].size(0)
-        if n != b:
-            q = q.view(b, n // b, h, t, e).transpose(1, 2).reshape(b, h, n // b * t, e)  # (B, H, K*T, E)
-        y = attend(q, *kv, keep=keep, causal=False, dropout=self.dropout if self.training else 0.0,
-                   weights=weights)
-        if n != b:  # unfold: (B, H, K*T, last) -> (N, H, T, last), the output and the weights
-            def unfold(z: Tensor) -> Tensor:
-                return z.view(b, h, n // b, t, -1).transpose(1, 2).reshape(n, h, t, -1)
-
-            y = unfold(y)
-            if weights is not None:
-                weights[-1] = unfold(weights[-1])
+        if q.size(0) != keep.size(0):
+            beams = q.size(0) // keep.size(0)
+            kv, keep = tuple(t.repeat_interleave(beams, dim=0) for t in kv), keep.repeat_interleave(beams, dim=0)
+        y = self.attend(q, *kv, keep=keep, causal=False, dropout=self.dropout if self.training else 0.0,
+                        weights=weights)
         return self.out(merge_heads(y))
 
 

@@ -7,7 +7,7 @@ without its lock service), `lock` says so and the caller goes on unlocked, sayin
 missing lock costs the protection against a second run, never the work.
 
 (Signals: SIGINT and SIGTERM exist on every system Python runs on. The C allocator's settings are
-distributed.keep_freed_memory's, for glibc on Linux only.)
+fast.keep_freed_memory's, for glibc on Linux only.)
 """
 
 import errno

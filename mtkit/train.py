@@ -64,8 +64,8 @@ def set_up(cfg: Config, resume: bool, world: World | None = None) -> "Trainer":
     the checkpoints folder, cleared of writes a kill cut short (never read); the run, built or
     restored; a new run's precision (train.precision auto: measured)."""
     world = world or distributed.start(cfg.train.device)
-    distributed.limit_kernel_caches()  # before the first bf16 product (the precision probe)
-    distributed.keep_freed_memory()
+    fast.limit_kernel_caches()  # before the first bf16 product (the precision probe)
+    fast.keep_freed_memory()
     cfg = lineage.adopt(cfg)
     folder = cfg.workdir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,8 @@ class Trainer:
         random.seed(cfg.experiment.seed)
         torch.manual_seed(cfg.experiment.seed)
         self.model_config = model_config(cfg, self.tok)
-        self.model = self.world.place(fast.apply(Transformer(self.model_config)))  # (fast.py: same model, faster)
+        model = Transformer(self.model_config)
+        self.model = self.world.place(fast.apply(model) if t.fast else model)  # (fast.py: same model, faster)
         lineage.freeze(self.model, t.freeze)
         self.net = self.world.parallel(self.model)
         # train.ema: a moving average of the weights, kept beside them; evaluated and translated with.
@@ -246,7 +247,8 @@ class Trainer:
             states = self.net(batch.src.repeat(copies, 1), batch.tgt_in.repeat(copies, 1), project=False)
             # The loss in fp32 whatever the precision: a sum over tokens, averaged by the caller's scale.
             loss, ce, nll = translation_loss(states, *self.model.output_layer(), batch.tgt_out, pad_id=self.tok.pad_id,
-                                             smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop)
+                                             smoothing=self.cfg.train.label_smoothing, rdrop=self.cfg.train.rdrop,
+                                             chunked=self.cfg.train.fast)
         self.scaler.scale(loss * scale).backward()
         return torch.stack([ce, nll]).detach()  # logged: the cross-entropy (a NaN in the KL shows in the gradient)
 

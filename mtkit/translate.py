@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mtkit import checkpoint, devices, distributed
+from mtkit import checkpoint, devices, fast
 from mtkit.config import DecodeSection
 from mtkit.engine import TextSide, check_options
 from mtkit.errors import MtkitError
@@ -42,8 +42,8 @@ class Translator(TextSide):
         if precision not in ("auto", "fp32", "bf16", "fp16"):
             raise MtkitError(f"the precision {precision!r}: auto, fp32, bf16 or fp16", setting="precision")
         path = checkpoint.resolve(path)
-        distributed.limit_kernel_caches()
-        distributed.keep_freed_memory()
+        fast.limit_kernel_caches()
+        fast.keep_freed_memory()
         return cls(checkpoint.load(path, mmap=True), str(devices.open_device(device, option="device")), precision)
 
     @property

@@ -50,6 +50,7 @@ CONFIGS = {  # name: (config text, --set overrides, outcome)
     "zero heads": (DATA + "model:\n  heads: 0\n", [], Refused("`model.heads`: Input should be greater than 0")),
     "zero layers": (DATA + "model:\n  enc_layers: 0\n", [], Refused("`model.enc_layers`: Input should be greater than 0")),
     "zero beam": (DATA + "decode:\n  beam_size: 0\n", [], Refused("`decode.beam_size`: Input should be greater than 0")),
+    "train.fast neither true nor false": (DATA, ["train.fast=maybe"], Refused("`train.fast`: Input should be a valid boolean")),
     "negative R-Drop weight": (DATA + "train:\n  rdrop: -1\n", [], Refused("`train.rdrop`: Input should be greater than or equal to 0")),
     "heads do not divide d_model": (DATA + "model:\n  heads: 3\n", [],
                                     Refused("model.d_model (256) must be divisible by model.heads (3); e.g. heads 2 or 4")),

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mtkit import checkpoint, devices, distributed
+from mtkit import checkpoint, devices, fast
 from mtkit.devices import (Machine, cpu_description, decode_precision, device_for, pin_batches, tf32,
                            train_precision)
 from mtkit.distributed import World
@@ -195,7 +195,7 @@ def test_cpu_description_names_the_model_and_its_bf16_flags():
 
 FAULTS_OF_A_STEP = """
 import resource, sys, torch
-from mtkit.distributed import keep_freed_memory
+from mtkit.fast import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 def step():  # as a training step's big tensors do: 20 blocks of 16 MB written, then all freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -226,4 +226,4 @@ def test_freed_memory_serves_the_next_step_without_page_faults(monkeypatch):
     # Left alone, glibc faulted about all 81,920 pages in again here, but not in every process: it
     # trims only a free top of its heap, and where a small object lands decides that.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert distributed.keep_freed_memory() is False  # the user's own malloc settings win
+    assert fast.keep_freed_memory() is False  # the user's own malloc settings win

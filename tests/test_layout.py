@@ -44,11 +44,6 @@ FILE_BUDGETS = {
     "train.py": (480, "one run read top to bottom, started from scratch or from a model: set up, build, step, save, resume "
                       "exactly (its validation is in validation.py, its bookkeeping in bookkeeping.py, starting from a model in "
                       "lineage.py, its loss in loss.py, its schedule and dropout seeds in schedule.py); its precision measured"),
-    "model.py": (401, "the teaching text, one file read top to bottom; it hands out every attention weight for the Explorer, "
-                      "has the options an imported Marian model needs beside the others, hands training its last states and "
-                      "output layer for the chunked loss (loss.py), and still holds two speed devices (SDPA on a GPU, beam "
-                      "queries folded into one row) until they move to fast.py as training's and the decoding cache's did "
-                      "(issue 54)"),
     "cli.py": (464, "one function per command (16), each with its options' help: the work lives in the stages"),
 }
 FUNCTION_BUDGETS: dict[str, tuple[int, str]] = {}

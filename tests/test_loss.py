@@ -161,3 +161,22 @@ def test_rdrop_loss_is_the_mean_cross_entropy_plus_the_symmetric_kl_of_the_real_
     moved[1, 2] += 3.0
     assert torch.allclose(translation_loss(torch.cat([one, moved]), weight, None, target, pad_id=0, smoothing=0.0,
                                            rdrop=5.0)[0], loss)
+
+
+@pytest.mark.parametrize("rdrop", [0.0, 2.0])
+def test_the_chunked_loss_is_the_reference_loss_fast_off_trains_with(rdrop):
+    """train.fast false: translation_loss(chunked=False), F.cross_entropy(label_smoothing) on all the
+    logits at once; the chunked loss gives the same three figures and the same gradients."""
+    torch.manual_seed(0)
+    target = torch.randint(1, 700, (3, 350))
+    target[1, 200:] = 0  # padding
+    states = torch.randn(6 if rdrop else 3, 350, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(700, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(700, dtype=torch.float64, requires_grad=True)
+    figures, grads = [], []
+    for chunked in (True, False):
+        got = translation_loss(states, weight, bias, target, pad_id=0, smoothing=0.1, rdrop=rdrop, chunked=chunked)
+        figures.append(torch.stack(got).detach())
+        grads.append(torch.autograd.grad(got[0], [states, weight, bias]))
+    assert torch.allclose(figures[0], figures[1], rtol=1e-10) and figures[0][1] > figures[0][2] > 0
+    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-12) for a, b in zip(*grads))

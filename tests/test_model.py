@@ -120,10 +120,14 @@ def test_cache_reorder_selects_rows():
     assert torch.equal(cache.cross_kv[1][1], cross[1][1][torch.tensor([1])])
 
 
-def test_beams_share_the_memory_without_copying_it():
+@pytest.mark.parametrize("seam", [False, True])
+def test_beams_share_the_memory_without_copying_it(seam):
     """K target rows per sentence against one memory row each (beam search's layout) give what
-    a memory repeated K times gives, attention weights included."""
-    model = tiny()
+    a memory repeated K times gives, attention weights included: in the textbook model, which
+    repeats it, and in fast.py's, which folds the K beams' queries into one row."""
+    from mtkit import fast
+
+    model = fast.apply(tiny()) if seam else tiny()
     src, tgt = batch()
     k = 3
     memory = model.encode(src)
@@ -291,20 +295,20 @@ def test_the_logits_bias_is_added_to_every_position_and_learned():
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 def test_the_trainers_fast_model_is_the_textbook_model(kw):
-    """fast.apply swaps model.py's nn.Dropout, nn.Linear and SelfAttention for their cheaper subclasses in place:
+    """fast.apply swaps model.py's nn.Dropout, nn.Linear and attentions for their cheaper subclasses in place:
     the same parameters and checkpoint keys; without dropout, the same logits (translating: exactly;
     a training step in bf16, where rows are padded: within bf16's rounding) and gradients."""
     import copy
 
     from mtkit import fast
-    from mtkit.model import SelfAttention
+    from mtkit.model import CrossAttention, SelfAttention
 
     plain = tiny(dropout=0.0, attention_dropout=0.0, **kw)
     quick = fast.apply(copy.deepcopy(plain))
     assert list(plain.state_dict()) == list(quick.state_dict())
     swapped = {type(m).__name__ for m in quick.modules()} - {type(m).__name__ for m in plain.modules()}
-    assert swapped == {"NumpyDropout", "RoundedLinear", "CachedInFp32"}
-    assert not any(type(m) in (torch.nn.Dropout, torch.nn.Linear, SelfAttention) for m in quick.modules())
+    assert swapped == {"NumpyDropout", "RoundedLinear", "FastSelfAttention", "FoldedCrossAttention"}
+    assert not any(type(m) in (torch.nn.Dropout, torch.nn.Linear, SelfAttention, CrossAttention) for m in quick.modules())
     src, tgt = batch()
     with torch.no_grad():
         assert torch.equal(plain.eval()(src, tgt), quick.eval()(src, tgt))
@@ -316,3 +320,24 @@ def test_the_trainers_fast_model_is_the_textbook_model(kw):
     assert torch.allclose(outputs[0].float(), outputs[1].float(), atol=3e-2, rtol=3e-2)
     for (name, a), b in zip(plain.named_parameters(), quick.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-2, rtol=5e-2), name
+
+
+def test_the_fused_attention_a_gpu_gets_equals_the_formula(monkeypatch):
+    """fast.fused runs SDPA where fused_is_faster (a GPU): made to here, on a CPU, it gives the
+    formula's numbers with a padding mask, causally, and after a cache (the offset mask)."""
+    from mtkit import fast
+    from mtkit.model import attend
+
+    assert fast.fused_is_faster("cuda") and fast.fused_is_faster("mps") and not fast.fused_is_faster("cpu")
+    monkeypatch.setattr(fast, "fused_is_faster", lambda device: True)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    keep = torch.rand(2, 1, 1, 6) > 0.3
+    keep[:, ..., 0] = True
+    offset = torch.ones(3, 6, dtype=torch.bool).tril(3)
+    for q_, keep_, causal in ((q, keep, False), (q, None, True), (q[:, :, 3:], offset, False)):
+        options = dict(keep=keep_, causal=causal, dropout=0.0)
+        assert torch.allclose(fast.fused(q_, k, v, weights=None, **options), attend(q_, k, v, weights=None, **options),
+                              atol=1e-5)
+    weights = []
+    fast.fused(q, k, v, keep=keep, causal=False, dropout=0.0, weights=weights)
+    assert len(weights) == 1  # asked for the weights: the formula, which makes them

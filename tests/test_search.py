@@ -216,6 +216,25 @@ def test_batched_beam_equals_one_sentence_at_a_time(copier):
             assert a.score == pytest.approx(t.score, abs=1e-4)
 
 
+@pytest.mark.parametrize("beam", [1, 4])
+def test_the_textbook_model_and_fast_pys_find_the_same_translations(copier, beam):
+    """In fp32, what the textbook model finds, fast.apply's (every translator's) finds: the same
+    tokens, the same scores and the same attention, greedy and beam (where it folds the beams' queries)."""
+    import copy
+
+    from mtkit import fast
+
+    src, _ = batch(b=4, s=7)
+    limit = torch.full((4,), 10)
+    plain = searched(copier, src, limit, beam, attention=True)
+    quick = searched(fast.apply(copy.deepcopy(copier)), src, limit, beam, attention=True)
+    assert [[h.tokens for h in n_best] for n_best in plain] == [[h.tokens for h in n_best] for n_best in quick]
+    for a, b in zip(sum(plain, []), sum(quick, [])):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert torch.allclose(a.attention, b.attention, atol=1e-5)
+    assert len({tuple(n_best[0].tokens) for n_best in plain}) == 4  # varied: the comparison could fail
+
+
 def forced_attention(model, src_row, tokens: list[int]) -> torch.Tensor:
     """The cross-attention of teacher-forcing `tokens` (then EOS) on one source: (T + 1, L, H, S)."""
     weights = []

@@ -609,3 +609,26 @@ def test_validation_never_holds_more_logits_than_a_chunk(tmp_path, demo_dir):
             total += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=0, reduction="sum").item()
             tokens += b.n_tgt_tokens
     assert result["loss"] == pytest.approx(total / tokens, abs=2e-4)
+
+
+def test_train_fast_false_trains_the_textbook_model_to_the_same_curve(tmp_path, demo_dir, cli, monkeypatch):
+    """train.fast false: model.py as written (no fast.apply) and F.cross_entropy; without dropout
+    (whose masks fast.py draws from another generator) the same curve in fp32, and a model that
+    translates as any other."""
+    from mtkit import fast
+
+    applied = []
+    monkeypatch.setattr(fast, "apply", lambda model, apply=fast.apply: applied.append(model) or apply(model))
+    curves = {}
+    for on in (True, False):
+        (tmp_path / str(on)).mkdir()
+        config = tiny_config(tmp_path / str(on), demo_dir)
+        applied.clear()
+        code, _, err = cli("train", config, "--set", "model.dropout=0", "--set", f"train.fast={str(on).lower()}")
+        assert code == 0, err
+        assert len(applied) == (1 if on else 0)  # (training's model; validation translates with it)
+        curves[on] = [loss for _, loss in losses(tmp_path / str(on) / "run")]
+    assert len(curves[True]) == 6 and curves[False] == pytest.approx(curves[True], rel=1e-4)
+    assert curves[True][-1] < curves[True][0] - 0.2  # it learned: the comparison is of a real curve
+    code, out, err = cli("translate", tmp_path / "False" / "run", "-i", demo_dir / "test.en")
+    assert code == 0 and out.count("\n") == 1000, err

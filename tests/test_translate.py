@@ -149,7 +149,7 @@ def test_a_second_translate_into_the_same_output_at_once_is_refused(trained, cli
 
 
 def test_kernel_caches_are_limited_unless_the_user_set_them(monkeypatch):
-    from mtkit.distributed import limit_kernel_caches
+    from mtkit.fast import limit_kernel_caches
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "500")
     limit_kernel_caches()
