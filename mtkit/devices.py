@@ -132,7 +132,8 @@ def this_machine(device: str | None = None) -> Machine:
     mps = torch.backends.mps.is_available()
     return Machine(gpus=gpus, cuda_built=torch.version.cuda is not None, mps=mps,
                    capability=torch.cuda.get_device_capability(torch.device(cuda)) if cuda else None,
-                   cpu_bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                   cpu_bf16=cpu_kind(cpuinfo) != "no_bf16" if (cpuinfo := _cpuinfo())
+                   else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),  # (macOS, Windows: oneDNN's own probe)
                    mps_bf16=mps and torch.backends.mps.is_macos_or_newer(14, 0))
 
 
@@ -155,15 +156,35 @@ def describe(device: torch.device) -> str:
     return f"cpu ({cpu_description()}{only})"
 
 
+CPU_KINDS = ("amx", "avx512_bf16", "arm_bf16", "no_bf16")
+
+
+def cpu_kind(cpuinfo: str) -> str:
+    """The kind of CPU, from /proc/cpuinfo's text, as far as its bf16 speed goes: "amx" (Intel's
+    matrix units: bf16 products several times fp32's), "avx512_bf16" (AMD EPYC Zen 4, Intel Cooper
+    Lake: twice fp32's), "arm_bf16" (Arm's BF16 instructions: AWS Graviton 3, Neoverse V1) or
+    "no_bf16" (AVX2 only, older Arm: bf16 emulated, slower than fp32). Training measures bf16
+    against fp32 on every kind but the last, which trains in fp32 (train_precision)."""
+    line = next((line for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")), ":")
+    flags = set(line.split(":", 1)[1].split())
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else "arm_bf16" if "bf16" in flags else "no_bf16"
+
+
 def cpu_description(cpuinfo: str | None = None) -> str:
     """What the benchmarks print with every figure, from /proc/cpuinfo's text (read when not given;
     a machine without it gives "unknown CPU"): the CPU's model name and which of the flags that
     decide its bf16 speed it has (the machine's CPU changes between sessions: AVX2 only, AVX-512
     BF16, or AMX matrix units)."""
-    if cpuinfo is None:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  "unknown CPU")
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     fast = [f for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     return f"{model} ({', '.join(fast) if fast else 'no bf16 or AMX flags'})"
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text; "" where there is none (macOS, Windows)."""
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

@@ -227,3 +227,28 @@ def test_freed_memory_serves_the_next_step_without_page_faults(monkeypatch):
     # trims only a free top of its heap, and where a small object lands decides that.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert fast.keep_freed_memory() is False  # the user's own malloc settings win
+
+
+KINDS = {  # what /proc/cpuinfo says on each kind of CPU (the flags that matter, among others)
+    "amx": ("Intel(R) Xeon(R) Platinum 8480+", "flags", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"),
+    "avx512_bf16": ("AMD EPYC 9R14", "flags", "avx2 avx512f avx512_bf16"),
+    "no_bf16": ("AMD EPYC 7R13", "flags", "fpu avx2 fma"),
+    "arm_bf16": ("", "Features", "fp asimd sve i8mm bf16"),  # AWS Graviton 3: no model name line
+}
+
+
+@pytest.mark.parametrize("kind", devices.CPU_KINDS)
+def test_each_kind_of_cpu_is_told_by_its_flags_and_decides_whether_bf16_is_measured(kind):
+    model, key, flags = KINDS[kind]
+    cpuinfo = f"processor\t: 0\nmodel name\t: {model}\n{key}\t\t: {flags}\n"
+    assert devices.cpu_kind(cpuinfo) == kind
+    chosen = train_precision("auto", "cpu", Machine(cpu_bf16=devices.cpu_kind(cpuinfo) != "no_bf16"))
+    assert chosen == ("fp32" if kind == "no_bf16" else None)  # None: bf16 against fp32, measured
+    assert devices.cpu_kind("") == devices.cpu_kind("processor\t: 0\n") == "no_bf16"
+
+
+def test_this_machines_kind_agrees_with_onednn():
+    """The kind read from the flags says bf16 exactly where oneDNN (which runs the products) does."""
+    kind = devices.cpu_kind(devices._cpuinfo())
+    assert kind in devices.CPU_KINDS and devices.this_machine().cpu_bf16 == (kind != "no_bf16")
+    assert (kind != "no_bf16") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) or not devices._cpuinfo()
