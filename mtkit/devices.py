@@ -129,11 +129,12 @@ def this_machine(device: str | None = None) -> Machine:
     """What PyTorch reports here (device: the capability of that GPU; the first one when None)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cuda = device if device and device.startswith("cuda") else "cuda:0" if gpus else None
-    mps = torch.backends.mps.is_available()
+    mps, cpuinfo = torch.backends.mps.is_available(), _cpuinfo()
+    # Without /proc/cpuinfo (macOS, Windows), oneDNN's own probe.
+    cpu_bf16 = cpu_kind(cpuinfo) != "no_bf16" if cpuinfo else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return Machine(gpus=gpus, cuda_built=torch.version.cuda is not None, mps=mps,
                    capability=torch.cuda.get_device_capability(torch.device(cuda)) if cuda else None,
-                   cpu_bf16=cpu_kind(cpuinfo) != "no_bf16" if (cpuinfo := _cpuinfo())
-                   else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),  # (macOS, Windows: oneDNN's own probe)
+                   cpu_bf16=cpu_bf16,
                    mps_bf16=mps and torch.backends.mps.is_macos_or_newer(14, 0))
 
 
@@ -165,8 +166,7 @@ def cpu_kind(cpuinfo: str) -> str:
     Lake: twice fp32's), "arm_bf16" (Arm's BF16 instructions: AWS Graviton 3, Neoverse V1) or
     "no_bf16" (AVX2 only, older Arm: bf16 emulated, slower than fp32). Training measures bf16
     against fp32 on every kind but the last, which trains in fp32 (train_precision)."""
-    line = next((line for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")), ":")
-    flags = set(line.split(":", 1)[1].split())
+    flags = _flags(cpuinfo)
     if "amx_bf16" in flags:
         return "amx"
     return "avx512_bf16" if "avx512_bf16" in flags else "arm_bf16" if "bf16" in flags else "no_bf16"
@@ -180,11 +180,16 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    fast = [f for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    fast = [f for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in _flags(cpuinfo)]
     return f"{model} ({', '.join(fast) if fast else 'no bf16 or AMX flags'})"
 
 
 def _cpuinfo() -> str:
     """/proc/cpuinfo's text; "" where there is none (macOS, Windows)."""
     return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
+def _flags(cpuinfo: str) -> set[str]:
+    """The first processor's flags ("flags" on x86, "Features" on Arm)."""
+    line = next((line for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")), ":")
+    return set(line.split(":", 1)[1].split())
