@@ -354,7 +354,7 @@ def _report(results: list[dict], metrics, as_json: bool, bootstrap) -> None:
 
     from mtkit import evaluate
 
-    scores = [] if bootstrap else [{m: r[m] for m in metrics} | {"sentences": r["sentences"]} for r in results]
+    scores = [] if bootstrap else [{k: r[k] for k in (*metrics, "sentences", "language") if k in r} for r in results]
     if as_json:
         typer.echo(json.dumps(results[0] if bootstrap else scores[0] if len(results) == 1 else
                               {r["split"]: score for r, score in zip(results, scores)}))

@@ -89,8 +89,8 @@ class DataSection(Section):
             key = "data.directions" if self.directions else "data.corpora"
             if self.src is not None or self.tgt is not None:
                 raise ValueError(f"give data.src and data.tgt (one direction) or {key} (several), not both")
-            if self.format != "text":
-                raise ValueError(f"{key} reads {{split}}.{{lang}} files: it needs data.format: text")
+            if self.format != "text" and not (self.format == "demo" and self.directions):
+                raise ValueError(f"{key} reads {{split}}.{{lang}} files: it needs data.format: text (or demo, directions)")
             for direction in self.directions:
                 if not re.fullmatch(r"[A-Za-z0-9_]+-[A-Za-z0-9_]+", direction):
                     raise ValueError(f"data.directions: {direction!r} is not a direction: write source-target, "
@@ -121,8 +121,9 @@ class DataSection(Section):
         if self.sampled_sides != "both" and not self.subword_sampling:
             raise ValueError(f"data.sampled_sides: {self.sampled_sides} samples nothing while data.subword_sampling is 0: "
                              f"set it too (0.1 is usual)")
-        if self.format == "demo" and {self.src, self.tgt} != {"en", "vs"}:
-            raise ValueError("the demo corpus has languages 'en' and 'vs': set data.src/data.tgt to them")
+        if self.format == "demo" and not {lang for pair in self.pairs for lang in pair} <= {"en", "vs", "sv"}:
+            raise ValueError("the demo corpus has languages en, vs and sv (Veshi backwards): set data.src/data.tgt "
+                             "or data.directions to them")
         return self
 
     @property

@@ -10,18 +10,21 @@ interesting to look at:
   pronouns are dropped, so the ending is all that is left of "they";
 - English "does not / did not" moves tense to an auxiliary; Veshi puts "na" before the verb;
 - "a" has no Veshi word, the object is marked by "ko", numbers follow the noun.
-Everything here is written for mtkit; nothing is taken from any corpus.
+A third language, Ihsev (sv), is Veshi written backwards, each word and the order of the words, so
+that one model can learn en<->vs and en<->sv and be asked for vs->sv, a direction it never saw
+(zero-shot; configs/demo_multi.yaml). Everything here is written for mtkit; nothing is taken from
+any corpus.
 """
 
 import random
 from pathlib import Path
 
 from mtkit.errors import MtkitError
-from mtkit.files import atomic_dir
+from mtkit.files import atomic_dir, write_text
 
 SIZES = {"train": 30_000, "valid": 1_000, "test": 1_000}
 SEED = 2026
-LANGS = ("en", "vs")
+LANGS = ("en", "vs", "sv")
 
 # English singular, English plural, Veshi stem, noun class. Animate nouns can be subjects.
 ANIMATE = """dog dogs drak a; cat cats mish e; horse horses kaval a; bird birds tirp e; fish fish pesk a;
@@ -139,6 +142,11 @@ def _finish(words: list[str]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def ihsev(veshi: str) -> str:
+    """A Veshi sentence written backwards: "Le amike kvete ambulet." becomes "Telubma etevk ekima el."."""
+    return _finish([word[::-1] for word in reversed(veshi.rstrip(".").lower().split())])
+
+
 def generate(sizes: dict[str, int] = SIZES, seed: int = SEED) -> dict[str, list[tuple[str, str]]]:
     """Pairs per split. Test and valid sentences are distinct and never occur in train; train
     keeps the repeats that random generation makes (short sentences recur), as real corpora do."""
@@ -159,10 +167,15 @@ def generate(sizes: dict[str, int] = SIZES, seed: int = SEED) -> dict[str, list[
 
 
 def ensure_corpus(folder: Path) -> None:
-    """Write {train,valid,test}.{en,vs} into `folder` unless they are all there already."""
+    """Write {train,valid,test}.{en,vs,sv} into `folder` unless they are all there already (a
+    corpus written before Ihsev existed gets its .sv files from its .vs files)."""
     folder = Path(folder)
     names = [f"{split}.{lang}" for split in SIZES for lang in LANGS]
-    if all((folder / name).is_file() for name in names):
+    if all((folder / name).is_file() for name in names if not name.endswith(".sv")):
+        for split in SIZES:
+            if not (folder / f"{split}.sv").is_file():
+                veshi = (folder / f"{split}.vs").read_text(encoding="utf-8").splitlines()
+                write_text(folder / f"{split}.sv", "".join(ihsev(line) + "\n" for line in veshi))
         return
     if folder.exists() and any(folder.iterdir()):
         missing = [n for n in names if not (folder / n).is_file()]
@@ -170,5 +183,6 @@ def ensure_corpus(folder: Path) -> None:
                          hint="point data.dir at an empty or missing folder for the demo corpus")
     with atomic_dir(folder) as tmp:
         for split, pairs in generate().items():
-            for i, lang in enumerate(LANGS):
-                (tmp / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+            for lang, lines in zip(LANGS, zip(*pairs)):
+                (tmp / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            (tmp / f"{split}.sv").write_text("".join(ihsev(vs) + "\n" for _, vs in pairs), encoding="utf-8")

@@ -10,9 +10,12 @@ from mtkit.config import Config
 from mtkit.console import console, info, progress_bar, table
 from mtkit.errors import MtkitError
 from mtkit.files import read_json, sha256_file, sha256_json, write_json, write_text
+from mtkit.language import LanguageCheck
 from mtkit.translate import Translator
 
 LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
+LANGUAGE_LINES = 2000  # train lines per language for the language check: on Multi30k, 500 already tell
+# de, en and fr apart on all 3,000 test references (docs/evaluation.md)
 
 
 def check_scoring(cfg: Config) -> None:
@@ -66,7 +69,7 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
     opts = translator.options(**cfg.decode.model_dump() | ({} if beam is None else {"beam_size": beam, "n_best": 1}))
     key = sha256_json({"checkpoint": sha256_file(ckpt), "path": str(ckpt), "source": corpus.fingerprint(source),
                        "decode": opts.model_dump(), "metrics": list(cfg.eval.metrics), "tokenize": tokenize,
-                       "precision": translator.precision})
+                       "precision": translator.precision, "language_check": LANGUAGE_LINES})
     out, name = cfg.workdir / "eval", split if direction is None else f"{split}.{direction}"
     previous = read_json(out / f"{name}.json")
     if previous and previous.get("key") == key and (out / f"{name}.hyp").exists():
@@ -81,14 +84,48 @@ def evaluate_split(cfg: Config, split: str | None = None, beam: int | None = Non
                                           **opts.model_dump())
     seconds = time.perf_counter() - start
     scores = metrics.score(hypotheses, [references], cfg.eval.metrics, tokenize)
+    language = language_report(cfg, hypotheses, source.tgt)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / f"{name}.hyp", "".join(h + "\n" for h in hypotheses))
     result = {"split": name, "checkpoint": str(ckpt), "beam_size": opts.beam_size, "alpha": opts.alpha,
               "precision": translator.precision, "device": str(translator.device),
-              "sentences": len(sources), "seconds": round(seconds, 2), **scores, "key": key,
+              "sentences": len(sources), "seconds": round(seconds, 2), **scores,
+              **({"language": language} if language else {}), "key": key,
               "samples": [{"src": s, "hyp": h, "ref": r} for s, h, r in zip(sources[:3], hypotheses, references)]}
     write_json(out / f"{name}.json", result)
     return result
+
+
+def language_report(cfg: Config, hypotheses: list[str], target: str) -> dict | None:
+    """How many translations are in the target language (language.LanguageCheck, learned from
+    the experiment's own training text of each of its languages); None when that text cannot be
+    read (the scores stand without it)."""
+    try:
+        texts = training_text(cfg, LANGUAGE_LINES)
+    except (MtkitError, OSError) as e:
+        info(f"eval: no language check (its training text cannot be read: {e})")
+        return None
+    if target not in texts:
+        return None
+    return LanguageCheck(texts).report(hypotheses, target) | {"from": f"{LANGUAGE_LINES:,} train lines each of "
+                                                                      f"{', '.join(sorted(texts))}"}
+
+
+def training_text(cfg: Config, lines: int) -> dict[str, list[str]]:
+    """The first `lines` of each of the experiment's languages in its train split, either side."""
+    source = corpus.split_source(cfg.data, "train")
+    texts: dict[str, list[str]] = {}
+    for part in source.parts or (source,):
+        langs = (part.src, part.tgt)
+        for lang in langs:
+            texts.setdefault(lang, [])
+        for pair in corpus.read_pairs(part):
+            if all(len(texts[lang]) >= lines for lang in langs):
+                break
+            for lang, line in zip(langs, pair):
+                if len(texts[lang]) < lines:
+                    texts[lang].append(line)
+    return texts
 
 
 def score_files(hyps: list[Path], refs: list[Path], tokenize: str, bootstrap: int | None) -> dict:
@@ -125,6 +162,10 @@ def print_scores(result: dict, names) -> None:
               f"{result['checkpoint']}", ["metric", "score", "sacreBLEU signature"])
     for name in names:
         t.add_row(LABEL[name], f"{result[name]['score']:.2f}", result[name]["signature"])
+    if lang := result.get("language"):
+        others = ", ".join(f"{k} {n / lang['lines']:.1%}" for k, n in lang["counts"].items() if k != lang["expected"])
+        t.add_row(f"in {lang['expected']}", f"{lang['share']:.1%}",
+                  f"language check (char n-grams of {lang['from']})" + (f"; the rest: {others}" if others else ""))
     console.print(t)
 
 

@@ -112,5 +112,6 @@ def run(cfg: Config) -> None:
         t.add_row("translate + eval", "up to date" if result.get("up_to_date") else "done",
                   f"{result['split']} BLEU {result['bleu']['score']:.2f}"
                   + (f", chrF {result['chrf']['score']:.2f}" if "chrf" in result else "")
+                  + (f", {result['language']['share']:.1%} in {result['language']['expected']}" if "language" in result else "")
                   + f" (beam {result['beam_size']}) -> {cfg.workdir / 'eval'}")
     console.print(t)

@@ -68,14 +68,29 @@ def test_ensure_corpus_writes_once_and_refuses_foreign_folders(tmp_path):
     folder = tmp_path / "demo"
     demo.ensure_corpus(folder)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted(f"{s}.{l}" for s in ("train", "valid", "test") for l in ("en", "vs"))
+    assert names == sorted(f"{s}.{l}" for s in ("train", "valid", "test") for l in ("en", "vs", "sv"))
     assert len((folder / "train.en").read_text().splitlines()) == demo.SIZES["train"]
     stamp = (folder / "train.en").stat().st_mtime_ns
     demo.ensure_corpus(folder)
     assert (folder / "train.en").stat().st_mtime_ns == stamp
+    # a corpus written before Ihsev existed gets its .sv files from its .vs ones, and keeps the rest
+    ihsev = (folder / "test.sv").read_text()
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.sv").unlink()
+    demo.ensure_corpus(folder)
+    assert (folder / "test.sv").read_text() == ihsev and (folder / "train.en").stat().st_mtime_ns == stamp
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(MtkitError):
         demo.ensure_corpus(other)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_ihsev_is_veshi_written_backwards_line_for_line(demo_dir):
+    veshi, ihsev = ((demo_dir / f"valid.{lang}").read_text().splitlines() for lang in ("vs", "sv"))
+    assert len(veshi) == len(ihsev) == demo.SIZES["valid"]
+    for vs, sv in zip(veshi, ihsev):
+        assert sv.endswith(".") and sv[0].isupper()
+        assert sv.rstrip(".").lower()[::-1] == vs.rstrip(".").lower()
+    assert demo.ihsev("Le amike kvete ambulet.") == "Telubma etevk ekima el."

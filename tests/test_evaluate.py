@@ -73,7 +73,11 @@ def test_eval_config_translates_the_split_against_raw_references(trained, cli):
     code, out, err = cli("eval", config, "--split", "valid", "--beam", "2", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert set(result) == {"bleu", "chrf", "ter", "sentences"} and result["sentences"] == 1000
+    assert set(result) == {"bleu", "chrf", "ter", "sentences", "language"} and result["sentences"] == 1000
+    # the language check, learned from the train split's English and Veshi: the model writes Veshi
+    language = result["language"]
+    assert language["expected"] == "vs" and language["lines"] == 1000 and language["share"] > 0.99, language
+    assert language["from"] == "2,000 train lines each of en, vs" and sum(language["counts"].values()) == 1000
     saved = json.loads((trained / "eval" / "valid.json").read_text())
     assert saved["beam_size"] == 2 and saved["bleu"] == result["bleu"]
     assert len((trained / "eval" / "valid.hyp").read_text().splitlines()) == 1000

@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtkit"
 # (6) also from their own layer, and a stage (3) from no other stage: what two stages share moves
 # down into the core.
 LAYERS = {
-    0: {"errors", "model", "metrics"},
+    0: {"errors", "model", "metrics", "language"},
     1: {"loss", "schedule", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "devices", "checkpoint", "demo", "bookkeeping",
         "portable", "fast"},
     2: {"corpus", "hf", "chunks", "search", "engine", "batcher", "validation"},
