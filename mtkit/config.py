@@ -198,16 +198,18 @@ class ModelSection(Section):
     tie_embeddings: bool = True
     logits_bias: bool = False
     max_positions: PositiveInt = 256
+    no_residual_layer: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSection":
         if self.d_model % self.heads:
-            raise ValueError(
-                f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads}); "
-                f"e.g. heads {' or '.join(map(str, _divisors_near(self.d_model, self.heads)))}"
-            )
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads}); e.g. "
+                             f"heads {' or '.join(map(str, _divisors_near(self.d_model, self.heads)))}")
         if self.positions.startswith("sinusoidal") and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even model.d_model (got {self.d_model})")
+        if self.no_residual_layer is not None and self.no_residual_layer > self.enc_layers:
+            raise ValueError(f"model.no_residual_layer {self.no_residual_layer} of {self.enc_layers} encoder layers: one of "
+                             f"1-{self.enc_layers} (the middle: {self.enc_layers // 2 + 1}), or null for none")
         return self
 
 
@@ -342,9 +344,7 @@ class Config(Section):
 def _divisors_near(n: int, k: int) -> list[int]:
     """The divisors of n just below and just above k."""
     divisors = [d for d in range(1, n + 1) if n % d == 0]
-    below = [d for d in divisors if d < k][-1:]
-    above = [d for d in divisors if d > k][:1]
-    return below + above
+    return [d for d in divisors if d < k][-1:] + [d for d in divisors if d > k][:1]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -52,6 +52,10 @@ def export_ctranslate2(path: Path, out: Path, quantization: str | None = None) -
     path = checkpoint.resolve(path)
     state = checkpoint.load(path)
     cfg = ModelConfig(**state.model_config)
+    if cfg.no_residual_layer:
+        raise MtkitError(f"{path} has an encoder layer without its attention residual (model.no_residual_layer: "
+                         f"{cfg.no_residual_layer}), which CTranslate2's Transformer cannot express",
+                         hint="translate it with mtkit itself (mtkit translate, mtkit serve)")
     spec = _spec(cfg, {name: t.float().numpy() for name, t in state.weights.items()})
     tok = state.make_tokenizer()
     spec.register_source_vocabulary(tok.src_pieces(range(tok.src_vocab_size)))

@@ -45,6 +45,7 @@ class ModelConfig:
     share_src_tgt: bool = False       # source embedding too (needs one joint vocabulary)
     pad_id: int = 0
     logits_bias: bool = False         # a learned bias added to the output logits (Marian's final_logits_bias)
+    no_residual_layer: int | None = None  # an encoder layer (1 = first) with no attention residual: EncoderLayer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,23 +223,31 @@ class FeedForward(nn.Module):
 # one final LayerNorm after the last layer.
 
 class Residual(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, keep_input: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.pre = cfg.norm == "pre"
+        self.keep_input = keep_input  # False: f(x) alone, no residual (EncoderLayer says when)
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
+        skip = x if self.keep_input else 0
         if self.pre:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+            return skip + self.dropout(sublayer(self.norm(x)))
+        return self.norm(skip + self.dropout(sublayer(x)))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """residual=False: self-attention's output replaces its input instead of adding to it. The
+    residual carries each source token's own vector (its position and language) up to the decoder;
+    without it in one middle layer, each position is a mix of the sentence, less tied to the source
+    language's words and order, and a multilingual model translates better between languages it
+    never saw paired (zero-shot; Liu et al. 2021, "Disentangling Positional Information")."""
+
+    def __init__(self, cfg: ModelConfig, residual: bool = True):
         super().__init__()
         self.attention, self.feed_forward = SelfAttention(cfg), FeedForward(cfg)
-        self.res1, self.res2 = Residual(cfg), Residual(cfg)
+        self.res1, self.res2 = Residual(cfg, keep_input=residual), Residual(cfg)
 
     def forward(self, x: Tensor, keep: Tensor, weights: list | None = None) -> Tensor:
         x = self.res1(x, lambda h: self.attention(h, keep=keep, weights=weights)[0])
@@ -319,7 +328,8 @@ class Transformer(nn.Module):
             self.src_embed = self.tgt_embed
         else:
             self.src_embed = Embedding(cfg.src_vocab, cfg)
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, residual=i + 1 != cfg.no_residual_layer)
+                                     for i in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         final_norm = nn.LayerNorm if cfg.norm == "pre" else nn.Identity
         self.enc_norm, self.dec_norm = final_norm(cfg.d_model), final_norm(cfg.d_model)

@@ -128,3 +128,20 @@ def test_every_model_variant_exports_faithfully(trained, demo_dir, tmp_path, var
     ours = Translator.load(tmp_path / "variant.pt").translate(lines, beam_size=1)
     exported = export_ctranslate2(tmp_path / "variant.pt", tmp_path / "ct2")
     assert CT2Translator.load(exported, "float32").translate(lines, beam_size=1) == ours
+
+
+def test_a_model_without_an_encoder_residual_is_refused_not_exported_wrong(trained, tmp_path, cli):
+    """CTranslate2's Transformer always adds the residual: such a model would export and translate
+    differently, so export says why it cannot, and writes nothing."""
+    from dataclasses import asdict, replace
+
+    from mtkit import checkpoint
+    from mtkit.model import ModelConfig, Transformer
+
+    state = checkpoint.load(trained / "checkpoints/best.pt")
+    cfg = replace(ModelConfig(**state.model_config), no_residual_layer=1)
+    checkpoint.save(replace(state, model_config=asdict(cfg), model=Transformer(cfg).state_dict(), ema=None),
+                    tmp_path / "zero_shot.pt")
+    code, _, err = cli("export", tmp_path / "zero_shot.pt", "-o", tmp_path / "ct2")
+    assert_refused(code, err, "without its attention residual (model.no_residual_layer: 1), which CTranslate2")
+    assert "mtkit translate" in err and not (tmp_path / "ct2").exists()

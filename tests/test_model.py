@@ -11,7 +11,8 @@ from tests.helpers import PAD, batch, tiny
 VARIANTS = [dict(), dict(norm="post"), dict(positions="learned"), dict(activation="gelu"),
             dict(tie_embeddings=False, share_src_tgt=False, tgt_vocab=41),
             # Marian's (mtkit import marian): SiLU, post-norm, the halves layout, a logits bias
-            dict(activation="silu", norm="post", positions="sinusoidal-halves", logits_bias=True)]
+            dict(activation="silu", norm="post", positions="sinusoidal-halves", logits_bias=True),
+            dict(no_residual_layer=2)]  # zero-shot's recipe: an encoder layer without its attention residual
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
@@ -36,6 +37,23 @@ def test_padding_positions_change_nothing(kw):
     assert not torch.equal(memory.states[pad], memory2.states[pad])  # the scramble took effect
     assert torch.equal(memory.states[~pad], memory2.states[~pad])
     assert torch.equal(logits, logits2)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_an_encoder_layer_without_its_residual_passes_on_its_attention_alone(norm):
+    model = tiny(no_residual_layer=2, norm=norm)
+    assert [layer.res1.keep_input for layer in model.encoder] == [True, False]
+    assert all(layer.res2.keep_input for layer in model.encoder)  # the feed-forward keeps its residual
+    x, keep = torch.randn(3, 7, 32), torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    for layer, residual in ((model.encoder[1], 0), (tiny(norm=norm).encoder[1], 1)):
+        attend = lambda h: layer.attention(h, keep=keep)[0]  # noqa: E731
+        if norm == "pre":
+            h = residual * x + attend(layer.res1.norm(x))
+            expected = h + layer.feed_forward(layer.res2.norm(h))
+        else:
+            h = layer.res1.norm(residual * x + attend(x))
+            expected = layer.res2.norm(h + layer.feed_forward(h))
+        assert torch.allclose(layer(x, keep), expected, atol=1e-6)
 
 
 def test_padded_source_gives_same_output_as_unpadded():

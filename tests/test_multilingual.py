@@ -234,3 +234,30 @@ def test_the_server_takes_target_lang_and_asks_for_it(run, three_way):
         assert code == 422 and answer["detail"][0]["loc"] == ["body", "target_lang"]
     finally:
         assert s.stop() == 0
+
+
+def test_the_multilingual_demo_config_runs_its_zero_shot_recipe_end_to_end(demo_dir, tmp_path, cli):
+    """configs/demo_multi.yaml as shipped, cut to a few steps and 40 sentences a split: en<->vs and
+    en<->sv trained with the middle encoder layer's residual removed (the recipe reaches the model
+    that translates), then zero-shot vs->sv scored with the language check."""
+    from pathlib import Path
+
+    from mtkit.translate import Translator
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_multi.yaml"
+    settings = ["--set", f"data.dir={demo_dir}", "--set", f"experiment.workdir={tmp_path / 'run'}",
+                *(x for s in ("data.valid=valid[0:40]", "data.test=test[0:40]", "tokenizer.vocab_size=500",
+                              "train.max_steps=8", "train.eval_every=8", "train.save_every=8", "train.eval_sample=40",
+                              "decode.beam_size=2", "decode.max_len_a=0.5") for x in ("--set", s))]
+    code, _, err = cli("run", config, *settings)
+    assert code == 0, err
+    workdir = tmp_path / "run"
+    assert sorted(p.name for p in (workdir / "eval").glob("test.*.json")) == [
+        f"test.{d}.json" for d in sorted(["en-vs", "vs-en", "en-sv", "sv-en"])]
+    translator = Translator.load(workdir)
+    assert [layer.res1.keep_input for layer in translator.model.encoder] == [True, False, True]
+    code, out, err = cli("eval", config, *settings, "--direction", "vs-sv", "--json")
+    assert code == 0, err
+    language = json.loads(out)["language"]
+    assert language["expected"] == "sv" and language["lines"] == 40 and sum(language["counts"].values()) == 40
+    assert language["from"] == "2,000 train lines each of en, sv, vs"
