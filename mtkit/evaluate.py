@@ -15,7 +15,7 @@ from mtkit.translate import Translator
 
 LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
 LANGUAGE_LINES = 2000  # train lines per language for the language check: on Multi30k, 500 already tell
-# de, en and fr apart on all 3,000 test references (docs/evaluation.md)
+# de, en and fr apart on all 3,000 test references (docs/translating.md)
 
 
 def check_scoring(cfg: Config) -> None:
