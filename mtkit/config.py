@@ -51,15 +51,17 @@ class DataSection(Section):
     dir: Path = Path("data")
     src: str | None = None
     tgt: str | None = None
-    # Several translation directions over one folder of {split}.{lang} files, e.g. [de-en, fr-en,
-    # en-fr], instead of src/tgt: one model for all (with a target-language tag when it has more
-    # than one target language).
+    # Several translation directions over one folder of {split}.{lang} files, e.g. [de-en, fr-en], instead
+    # of src/tgt: one model for all (with a target-language tag when it has more than one target language).
     directions: tuple[str, ...] = ()
     # ... or several corpora, each in its own folder: [{dir, src, tgt, train, valid, test, weight}].
     corpora: tuple[CorpusSpec, ...] = ()
     # With several directions, how train batches draw from them: 1 = as their sizes are; T > 1
     # draws direction d with probability proportional to weight_d * size_d ** (1 / T).
     temperature: Annotated[float, Field(ge=1.0)] = 1.0
+    # Languages of the directions also trained to restore their own sentences from a noisy copy
+    # (corpus.noised), which teaches a multilingual model to read its tag: zero-shot (docs/data.md).
+    denoise: tuple[Annotated[str, Field(pattern=LANGUAGE)], ...] = ()
     train: SplitSpec = "train"
     valid: SplitSpec = "valid"
     test: SplitSpec = "test"
@@ -73,10 +75,9 @@ class DataSection(Section):
     max_len: PositiveInt = 100
     max_ratio: Annotated[float, Field(ge=1.0)] = 3.0
     dedup: bool = True
-    # Subword regularization: train on copies of the train split each cut by SentencePiece's
-    # sampling (BPE-dropout's merge-drop probability for bpe, the smoothing alpha for unigram), a
-    # new copy each epoch; 0 = the one deterministic cut. Valid, test and translation never sample.
-    # sampled_sides: "src" leaves the decoder its one spelling of each target word.
+    # Subword regularization: train on copies of the train split each cut by SentencePiece's sampling (BPE-dropout's
+    # merge-drop probability for bpe, the smoothing alpha for unigram), a new copy each epoch; 0 = one deterministic
+    # cut; valid, test and translation never sample. sampled_sides: "src" leaves the decoder one spelling a word.
     subword_sampling: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     sampled_copies: PositiveInt = 16
     sampled_sides: Literal["both", "src", "tgt"] = "both"
@@ -97,12 +98,14 @@ class DataSection(Section):
                                      f"e.g. de-en (a language code without '-', e.g. pt_br)")
             if len(set(self.names)) < len(self.names):
                 raise ValueError(f"{key} names a direction twice: {', '.join(self.names)}")
-            for src, tgt in self.pairs:
-                if src == tgt:
-                    raise ValueError(f"{key}: {src}-{tgt} translates a language into itself")
+            for p in self.parts:
+                if p.src == p.tgt:
+                    raise ValueError(f"{key}: {p.src}-{p.tgt} translates a language into itself (see data.denoise)")
+            if unknown := sorted(set(self.denoise) - {lang for p in self.parts for lang in (p.src, p.tgt)}):
+                raise ValueError(f"data.denoise: {', '.join(unknown)} is in none of the directions, whose files give its text")
             return self._check_lengths()
-        if self.temperature != 1.0:
-            raise ValueError("data.temperature weighs several directions: it needs data.directions or data.corpora")
+        if self.temperature != 1.0 or self.denoise:
+            raise ValueError(f"data.{'denoise is for' if self.denoise else 'temperature weighs'} several directions: it needs data.directions or data.corpora")
         if self.src is None and self.tgt is None:
             raise ValueError("data.src and data.tgt name the languages (e.g. de and en), or data.directions "
                              "several directions (e.g. [de-en, fr-en])")
@@ -128,12 +131,17 @@ class DataSection(Section):
 
     @property
     def parts(self) -> list[CorpusSpec]:
-        """Each direction with its folder and split names (data.corpora, or data.directions read
-        from data.dir); [] for a single pair."""
+        """Each direction with its folder and split names (data.corpora, or data.directions in data.dir); [] for one pair."""
         return list(self.corpora) or [self._corpus(*d.split("-")) for d in self.directions]
 
     def _corpus(self, src: str, tgt: str) -> CorpusSpec:
         return CorpusSpec(dir=self.dir, src=src, tgt=tgt, train=self.train, valid=self.valid, test=self.test)
+
+    @property
+    def denoising(self) -> list[CorpusSpec]:
+        """data.denoise's languages, each into itself (train only), from the first direction's folder that has it."""
+        return [next(p for p in self.parts if lang in (p.src, p.tgt)).model_copy(update={"src": lang, "tgt": lang})
+                for lang in dict.fromkeys(self.denoise)]
 
     @property
     def names(self) -> list[str]:
@@ -143,7 +151,7 @@ class DataSection(Section):
     @property
     def pairs(self) -> list[tuple[str, str]]:
         """The (source, target) languages of every direction, or src and tgt."""
-        return [(p.src, p.tgt) for p in self.parts] or [(self.src, self.tgt)]
+        return [(p.src, p.tgt) for p in [*self.parts, *self.denoising]] or [(self.src, self.tgt)]
 
     @property
     def languages(self) -> dict:
@@ -156,18 +164,17 @@ class DataSection(Section):
 
     @property
     def tagged(self) -> bool:
-        """A model with more than one target language is told which one by a tag before the
-        source, <2xx> (Johnson et al. 2017)."""
+        """A model of several target languages is told which by a tag before the source, <2xx> (Johnson et al. 2017)."""
         return len(self.targets) > 1
 
     def source_args(self, split: str, direction: str | None = None) -> dict:
-        """What corpus.source_for needs to find `split`, as plain values: of every direction, or
-        of one (untagged: a translator adds the tag). A direction not trained (zero-shot) is read
-        from data.dir."""
+        """What corpus.source_for needs to find `split`, as plain values: of every direction, or of one
+        (untagged: a translator adds the tag). A direction not trained (zero-shot) is read from data.dir."""
         one = self._corpus(*direction.split("-", 1)) if direction else self
         one = next((p for p in self.parts if f"{p.src}-{p.tgt}" == direction), one)
         several = {} if direction or not self.parts else dict(
-            directions=[(p.src, p.tgt, p.dir, getattr(p, split)) for p in self.parts], tagged=self.tagged)
+            directions=[(p.src, p.tgt, p.dir, getattr(p, split))
+                        for p in [*self.parts, *(self.denoising if split == "train" else [])]], tagged=self.tagged)
         return dict(split=split, spec=getattr(one, split), format=self.format, root=one.dir, src=one.src,
                     tgt=one.tgt, encoding_errors=self.encoding_errors, hf_dataset=self.hf_dataset,
                     hf_config=self.hf_config, src_field=self.src_field, tgt_field=self.tgt_field,
@@ -313,10 +320,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _check(self) -> "Config":
         if self.model.max_positions < self.data.max_len + 2:
-            raise ValueError(
-                f"model.max_positions ({self.model.max_positions}) must hold data.max_len "
-                f"({self.data.max_len}) plus BOS and EOS: raise it to {self.data.max_len + 2} or more"
-            )
+            raise ValueError(f"model.max_positions ({self.model.max_positions}) must hold data.max_len ({self.data.max_len}) "
+                             f"plus BOS and EOS: raise it to {self.data.max_len + 2} or more")
         if self.eval.checkpoint == "averaged" and self.train.average_last < 2:
             raise ValueError("eval.checkpoint averaged needs train.average_last of 2 or more "
                              "(it scores <workdir>/checkpoints/averaged.pt, which training writes)")
@@ -384,15 +389,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         problem = getattr(e, "problem", None) or str(e)
         raise MtkitError(f"{where}: YAML syntax error: {problem}",
                          hint="check indentation and quoting on that line or the one before")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw or {}, dict):
         raise MtkitError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
-    raw = {name: {} if section is None else section for name, section in raw.items()}  # `train:` alone: defaults
-    set_by_override = {}
-    for item in overrides:
-        key = apply_override(raw, item)
-        set_by_override[key] = item
+    raw = {name: {} if section is None else section for name, section in (raw or {}).items()}  # `train:` alone: defaults
+    set_by_override = {apply_override(raw, item): item for item in overrides}
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -8,6 +8,7 @@ Every problem with the data is an MtkitError naming the file and line, never a s
 
 import gzip
 import itertools
+import random
 import re
 import shutil
 import unicodedata
@@ -63,6 +64,11 @@ class Source:
     parts: tuple["Source", ...] = ()  # kind "several": one Source per direction, read one after another
     tags: tuple[str, ...] = ()  # and the tag put before each one's source lines ("" for none)
     keep: Path | None = None  # a stream: the file its first reader keeps it in for the next (keep_streams)
+
+    @property
+    def denoising(self) -> bool:
+        """A language into itself (data.denoise): its source lines are noisy copies of its targets."""
+        return bool(self.src) and self.src == self.tgt
 
     def describe(self) -> str:
         if self.kind == "several":
@@ -215,6 +221,9 @@ def read_pairs(source: Source) -> Iterator[tuple[str, str]]:
         src_path, tgt_path = source.paths
         pairs = _zip_aligned(src_path, tgt_path, read_lines(src_path, source.encoding_errors, _REPLACE_HINT),
                              read_lines(tgt_path, source.encoding_errors, _REPLACE_HINT))
+        if source.denoising:
+            rng = random.Random(NOISE_SEED)
+            pairs = ((noised(tgt, rng), tgt) for _, tgt in pairs)
     elif source.kind == "tsv":
         pairs = _read_tsv(source.paths[0], source.encoding_errors)
     else:
@@ -285,10 +294,26 @@ def _read_tsv(path: Path, encoding_errors: str) -> Iterator[tuple[str, str]]:
         yield fields[0], fields[1]
 
 
+NOISE_SEED = 1  # one fixed noisy copy of each sentence, the same at every read (tokenizer, prepare)
+
+
+def noised(line: str, rng: random.Random, drop: float = 0.1, reach: float = 3.0) -> str:
+    """A denoising example's source (Lample et al. 2018): `line` with each word dropped with
+    probability `drop` (one is always kept) and the rest shuffled, none moving more than `reach`
+    places. Restoring it teaches nothing about another language, but it shows the model a
+    German source with the tag <2de> beside the <2en> of every German-English pair: the tag is no
+    longer implied by the source's language, so the model learns to read it."""
+    words = line.split()
+    kept = [w for w in words if rng.random() >= drop] or words[:1]
+    keys = [i + rng.uniform(0, reach) for i in range(len(kept))]
+    return " ".join(w for _, w in sorted(zip(keys, kept)))
+
+
 def fingerprint(source: Source) -> str:
     """SHA-256 of the split's raw content, so that any change to the data is noticed."""
     if source.kind == "several":
         return sha256_json(["several", *source.tags, *(fingerprint(p) for p in source.parts)])
     if source.kind == "hf":
         return hf.fingerprint(source)
-    return sha256_json([source.kind] + [sha256_file(p) for p in source.paths] + ([list(source.lines)] if source.lines else []))
+    return sha256_json([source.kind] + [sha256_file(p) for p in source.paths] + ([list(source.lines)] if source.lines else [])
+                       + (["noised", NOISE_SEED] if source.denoising else []))

@@ -115,7 +115,7 @@ def training_text(cfg: Config, lines: int) -> dict[str, list[str]]:
     """The first `lines` of each of the experiment's languages in its train split, either side."""
     source = corpus.split_source(cfg.data, "train")
     texts: dict[str, list[str]] = {}
-    for part in source.parts or (source,):
+    for part in [p for p in source.parts or (source,) if not p.denoising]:  # (a noisy copy is no one's language)
         langs = (part.src, part.tgt)
         for lang in langs:
             texts.setdefault(lang, [])

@@ -151,7 +151,7 @@ class Trainer:
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=t.lr, betas=t.betas, eps=1e-9, fused=True)
         groups = self.manifest["splits"]["train"].get("directions", {})
-        weights = dict(zip(cfg.data.names, (p.weight for p in cfg.data.parts)))
+        weights = {f"{p.src}-{p.tgt}": p.weight for p in [*cfg.data.parts, *cfg.data.denoising]}
         self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
                                           cfg.experiment.seed, list(groups.values()), cfg.data.temperature,
                                           [weights[name] for name in groups], self.train_copies)

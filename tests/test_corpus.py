@@ -391,3 +391,24 @@ def test_hf_split_slicing_for_local_and_streamed_datasets(tmp_path, where):
         assert "a streamed split has no length to take 67% of" in message
     else:
         assert read(tmp_path, train="train[:67%]", **kw) == PAIRS[:2]
+
+
+def test_a_language_into_itself_reads_noisy_copies_the_same_at_every_read(demo_dir):
+    """data.denoise's pairs: each source is its target with words dropped and shuffled a little,
+    the same noise at every read (the tokenizer and prepare read it apart)."""
+    from collections import Counter
+
+    from mtkit.corpus import read_pairs, source_for
+
+    source = source_for("valid", "valid", format="text", root=demo_dir, src="vs", tgt="vs")
+    assert source.denoising and source.paths == (demo_dir / "valid.vs",) * 2
+    pairs = list(read_pairs(source))
+    assert pairs == list(read_pairs(source))
+    targets = (demo_dir / "valid.vs").read_text(encoding="utf-8").splitlines()
+    assert [tgt for _, tgt in pairs] == targets
+    words = kept = changed = 0
+    for src, tgt in pairs:
+        assert not Counter(src.split()) - Counter(tgt.split()) and src.split()  # only its own words, one at least
+        words, kept, changed = words + len(tgt.split()), kept + len(src.split()), changed + (src != tgt)
+    assert 0.85 < kept / words < 0.95 and changed > 0.5 * len(pairs)  # about a tenth dropped
+    assert not source_for("valid", "valid", format="text", root=demo_dir, src="en", tgt="vs").denoising
