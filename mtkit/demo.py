@@ -183,6 +183,6 @@ def ensure_corpus(folder: Path) -> None:
                          hint="point data.dir at an empty or missing folder for the demo corpus")
     with atomic_dir(folder) as tmp:
         for split, pairs in generate().items():
-            for lang, lines in zip(LANGS, zip(*pairs)):
-                (tmp / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            (tmp / f"{split}.sv").write_text("".join(ihsev(vs) + "\n" for _, vs in pairs), encoding="utf-8")
+            sides = {"en": [en for en, _ in pairs], "vs": [vs for _, vs in pairs], "sv": [ihsev(vs) for _, vs in pairs]}
+            for lang in LANGS:
+                (tmp / f"{split}.{lang}").write_text("".join(line + "\n" for line in sides[lang]), encoding="utf-8")

@@ -44,9 +44,9 @@ class LanguageCheck:
 
     def identify(self, line: str) -> str | None:
         """The likeliest of the known languages, or None for a line with no letters to go by."""
-        grams = ngrams(line)
         if not any(ch.isalpha() for ch in line):
             return None
+        grams = ngrams(line)
         return max(self.languages, key=lambda lang: sum(
             n * self._log_p[lang].get(g, self._floor[lang]) for g, n in grams.items()))
 

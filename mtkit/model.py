@@ -241,8 +241,8 @@ class EncoderLayer(nn.Module):
     """residual=False: self-attention's output replaces its input instead of adding to it. The
     residual carries each source token's own vector (its position and language) up to the decoder;
     without it in one middle layer, each position is a mix of the sentence, less tied to the source
-    language's words and order, and a multilingual model translates better between languages it
-    never saw paired (zero-shot; Liu et al. 2021, "Disentangling Positional Information")."""
+    language's words and order. Liu et al. 2021 found that this helps zero-shot translation; on
+    mtkit's demo corpus it did not (docs/data.md, "Zero-shot")."""
 
     def __init__(self, cfg: ModelConfig, residual: bool = True):
         super().__init__()
