@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtkit.config_text import Checked, all_keys, apply_override, config_error, key_lines
+from mtkit.config_text import Checked, all_keys, apply_override, config_error, divisors_near, key_lines
 from mtkit.errors import MtkitError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -62,6 +62,9 @@ class DataSection(Section):
     # Languages of the directions also trained to restore their own sentences from a noisy copy
     # (corpus.noised), which teaches a multilingual model to read its tag: zero-shot (docs/data.md).
     denoise: tuple[Annotated[str, Field(pattern=LANGUAGE)], ...] = ()
+    # Directions without pairs (zero-shot) learned from the model's own translations while it trains
+    # (backtranslation.py): e.g. [de-fr, fr-de] when it trains de<->en and fr<->en.
+    backtranslate: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+-[A-Za-z0-9_]+$")], ...] = ()
     train: SplitSpec = "train"
     valid: SplitSpec = "valid"
     test: SplitSpec = "test"
@@ -103,9 +106,12 @@ class DataSection(Section):
                     raise ValueError(f"{key}: {p.src}-{p.tgt} translates a language into itself (see data.denoise)")
             if unknown := sorted(set(self.denoise) - {lang for p in self.parts for lang in (p.src, p.tgt)}):
                 raise ValueError(f"data.denoise: {', '.join(unknown)} is in none of the directions, whose files give its text")
+            for d in self.backtranslate:
+                if len(set(d.split("-"))) < 2 or not set(d.split("-")) <= set(self.targets):
+                    raise ValueError(f"data.backtranslate: {d} needs two of the model's target languages ({', '.join(self.targets)})")
             return self._check_lengths()
-        if self.temperature != 1.0 or self.denoise:
-            raise ValueError(f"data.{'denoise is for' if self.denoise else 'temperature weighs'} several directions: it needs data.directions or data.corpora")
+        if extra := [k for k in ("temperature", "denoise", "backtranslate") if getattr(self, k) not in (1.0, ())]:
+            raise ValueError(f"data.{extra[0]} is for several directions: it needs data.directions or data.corpora")
         if self.src is None and self.tgt is None:
             raise ValueError("data.src and data.tgt name the languages (e.g. de and en), or data.directions "
                              "several directions (e.g. [de-en, fr-en])")
@@ -158,9 +164,7 @@ class DataSection(Section):
         """The languages as the stages record them (a single pair as it always was)."""
         return {"directions": self.names} if self.names else {"src": self.src, "tgt": self.tgt}
 
-    @property
-    def targets(self) -> list[str]:
-        return sorted({tgt for _, tgt in self.pairs})
+    targets = property(lambda self: sorted({tgt for _, tgt in self.pairs}), doc="The target languages.")
 
     @property
     def tagged(self) -> bool:
@@ -211,7 +215,7 @@ class ModelSection(Section):
     def _check(self) -> "ModelSection":
         if self.d_model % self.heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads}); e.g. "
-                             f"heads {' or '.join(map(str, _divisors_near(self.d_model, self.heads)))}")
+                             f"heads {' or '.join(map(str, divisors_near(self.d_model, self.heads)))}")
         if self.positions.startswith("sinusoidal") and self.d_model % 2:
             raise ValueError(f"sinusoidal positions need an even model.d_model (got {self.d_model})")
         if self.no_residual_layer is not None and self.no_residual_layer > self.enc_layers:
@@ -325,6 +329,8 @@ class Config(Section):
         if self.eval.checkpoint == "averaged" and self.train.average_last < 2:
             raise ValueError("eval.checkpoint averaged needs train.average_last of 2 or more "
                              "(it scores <workdir>/checkpoints/averaged.pt, which training writes)")
+        if self.data.backtranslate and not self.tokenizer.joint:
+            raise ValueError("data.backtranslate feeds the model's outputs back in as sources: it needs tokenizer.joint: true")
         return self
 
     @property
@@ -344,12 +350,6 @@ class Config(Section):
     @property
     def data_cache_dir(self) -> Path:
         return self.workdir / "data"
-
-
-def _divisors_near(n: int, k: int) -> list[int]:
-    """The divisors of n just below and just above k."""
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return [d for d in divisors if d < k][-1:] + [d for d in divisors if d > k][:1]
 
 
 def to_yaml(cfg: Config) -> str:

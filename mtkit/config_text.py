@@ -169,3 +169,9 @@ def section_overrides(items: list[str] | None, command: str, sections: dict[str,
                              hint=f"e.g. --set {keys[3]}=2; keys: " + ", ".join(keys))
         overrides[section][name] = value
     return overrides
+
+
+def divisors_near(n: int, k: int) -> list[int]:
+    """The divisors of n just below and just above k (a fix to suggest for model.heads)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return [d for d in divisors if d < k][-1:] + [d for d in divisors if d > k][:1]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from mtkit import checkpoint, corpus, devices, distributed, fast, lineage
+from mtkit import backtranslation, checkpoint, corpus, devices, distributed, fast, lineage
 from mtkit.bookkeeping import (RunState, RunLog, StopRequest, TrainResult, clock, print_summary, refuse_a_second_run,
                                stop_reason, workdir_lock)
 from mtkit.config import Config
@@ -155,6 +155,8 @@ class Trainer:
         self.sampler = TokenBucketSampler(self.train_src.lengths, self.train_tgt.lengths, t.max_tokens,
                                           cfg.experiment.seed, list(groups.values()), cfg.data.temperature,
                                           [weights[name] for name in groups], self.train_copies)
+        self.backtranslation = backtranslation.for_training(cfg.data, cfg.decode, t.warmup, groups, self.tok,
+                                                            self.train_tgt, self.world.place)
 
     # -- resume -----------------------------------------------------------------------------
     def _resume_state(self) -> checkpoint.Checkpoint:
@@ -194,10 +196,9 @@ class Trainer:
         # (a later `mtkit run` would take a half-trained run for a finished one).
         self.progress.stopped_by = None
         wanted = self.cfg.train.precision
-        if wanted not in ("auto", state.precision):  # the weights are fp32 either way: a switch is safe
-            self.use_precision(wanted, f"set in the config ({state.precision} before the resume)", state.scaler)
-        else:
-            self.use_precision(state.precision, "as before the resume", state.scaler)
+        switched = wanted not in ("auto", state.precision)  # the weights are fp32 either way: a switch is safe
+        self.use_precision(wanted if switched else state.precision, f"set in the config ({state.precision} before the "
+                           "resume)" if switched else "as before the resume", state.scaler)
         random.setstate(state.rng["python"])
         torch.set_rng_state(state.rng["torch"])
         if "cuda" in state.rng and self.world.device.type == "cuda":  # dropout on a GPU draws from its own
@@ -259,12 +260,13 @@ class Trainer:
         # Every process draws the same accum x world batches and trains on its share of them: the
         # sampler's position stays the same everywhere, so any process's checkpoint resumes it.
         drawn = [next(self.sampler) for _ in range(t.accum * w.size)]
+        step = self.progress.step + 1
         group = [self._batch(ix) for ix in drawn[w.rank::w.size]]
+        group += self.backtranslation(self.model, drawn[w.rank::w.size], step, self.precision) if self.backtranslation else []
         n_tgt, n_src = w.sum([sum(b.n_tgt_tokens for b in group), sum(b.n_src_tokens for b in group)])
         # DDP averages the processes' gradients; scaling by size / all tokens makes that the
         # gradient of the loss per target token over the whole step.
         scale = w.size / n_tgt
-        step = self.progress.step + 1
         parts = []
         for i, b in enumerate(group):
             # Each batch's dropout masks come from a seed of its own (the run's, the step, which of
@@ -384,8 +386,7 @@ class Trainer:
         return result
 
     def _announce(self) -> None:
-        if self.world.main:
-            w = self.world
+        if (w := self.world).main:
             info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters on {devices.describe(w.device)}, "
                  f"precision {self.precision} "
                  f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src) // self.train_copies:,} train pairs"

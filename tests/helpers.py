@@ -200,3 +200,9 @@ def commands(text: str) -> list[str]:
     """The commands of a bash block: continuation lines joined, comments dropped."""
     joined = text.replace("\\\n", " ")
     return [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def losses(workdir: Path) -> list[tuple[int, float]]:
+    """The (step, loss) of each train line a run logged in its metrics.jsonl."""
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]

@@ -27,7 +27,7 @@ LAYERS = {
     0: {"errors", "model", "metrics", "language"},
     1: {"loss", "schedule", "config", "config_text", "lineage", "console", "files", "data", "tokenizer", "distributed", "devices", "checkpoint", "demo", "bookkeeping",
         "portable", "fast"},
-    2: {"corpus", "hf", "chunks", "search", "engine", "batcher", "validation"},
+    2: {"corpus", "hf", "chunks", "search", "engine", "batcher", "validation", "backtranslation"},
     3: {"train_tokenizer", "prepare", "train", "translate", "line_io", "export", "marian", "figures", "explain"},
     4: {"evaluate", "serve"},  # stages over a stage: they translate, then score or answer
     5: {"pipeline"},

@@ -20,13 +20,9 @@ from mtkit.schedule import lr_at, schedule_end
 from mtkit.train import ema_update
 from tests import fake_clock
 from tests.conftest import tiny_config
+from tests.helpers import losses
 
 MTKIT = Path(sys.executable).with_name("mtkit")
-def losses(workdir: Path) -> list[tuple[int, float]]:
-    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
-
-
 def test_lr_at_known_steps():
     kw = dict(lr=1e-3, warmup=100, d_model=256, max_steps=1100)
     assert lr_at(0, schedule="inverse_sqrt", **kw) == 0.0
