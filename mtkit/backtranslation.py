@@ -51,6 +51,10 @@ class BackTranslation:
         # The source side of a tagged line is "▁ <2xx> words...": the tag's own pieces, then the sentence.
         self.prefix = {lang: tok.encode_src([tag(lang)])[0] for pair in directions for lang in pair}
         self.sources = {t: [s for s, tt in directions if tt == t] for _, t in directions}
+        self.directions = directions
+
+    def __str__(self) -> str:
+        return f"{', '.join(f'{s}-{t}' for s, t in self.directions)} also back-translated after step {self.start:,}"
 
     def target_language(self, index: int) -> str:
         return self.targets[int(np.searchsorted(self.starts, index % self.lines, side="right")) - 1]

@@ -387,11 +387,11 @@ class Trainer:
 
     def _announce(self) -> None:
         if (w := self.world).main:
-            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters on {devices.describe(w.device)}, "
-                 f"precision {self.precision} "
+            info(f"train: {sum(x.numel() for x in self.model.parameters()):,} parameters on {devices.describe(w.device)}, precision {self.precision} "
                  f"({self.precision_reason}), {torch.get_num_threads()} threads, {len(self.train_src) // self.train_copies:,} train pairs"
                  + (f" ({self.train_copies} subword-sampled copies)" if self.train_copies > 1 else "")
-                 + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else ""))
+                 + (f"; {w.size} processes ({w.device.type})" if w.size > 1 else "")
+                 + (f"; {self.backtranslation}" if self.backtranslation else ""))
 
     def _evaluate_and_keep_best(self) -> bool:
         """Validate (rank 0; the others wait at the next step); True when this is the best BLEU so far."""

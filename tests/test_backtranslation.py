@@ -73,6 +73,7 @@ def test_a_run_that_back_translates_resumes_exactly(three_way, tmp_path, cli):
     for args in ([whole], [halves, "--set", "train.max_steps=6"], [halves, "--resume"]):
         code, _, err = cli("train", *args)
         assert code == 0, err
+        assert "vs-sv, sv-vs also back-translated after step 5" in err  # said when training starts
     a = checkpoint.load(tmp_path / "a/run/checkpoints/last.pt")
     b = checkpoint.load(tmp_path / "b/run/checkpoints/last.pt")
     assert a.step == b.step == 12
