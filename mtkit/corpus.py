@@ -249,10 +249,9 @@ def read_lines(path: Path, encoding_errors: str = "strict", utf8_hint: str = "")
     utf8_hint: what else the user can do about invalid UTF-8 (a corpus: data.encoding_errors)."""
     try:
         opened = open(path, "rb")
-        packed = opened.read(2) == b"\x1f\x8b"
-        opened.seek(0)
+        packed = opened.peek(2)[:2] == b"\x1f\x8b"  # peeked, not read and sought back: a pipe cannot seek
     except OSError as e:
-        raise MtkitError(f"cannot read {path}: {e.strerror}")
+        raise MtkitError(f"cannot read {path}: {e.strerror or e}")
     with opened, (gzip.open(opened) if packed else opened) as f:
         lineno = 0
         try:

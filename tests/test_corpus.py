@@ -1,6 +1,8 @@
 import gzip
 import json
+import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,20 @@ def test_gzip_is_detected_by_content_not_name(tmp_path):
     write_lines(tmp_path / "a.de", ["x"], packed=True)
     write_lines(tmp_path / "a.en", ["y"])
     assert read(tmp_path, train=("a.de", "a.en")) == [("x", "y")]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX's (Windows has none to pass)")
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_pipe_is_read_as_it_comes_gzip_or_not(tmp_path, packed):
+    """`mtkit eval --ref <(zcat ref.gz)`: a pipe cannot seek back after its first bytes were read to
+    tell gzip from text (it said "cannot read /dev/fd/63: None")."""
+    write_lines(tmp_path / "lines", ["eins", "zwei"], packed)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "lines").read_bytes()), daemon=True)
+    writer.start()
+    assert list(corpus.read_lines(fifo)) == ["eins", "zwei"]
+    writer.join(timeout=60)
 
 
 def test_pair_of_files(tmp_path):
