@@ -61,10 +61,12 @@ class BackTranslation:
 
     def __call__(self, model: Transformer, drawn: list[np.ndarray], step: int, precision: str) -> list[Batch]:
         """A batch of synthetic pairs for each batch of train lines `drawn` at `step` that has a
-        target in a language to learn (its source language drawn by the step where there are several)."""
+        target in a language to learn. Where a target language has several sources to learn, each
+        line's is drawn from a seed of the step and the batch's first line: the same draws however
+        the step's batches are shared among processes."""
         if step <= self.start:
             return []
-        found = [self.batch(model, indices, np.random.default_rng([step, k]), precision) for k, indices in enumerate(drawn)]
+        found = [self.batch(model, ix, np.random.default_rng([step, int(ix[0])]), precision) for ix in drawn]
         return [b for b in found if b is not None]
 
     def batch(self, model: Transformer, indices: np.ndarray, rng: np.random.Generator, precision: str) -> Batch | None:

@@ -228,7 +228,8 @@ def test_the_position_table_is_not_sent_to_every_process_at_every_step(tmp_path,
 
 def test_a_multilingual_run_and_a_fine_tuning_from_it_under_torchrun(tmp_path, three_way, cli):
     """The other commands that train, on two processes: `mtkit run` of two directions (one model,
-    told which by a tag), then `mtkit train --init` from it, in a workdir of its own."""
+    told which by a tag; after the warmup each process also back-translates its batches for
+    vs-sv and sv-vs), then `mtkit train --init` from it, in a workdir of its own."""
     from tests.conftest import TINY_MODEL, write_config
 
     model = TINY_MODEL | {"d_model": 64, "ff_dim": 128}
@@ -236,11 +237,13 @@ def test_a_multilingual_run_and_a_fine_tuning_from_it_under_torchrun(tmp_path, t
              "save_every": 8, "eval_sample": 10}
     (tmp_path / "multi").mkdir()
     (tmp_path / "tuned").mkdir()
-    multi = write_config(tmp_path / "multi", data={"dir": str(three_way), "directions": ["en-vs", "en-sv"]},
+    multi = write_config(tmp_path / "multi", data={"dir": str(three_way), "directions": ["en-vs", "en-sv"],
+                                                   "backtranslate": ["vs-sv", "sv-vs"]},
                          tokenizer={"vocab_size": 300}, model=model, train=train, decode={"beam_size": 1})
     result = torchrun("run", multi)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("translate + eval") == 2  # a row per direction, in rank 0's table alone
+    assert result.stderr.count("vs-sv, sv-vs also back-translated after step 5") == 1
     tuned = write_config(tmp_path / "tuned", data={"dir": str(three_way), "directions": ["en-vs", "en-sv"]},
                          train=train | {"max_steps": 4})
     result = torchrun("train", tuned, "--init", tmp_path / "multi/run")
