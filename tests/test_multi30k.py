@@ -28,8 +28,9 @@ def test_multi30k_tokenizer_and_prepare(tmp_path, pair):
 
 
 def test_multi30k_four_directions_in_one_model(tmp_path):
-    """configs/multi30k_multi.yaml: de<->en and fr<->en, one joint vocabulary with the tags whole,
-    each direction's pairs counted and no test source seen in train."""
+    """configs/multi30k_multi.yaml: de<->en and fr<->en (train also de-de and fr-fr, data.denoise's
+    noisy copies), one joint vocabulary with the tags whole, each direction's pairs counted and no
+    test source seen in train."""
     from mtkit.tokenizer import Tokenizer
 
     cfg = load_config(REPO / "configs" / "multi30k_multi.yaml",
@@ -37,8 +38,8 @@ def test_multi30k_four_directions_in_one_model(tmp_path):
     train_tokenizer(cfg)
     splits = prepare(cfg).manifest["splits"]
     names = ["de-en", "en-de", "fr-en", "en-fr"]
-    for split, n in (("train", 29_000), ("valid", 1_014), ("test", 1_000)):
-        assert {d: s["pairs_in"] for d, s in splits[split]["by_direction"].items()} == dict.fromkeys(names, n)
+    for split, n, extra in (("train", 29_000, ["de-de", "fr-fr"]), ("valid", 1_014, []), ("test", 1_000, [])):
+        assert {d: s["pairs_in"] for d, s in splits[split]["by_direction"].items()} == dict.fromkeys(names + extra, n)
     assert all(s["overlap_with_train"]["src"] == 0 for s in splits["test"]["by_direction"].values())
     tok = Tokenizer.load(cfg.tokenizer_dir)
     for lang in ("en", "de", "fr"):
