@@ -56,8 +56,9 @@ class BackTranslation:
     def __str__(self) -> str:
         return f"{', '.join(f'{s}-{t}' for s, t in self.directions)} also back-translated after step {self.start:,}"
 
-    def target_language(self, index: int) -> str:
-        return self.targets[int(np.searchsorted(self.starts, index % self.lines, side="right")) - 1]
+    def target_languages(self, indices: np.ndarray) -> list[str | None]:
+        """The target language of each train line (None for a denoising line), found in one pass."""
+        return [self.targets[k] for k in np.searchsorted(self.starts, np.asarray(indices) % self.lines, side="right") - 1]
 
     def __call__(self, model: Transformer, drawn: list[np.ndarray], step: int, precision: str) -> list[Batch]:
         """A batch of synthetic pairs for each batch of train lines `drawn` at `step` that has a
@@ -72,7 +73,7 @@ class BackTranslation:
     def batch(self, model: Transformer, indices: np.ndarray, rng: np.random.Generator, precision: str) -> Batch | None:
         positions = model.cfg.max_positions
         rows = [(self.tgt[i][:positions - 1], t, self.sources[t][rng.integers(len(self.sources[t]))])
-                for i in indices if (t := self.target_language(int(i))) in self.sources]
+                for i, t in zip(indices, self.target_languages(indices)) if t in self.sources]
         if not rows:
             return None
         keep = positions - 1 - max(len(p) for p in self.prefix.values())  # room for a tag and EOS
