@@ -19,6 +19,9 @@ the output layer and the loss run 512 tokens at a time: that chunk's logits, its
 by the formula above, and at once what that gradient means for the decoder's states and for the
 output weights. The backward pass only scales those. No block larger than a chunk's logits is ever
 made: 4,096-token training steps ran 20% faster on an Intel Xeon with AMX (docs/performance.md).
+Each pass over a chunk's logits costs about as much as a product with them (a CPU's memory, not its
+arithmetic, is the limit there), so the loss makes few: padding tokens are left out before the
+output layer, and the gradient's constant part -ε/V goes through the products in closed form.
 """
 
 import torch
@@ -29,64 +32,83 @@ from mtkit.fast import compiles_per_shape, rounded_rows
 CHUNK = 512  # tokens at a time: of 256, 512 and 1,024, the fastest at 4,096-token steps
 
 
-def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, pad_id: int, smoothing: float
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (n, V), target (n,) -> (the loss summed over the n tokens, their plain cross-entropy
-    -Σ log p[y] (the loss without smoothing, for the log), the loss's gradient with respect to the
-    logits), in fp32 (float64 stays float64). Tokens equal to pad_id cost nothing and get no gradient."""
-    log_p = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    real = target.ne(pad_id)
-    nll = -log_p.gather(1, target[:, None]).squeeze(1).masked_fill(~real, 0.0)
-    per_token = (1 - smoothing) * nll
+    """logits (n, V) of n real tokens, target (n,) -> (the loss summed over the n tokens, their plain
+    cross-entropy -Σ log p[y] (the loss without smoothing, for the log), the loss's gradient with
+    respect to the logits but for its constant part), in fp32 (float64 stays float64).
+    The constant part, -ε/V on every logit, is the same for every token and word: the caller adds
+    it after the output layer's products, in closed form (ProjectedCrossEntropy), which saves a pass
+    over the chunk's logits. The loss needs log p only at y and summed over the row, so it is
+    found from the softmax, one pass: log p[y] = log(p[y]), log-sum-exp = z[y] - log p[y], and
+    Σ_j log p[j] = Σ_j z[j] - V log-sum-exp."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # once, not in every op below
+    p = torch.softmax(logits, dim=-1)
+    y = target[:, None]
+    p_y = p.gather(1, y).squeeze(1)
+    # p[y] underflows only where the model gives the right word less than e^-103 in fp32: it then
+    # counts as that much in the loss shown (its gradient stays exact).
+    tiny = torch.finfo(p.dtype).smallest_normal * torch.finfo(p.dtype).eps
+    nll = -p_y.clamp_min(tiny).log()
+    loss = (1 - smoothing) * nll
     if smoothing:
-        per_token -= smoothing / log_p.size(1) * log_p.sum(dim=1)
-    grad = log_p.exp_().sub_(smoothing / log_p.size(1)).mul_(real[:, None])  # p - ε/V, in place of log p
-    grad.scatter_add_(1, target[:, None], -(1 - smoothing) * real[:, None].to(grad.dtype))  # - (1 - ε) at y
-    return per_token.masked_fill(~real, 0.0).sum(), nll.sum(), grad
+        log_sum_exp = logits.gather(1, y).squeeze(1) + nll
+        loss = loss + smoothing * log_sum_exp - smoothing / logits.size(1) * logits.sum(dim=1)
+    grad = p.scatter_(1, y, (p_y - (1 - smoothing))[:, None])  # p - (1 - ε) at y; -ε/V is the caller's
+    return loss.sum(), nll.sum(), grad
 
 
 class ProjectedCrossEntropy(torch.autograd.Function):
     """states (N, D): the decoder's last states; weight (V, D) and bias (V,) or None: the output
     layer; target (N,) -> (the loss summed over the N tokens, their plain cross-entropy: see
     smoothed_cross_entropy), in fp32. Under autocast the products run in its precision, as the
-    output layer's own would."""
+    output layer's own would. Padding tokens never reach the output layer: only the real tokens'
+    states are gathered (a twelfth of a Multi30k batch's target tokens are padding)."""
 
     @staticmethod
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 pad_id: int, smoothing: float) -> torch.Tensor:
         device = states.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
-        n = states.size(0)
-        # Zero rows (padding tokens) up to fast.rounded_rows, so that compiled kernels for these
-        # products come back from step to step, as in fast.linear.
-        rows = rounded_rows(n) if compiles_per_shape(states) else n
-        x = F.pad(states.to(low), (0, 0, 0, rows - n)) if rows > n else states.to(low)
-        target = F.pad(target, (0, rows - n), value=pad_id)
-        w, b = weight.to(low), None if bias is None else bias.to(low)
         wide = torch.promote_types(low, torch.float32)
+        real = target.ne(pad_id).nonzero().squeeze(1)
+        n = real.numel()
+        # Zero rows up to fast.rounded_rows, so that compiled kernels for these products come back
+        # from step to step, as in fast.linear; the loss leaves them out.
+        rows = rounded_rows(n) if compiles_per_shape(states) else n
+        x = F.pad(states.index_select(0, real).to(low), (0, 0, 0, rows - n))
+        target = target.index_select(0, real)
+        w, b = weight.to(low), None if bias is None else bias.to(low)
         grad_x = torch.empty(rows, x.size(1), dtype=low, device=states.device)
-        loss = nll = grad_w = grad_b = None
+        loss = nll = grad_w = grad_b = torch.zeros((), dtype=wide, device=states.device)
         with torch.autocast(device, enabled=False):
             for start in range(0, rows, CHUNK):
-                chunk = x[start:start + CHUNK]
-                part, plain, grad = smoothed_cross_entropy(F.linear(chunk, w, b), target[start:start + CHUNK],
-                                                           pad_id, smoothing)
-                loss, nll = (part, plain) if loss is None else (loss + part, nll + plain)
+                chunk, tokens = x[start:start + CHUNK], max(0, min(CHUNK, n - start))
+                logits = F.linear(chunk, w, b)
+                part, plain, grad = smoothed_cross_entropy(logits[:tokens], target[start:start + tokens], smoothing)
+                loss, nll = loss + part, nll + plain
+                logits[:tokens].copy_(grad)  # the gradient takes the logits' place, in their precision
+                grad = logits.index_fill_(0, torch.arange(tokens, logits.size(0), device=logits.device), 0)
                 if b is not None:
-                    grad_b = grad.sum(dim=0) if grad_b is None else grad_b.add_(grad.sum(dim=0))
-                grad = grad.to(low)
+                    grad_b = grad_b + grad.sum(dim=0, dtype=wide)
                 torch.mm(grad, w, out=grad_x[start:start + CHUNK])  # what the chunk's loss asks of its states
-                part = grad.t() @ chunk                             # ... and of the output weights
-                grad_w = part.to(wide) if grad_w is None else grad_w.add_(part)
-        ctx.save_for_backward(grad_x[:n], grad_w, grad_b)
-        ctx.dtypes = states.dtype, weight.dtype
+                grad_w = grad_w + (grad.t() @ chunk).to(wide)       # ... and of the output weights
+            # The gradient's constant part, -ε/V on every logit of every token, through the products.
+            shift = smoothing / weight.size(0)
+            grad_x = grad_x[:n].to(wide).sub_(shift * w.sum(dim=0, dtype=wide))
+            grad_w = grad_w - shift * x.sum(dim=0, dtype=wide)
+            grad_b = None if b is None else grad_b - shift * n
+        ctx.save_for_backward(real, grad_x, grad_w, grad_b)
+        ctx.shape, ctx.dtypes = states.shape, (states.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        return ((grad_x.to(grad_loss.dtype) * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
+        real, grad_x, grad_w, grad_b = ctx.saved_tensors
+        grad_states = grad_x.new_zeros(ctx.shape, dtype=ctx.dtypes[0])
+        grad_states.index_copy_(0, real, (grad_x * grad_loss).to(ctx.dtypes[0]))
+        return (grad_states, (grad_w * grad_loss).to(ctx.dtypes[1]),
                 None if grad_b is None else (grad_b * grad_loss).to(ctx.dtypes[1]), None, None, None)
 
 

@@ -14,25 +14,37 @@ from mtkit.model import ModelConfig, Transformer
 def batch(dtype=torch.float32, n=12, vocab=9):
     torch.manual_seed(0)
     logits = (3 * torch.randn(n, vocab, dtype=torch.float64)).to(dtype)
-    target = torch.randint(1, vocab, (n,))
-    target[-3:] = 0  # padding
+    target = torch.randint(0, vocab, (n,))
     return logits, target
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
 def test_the_written_out_gradient_is_the_true_one(smoothing):
-    """Against central finite differences of the loss, in float64, every logit."""
+    """Against central finite differences of the loss, in float64, every logit: the gradient
+    returned plus its constant part -ε/V, which the caller adds."""
     logits, target = batch(torch.float64)
-    _, _, grad = smoothed_cross_entropy(logits, target, 0, smoothing)
+    loss, _, grad = smoothed_cross_entropy(logits, target, smoothing)
     h, numeric = 1e-6, torch.zeros_like(logits)
     for index in range(logits.numel()):
         step = torch.zeros_like(logits).view(-1)
         step[index] = h
         step = step.view_as(logits)
-        up, down = (smoothed_cross_entropy(logits + s, target, 0, smoothing)[0] for s in (step, -step))
+        up, down = (smoothed_cross_entropy(logits + s, target, smoothing)[0] for s in (step, -step))
         numeric.view(-1)[index] = (up - down) / (2 * h)
-    assert torch.allclose(grad, numeric, atol=1e-7)
-    assert grad[:-3].abs().sum() > 0 and grad[-3:].abs().sum() == 0  # padding gets no gradient
+    assert torch.allclose(grad - smoothing / logits.size(1), numeric, atol=1e-7)
+    expected = F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_a_word_given_next_to_no_probability_costs_a_finite_loss_and_an_exact_gradient():
+    """p[y] underflows fp32 when the right word's logit is 200 below the best: the loss shown is
+    capped (at about 103 nats), finite, and the gradient is still the softmax minus the target."""
+    logits = torch.zeros(2, 5)
+    logits[:, 1] = 200.0
+    target = torch.tensor([0, 1])
+    loss, nll, grad = smoothed_cross_entropy(logits, target, 0.1)
+    assert torch.isfinite(loss) and 100 < nll.item() < 110
+    assert torch.allclose(grad[0], torch.tensor([-0.9, 1.0, 0.0, 0.0, 0.0]), atol=1e-6)
 
 
 def output_layer_batch(n, dtype=torch.float64, bias=True, vocab=37, width=16):
@@ -100,9 +112,10 @@ def test_no_block_larger_than_a_chunk_of_logits_is_made(monkeypatch):
 
     monkeypatch.setattr(loss_module, "smoothed_cross_entropy", spy)
     monkeypatch.setattr(loss_module, "CHUNK", 4)
-    states, weight, b, target = output_layer_batch(10)
+    states, weight, b, target = output_layer_batch(13)
+    target[[2, 5, 11]] = 0
     ProjectedCrossEntropy.apply(states, weight, b, target, 0, 0.1)
-    assert seen == [4, 4, 2]
+    assert (target != 0).sum() == 10 and seen == [4, 4, 2]  # padding never reaches the output layer
 
 
 def test_padding_costs_nothing():
