@@ -63,7 +63,7 @@ class ProjectedCrossEntropy(torch.autograd.Function):
     layer; target (N,) -> (the loss summed over the N tokens, their plain cross-entropy: see
     smoothed_cross_entropy), in fp32. Under autocast the products run in its precision, as the
     output layer's own would. Padding tokens never reach the output layer: only the real tokens'
-    states are gathered (a twelfth of a Multi30k batch's target tokens are padding)."""
+    states are gathered (about 9% of a 4,096-token Multi30k batch's target tokens are padding)."""
 
     @staticmethod
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -85,10 +85,11 @@ class ProjectedCrossEntropy(torch.autograd.Function):
             for start in range(0, rows, CHUNK):
                 chunk, tokens = x[start:start + CHUNK], max(0, min(CHUNK, n - start))
                 logits = F.linear(chunk, w, b)
-                part, plain, grad = smoothed_cross_entropy(logits[:tokens], target[start:start + tokens], smoothing)
+                part, plain, part_grad = smoothed_cross_entropy(logits[:tokens], target[start:start + tokens], smoothing)
                 loss, nll = loss + part, nll + plain
-                logits[:tokens].copy_(grad)  # the gradient takes the logits' place, in their precision
-                grad = logits.index_fill_(0, torch.arange(tokens, logits.size(0), device=logits.device), 0)
+                grad = logits  # the gradient takes the logits' place, in their precision; zero rows get none
+                grad[:tokens].copy_(part_grad)
+                grad[tokens:].zero_()
                 if b is not None:
                     grad_b = grad_b + grad.sum(dim=0, dtype=wide)
                 torch.mm(grad, w, out=grad_x[start:start + CHUNK])  # what the chunk's loss asks of its states
