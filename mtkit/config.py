@@ -60,8 +60,10 @@ class DataSection(Section):
     # draws direction d with probability proportional to weight_d * size_d ** (1 / T).
     temperature: Annotated[float, Field(ge=1.0)] = 1.0
     # Languages of the directions also trained to restore their own sentences from a noisy copy
-    # (corpus.noised), which teaches a multilingual model to read its tag: zero-shot (docs/data.md).
+    # (corpus.noised), which teaches a multilingual model to read its tag: zero-shot (docs/data.md);
+    # denoise_weight: their weight in the draw, against that of the direction their text is from.
     denoise: tuple[Annotated[str, Field(pattern=LANGUAGE)], ...] = ()
+    denoise_weight: Annotated[float, Field(gt=0.0)] = 1.0
     # Directions without pairs (zero-shot) learned from the model's own translations while it trains
     # (backtranslation.py): e.g. [de-fr, fr-de] when it trains de<->en and fr<->en.
     backtranslate: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+-[A-Za-z0-9_]+$")], ...] = ()
@@ -106,11 +108,13 @@ class DataSection(Section):
                     raise ValueError(f"{key}: {p.src}-{p.tgt} translates a language into itself (see data.denoise)")
             if unknown := sorted(set(self.denoise) - {lang for p in self.parts for lang in (p.src, p.tgt)}):
                 raise ValueError(f"data.denoise: {', '.join(unknown)} is in none of the directions, whose files give its text")
+            if self.denoise_weight != 1.0 and not self.denoise:
+                raise ValueError("data.denoise_weight weighs data.denoise's copies in the draw: set data.denoise too (e.g. [de, fr])")
             for d in self.backtranslate:
                 if len(set(d.split("-"))) < 2 or not set(d.split("-")) <= set(self.targets):
                     raise ValueError(f"data.backtranslate: {d} needs two of the model's target languages ({', '.join(self.targets)})")
             return self._check_lengths()
-        if extra := [k for k in ("temperature", "denoise", "backtranslate") if getattr(self, k) not in (1.0, ())]:
+        if extra := [k for k in ("temperature", "denoise", "denoise_weight", "backtranslate") if getattr(self, k) not in (1.0, ())]:
             raise ValueError(f"data.{extra[0]} is for several directions: it needs data.directions or data.corpora")
         if self.src is None and self.tgt is None:
             raise ValueError("data.src and data.tgt name the languages (e.g. de and en), or data.directions "
@@ -146,8 +150,8 @@ class DataSection(Section):
     @property
     def denoising(self) -> list[CorpusSpec]:
         """data.denoise's languages, each into itself (train only), from the first direction's folder that has it."""
-        return [next(p for p in self.parts if lang in (p.src, p.tgt)).model_copy(update={"src": lang, "tgt": lang})
-                for lang in dict.fromkeys(self.denoise)]
+        return [(p := next(p for p in self.parts if lang in (p.src, p.tgt))).model_copy(
+                update={"src": lang, "tgt": lang, "weight": p.weight * self.denoise_weight}) for lang in dict.fromkeys(self.denoise)]
 
     @property
     def names(self) -> list[str]:
@@ -159,17 +163,13 @@ class DataSection(Section):
         """The (source, target) languages of every direction, or src and tgt."""
         return [(p.src, p.tgt) for p in [*self.parts, *self.denoising]] or [(self.src, self.tgt)]
 
-    @property
-    def languages(self) -> dict:
-        """The languages as the stages record them (a single pair as it always was)."""
-        return {"directions": self.names} if self.names else {"src": self.src, "tgt": self.tgt}
+    languages = property(lambda self: {"directions": self.names} if self.names else {"src": self.src, "tgt": self.tgt},
+                         doc="The languages as the stages record them (a single pair as it always was).")
 
     targets = property(lambda self: sorted({tgt for _, tgt in self.pairs}), doc="The target languages.")
 
-    @property
-    def tagged(self) -> bool:
-        """A model of several target languages is told which by a tag before the source, <2xx> (Johnson et al. 2017)."""
-        return len(self.targets) > 1
+    tagged = property(lambda self: len(self.targets) > 1, doc="A model of several target languages is told which by a tag "
+                      "before the source, <2xx> (Johnson et al. 2017).")
 
     def source_args(self, split: str, direction: str | None = None) -> dict:
         """What corpus.source_for needs to find `split`, as plain values: of every direction, or of one

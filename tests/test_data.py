@@ -176,3 +176,25 @@ def test_lengths_come_in_the_smallest_type_that_holds_them_and_one_more(tmp_path
         w.close()
         lengths = TokenArray(tmp_path, f"s{longest}", "src", "uint16").lengths
         assert lengths.dtype == dtype and lengths.tolist() == [3, longest, 0]
+
+
+def test_a_direction_weighed_down_is_drawn_that_much_less_and_the_rest_fill_the_epoch():
+    """data.denoise_weight 0.25 (config.py: the copies' weight, times their direction's): three
+    directions of 400 sentences, the third at weight 0.25, draw 4 : 4 : 1 of an epoch of 1,200."""
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(3, 30, 1200), rng.integers(3, 30, 1200)
+    groups = [(0, 400), (400, 800), (800, 1200)]
+    drawn = np.concatenate(TokenBucketSampler(src, tgt, max_tokens=600, seed=4, groups=groups,
+                                              weights=[1.0, 1.0, 0.25]).epoch_batches(0))
+    assert len(drawn) == pytest.approx(1200, abs=2)
+    assert (drawn >= 800).mean() == pytest.approx(1 / 9, abs=0.005)
+    assert len(set(drawn[drawn >= 800].tolist())) == (drawn >= 800).sum()  # a sample, no repeats
+
+
+def test_denoise_weight_is_the_copies_weight_times_their_directions():
+    from mtkit.config import DataSection
+
+    data = DataSection(corpora=[{"dir": "a", "src": "de", "tgt": "en", "weight": 2.0},
+                                {"dir": "b", "src": "fr", "tgt": "en"}], denoise=["de", "fr"], denoise_weight=0.25)
+    assert [(p.src, p.tgt, p.weight) for p in data.denoising] == [("de", "de", 0.5), ("fr", "fr", 0.25)]
+    assert [p.weight for p in DataSection(directions=["de-en", "fr-en"], denoise=["fr"]).denoising] == [1.0]
