@@ -193,3 +193,19 @@ def test_the_chunked_loss_is_the_reference_loss_fast_off_trains_with(rdrop):
         grads.append(torch.autograd.grad(got[0], [states, weight, bias]))
     assert torch.allclose(figures[0], figures[1], rtol=1e-10) and figures[0][1] > figures[0][2] > 0
     assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-12) for a, b in zip(*grads))
+
+
+def test_bench_loss_runs_and_its_last_line_is_json():
+    """scripts/bench_loss.py, cut small, timed against this very loss.py: both versions are timed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "bench_loss.py"), "--rows", "600", "--vocab", "300",
+                           "--width", "32", "--repeats", "2", "--against", str(repo / "mtkit" / "loss.py")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["ms_this"] > 0 and figures["ms_against"] > 0 and 500 < figures["real_rows"] < 600
