@@ -80,7 +80,9 @@ class ProjectedCrossEntropy(torch.autograd.Function):
         target = target.index_select(0, real)
         w, b = weight.to(low), None if bias is None else bias.to(low)
         grad_x = torch.empty(rows, x.size(1), dtype=low, device=states.device)
-        loss = nll = grad_w = grad_b = torch.zeros((), dtype=wide, device=states.device)
+        loss = nll = torch.zeros((), dtype=wide, device=states.device)
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=states.device)  # summed in place over the chunks
+        grad_b = None if b is None else torch.zeros(b.shape, dtype=wide, device=states.device)
         with torch.autocast(device, enabled=False):
             for start in range(0, rows, CHUNK):
                 chunk, tokens = x[start:start + CHUNK], max(0, min(CHUNK, n - start))
@@ -91,14 +93,14 @@ class ProjectedCrossEntropy(torch.autograd.Function):
                 grad[:tokens].copy_(part_grad)
                 grad[tokens:].zero_()
                 if b is not None:
-                    grad_b = grad_b + grad.sum(dim=0, dtype=wide)
+                    grad_b.add_(grad.sum(dim=0, dtype=wide))
                 torch.mm(grad, w, out=grad_x[start:start + CHUNK])  # what the chunk's loss asks of its states
-                grad_w = grad_w + (grad.t() @ chunk).to(wide)       # ... and of the output weights
+                grad_w.add_(grad.t() @ chunk)                       # ... and of the output weights
             # The gradient's constant part, -ε/V on every logit of every token, through the products.
             shift = smoothing / weight.size(0)
             grad_x = grad_x[:n].to(wide).sub_(shift * w.sum(dim=0, dtype=wide))
-            grad_w = grad_w - shift * x.sum(dim=0, dtype=wide)
-            grad_b = None if b is None else grad_b - shift * n
+            grad_w.sub_(shift * x.sum(dim=0, dtype=wide))
+            grad_b = None if b is None else grad_b.sub_(shift * n)
         ctx.save_for_backward(real, grad_x, grad_w, grad_b)
         ctx.shape, ctx.dtypes = states.shape, (states.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll)
