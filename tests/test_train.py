@@ -523,6 +523,20 @@ def test_the_training_benchmark_runs_and_ends_on_its_json_line(tmp_path, demo_di
     assert figures["steps"] >= 1 and figures["tgt_tokens_per_s"] > 0 and figures["cpu"], figures
 
 
+@pytest.mark.slow
+def test_the_ab_benchmark_runs_two_packages_in_one_process(tmp_path, demo_dir):
+    """scripts/bench_ab.py, cut small, this checkout against a copy of itself (renamed mtkit_against,
+    its imports rewritten): both trainers step, and the last line is the JSON it promises."""
+    repo = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "bench_ab.py"), "--against", str(repo),
+                           "--config", str(repo / "configs" / "demo.yaml"), "--data-dir", str(demo_dir),
+                           "--pairs", "2", "--warmup-steps", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    speed = json.loads(done.stdout.strip().splitlines()[-1])["train_tgt_tokens_per_s"]
+    assert speed["this"] > 0 and speed["against"] > 0 and speed["ratio"] > 0, speed
+    assert json.loads(done.stdout.strip().splitlines()[-1])["against_model_from"] == "mtkit_against.model"
+
+
 @pytest.mark.parametrize("width", [80, 110, 150])
 def test_the_training_bar_fits_the_terminal_without_cutting_a_column(width):
     """All its columns take ~150 characters; on a narrower terminal rich cut every one of them to an

@@ -304,6 +304,21 @@ def test_a_model_that_emits_line_breaks_and_tabs_still_writes_one_line_per_line(
 
 
 @pytest.mark.slow
+def test_the_ab_benchmark_decodes_with_both_packages_alike(trained, demo_dir):
+    """scripts/bench_ab.py --decode, this checkout against a copy of itself: both translate the demo
+    test split, their translations are the same, and the last line is the JSON it promises."""
+    repo = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "bench_ab.py"), "--against", str(repo), "--decode",
+                           str(trained), "--data-dir", str(demo_dir), "--split", "test", "--src", "en", "--pairs", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("greedy_sents_per_s", "beam5_sents_per_s"):
+        assert figures[name]["same_output"] is True and figures[name]["this"] > 0, figures
+    assert figures["against_model_from"] == "mtkit_against.model"  # not this checkout's mtkit
+
+
+@pytest.mark.slow
 def test_the_decoding_benchmark_runs_and_ends_on_its_json_line(trained, demo_dir):
     """scripts/bench_decode.py on the demo model's test split: it finishes, and its last line is the
     JSON it promises, with both searches' speed and BLEU."""
