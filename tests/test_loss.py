@@ -2,6 +2,11 @@
 run with the output layer a chunk of tokens at a time, checked against PyTorch's own; R-Drop's term
 on top."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,11 +202,6 @@ def test_the_chunked_loss_is_the_reference_loss_fast_off_trains_with(rdrop):
 
 def test_bench_loss_runs_and_its_last_line_is_json():
     """scripts/bench_loss.py, cut small, timed against this very loss.py: both versions are timed."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, str(repo / "scripts" / "bench_loss.py"), "--rows", "600", "--vocab", "300",
                            "--width", "32", "--repeats", "2", "--against", str(repo / "mtkit" / "loss.py")],
